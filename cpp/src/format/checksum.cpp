@@ -2,7 +2,10 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace tensorstream {
 
@@ -78,48 +81,90 @@ bool parse_hex_bytes(std::string_view text, std::span<uint8_t> out) noexcept {
   return true;
 }
 
+// Each block is hashed on its own; finish() combines the block digests sorted by block name. The fingerprint is
+// therefore independent of the order of blocks in the data file, so defragmentation (which reorders blocks)
+// keeps a model's identity.
 struct FingerprintBuilder::State {
-  XXH3_state_t* xxh = nullptr;
-  State() : xxh(XXH3_createState()) {
-    if (xxh == nullptr) throw std::bad_alloc();
-    XXH3_128bits_reset(xxh);
+  std::vector<std::pair<std::string, XXH128_hash_t>> finished_blocks;
+  std::string current_name;
+  XXH3_state_t* current = nullptr;
+  bool has_current = false;
+
+  State() : current(XXH3_createState()) {
+    if (current == nullptr) throw std::bad_alloc();
   }
-  ~State() { XXH3_freeState(xxh); }
+  ~State() { XXH3_freeState(current); }
   State(const State&) = delete;
   State& operator=(const State&) = delete;
+
+  void close_current() {
+    if (has_current) finished_blocks.emplace_back(std::move(current_name), XXH3_128bits_digest(current));
+    has_current = false;
+  }
 };
+
+namespace {
+void update_field(XXH3_state_t* state, char tag, std::span<const std::byte> bytes) {
+  uint8_t length[8];
+  put_le64(length, bytes.size());
+  XXH3_128bits_update(state, &tag, 1);
+  XXH3_128bits_update(state, length, sizeof(length));
+  XXH3_128bits_update(state, bytes.data(), bytes.size());
+}
+
+std::span<const std::byte> text_bytes(std::string_view text) {
+  return std::as_bytes(std::span(text.data(), text.size()));
+}
+}  // namespace
 
 FingerprintBuilder::FingerprintBuilder() : state_(std::make_unique<State>()) {}
 FingerprintBuilder::~FingerprintBuilder() = default;
 FingerprintBuilder::FingerprintBuilder(FingerprintBuilder&&) noexcept = default;
 FingerprintBuilder& FingerprintBuilder::operator=(FingerprintBuilder&&) noexcept = default;
 
-void FingerprintBuilder::add_field(std::string_view tag, std::span<const std::byte> bytes) {
-  uint8_t length[8];
-  put_le64(length, bytes.size());
-  XXH3_128bits_update(state_->xxh, tag.data(), 1);
-  XXH3_128bits_update(state_->xxh, length, sizeof(length));
-  XXH3_128bits_update(state_->xxh, bytes.data(), bytes.size());
-}
-
 void FingerprintBuilder::add_block(std::string_view block_name) {
-  add_field("B", std::as_bytes(std::span(block_name.data(), block_name.size())));
+  state_->close_current();
+  state_->current_name = std::string(block_name);
+  XXH3_128bits_reset(state_->current);
+  state_->has_current = true;
 }
 
 void FingerprintBuilder::add_tensor(std::string_view tensor_name, std::string_view dtype_name,
                                     std::span<const int64_t> shape) {
-  add_field("T", std::as_bytes(std::span(tensor_name.data(), tensor_name.size())));
-  add_field("D", std::as_bytes(std::span(dtype_name.data(), dtype_name.size())));
+  if (!state_->has_current) add_block("");
+  update_field(state_->current, 'T', text_bytes(tensor_name));
+  update_field(state_->current, 'D', text_bytes(dtype_name));
   std::vector<uint8_t> dims((shape.size() + 1) * 8);
   put_le64(dims.data(), shape.size());
   for (size_t i = 0; i < shape.size(); ++i) put_le64(dims.data() + 8 * (i + 1), static_cast<uint64_t>(shape[i]));
-  add_field("S", std::as_bytes(std::span(dims)));
+  update_field(state_->current, 'S', std::as_bytes(std::span(dims)));
 }
 
-void FingerprintBuilder::add_bytes(std::span<const std::byte> raw) { add_field("R", raw); }
+void FingerprintBuilder::add_bytes(std::span<const std::byte> raw) {
+  // No length prefix: dtype and shape, hashed just before, fix the byte count. This lets callers stream a
+  // tensor in chunks.
+  if (!state_->has_current) add_block("");
+  XXH3_128bits_update(state_->current, raw.data(), raw.size());
+}
 
 std::string FingerprintBuilder::finish() const {
-  const XXH128_hash_t hash = XXH3_128bits_digest(state_->xxh);
+  std::vector<std::pair<std::string_view, XXH128_hash_t>> blocks;
+  for (const auto& [name, digest] : state_->finished_blocks) blocks.emplace_back(name, digest);
+  if (state_->has_current) blocks.emplace_back(state_->current_name, XXH3_128bits_digest(state_->current));
+  std::sort(blocks.begin(), blocks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+
+  XXH3_state_t* combined = XXH3_createState();
+  if (combined == nullptr) throw std::bad_alloc();
+  XXH3_128bits_reset(combined);
+  for (const auto& [name, digest] : blocks) {
+    update_field(combined, 'B', text_bytes(name));
+    uint8_t bytes[16];
+    put_le64(bytes, digest.high64);
+    put_le64(bytes + 8, digest.low64);
+    XXH3_128bits_update(combined, bytes, sizeof(bytes));
+  }
+  const XXH128_hash_t hash = XXH3_128bits_digest(combined);
+  XXH3_freeState(combined);
   return hex64(hash.high64) + hex64(hash.low64);
 }
 

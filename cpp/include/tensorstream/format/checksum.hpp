@@ -38,8 +38,10 @@ struct ChunkBinding {
 [[nodiscard]] std::string hex_bytes(std::span<const uint8_t> bytes);
 [[nodiscard]] bool parse_hex_bytes(std::string_view text, std::span<uint8_t> out) noexcept;
 
-// Streaming XXH3-128 over a model's logical content (names, dtypes, shapes, raw bytes), independent of chunk
-// size and compression: the same weights always give the same fingerprint (docs/format.md, "Fingerprint").
+// Streaming XXH3-128 over a model's logical content (block and tensor names, dtypes, shapes, raw bytes),
+// independent of chunk size, compression, store and block order: the same weights always give the same
+// fingerprint (docs/format.md §6). Call add_block, then per tensor add_tensor and add_bytes (any number of
+// times, in order, totalling the tensor's size).
 class FingerprintBuilder {
  public:
   FingerprintBuilder();
@@ -50,11 +52,10 @@ class FingerprintBuilder {
   void add_block(std::string_view block_name);
   void add_tensor(std::string_view tensor_name, std::string_view dtype_name, std::span<const int64_t> shape);
   void add_bytes(std::span<const std::byte> raw);
-  // 32 lowercase hex digits.
+  // 32 lowercase hex digits. The builder stays usable (more blocks may follow).
   [[nodiscard]] std::string finish() const;
 
  private:
-  void add_field(std::string_view tag, std::span<const std::byte> bytes);
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -13,6 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "tensorstream/error.hpp"
 #include "tensorstream/format/manifest.hpp"
 #include "tensorstream/io/file.hpp"
 #include "tensorstream/store/storage_directory.hpp"

@@ -1,0 +1,164 @@
+#include "tensorstream/store/store_reader.hpp"
+
+#include <fcntl.h>
+
+#include <cerrno>
+
+#include "tensorstream/error.hpp"
+
+namespace tensorstream {
+
+namespace {
+// Per-thread buffers for compressed chunks: reads from many threads never share or reallocate them per call.
+std::vector<std::byte>& stored_buffer() {
+  thread_local std::vector<std::byte> buffer;
+  return buffer;
+}
+std::vector<std::byte>& scratch_buffer() {
+  thread_local std::vector<std::byte> buffer;
+  return buffer;
+}
+}  // namespace
+
+StoreReader StoreReader::open(const StorageDirectory& storage, std::string_view model_id) {
+  const std::filesystem::path dir = storage.model_dir(model_id);
+  const std::string manifest_path = (dir / "manifest").string();
+  StoreReader reader;
+  reader.data_path_ = (dir / "data").string();
+
+  UniqueFd manifest_fd;
+  try {
+    manifest_fd = open_file(manifest_path, O_RDONLY);
+  } catch (const IoError& error) {
+    if (error.errno_value() == ENOENT) {
+      throw IoError(manifest_path, ENOENT,
+                    "open model '" + std::string(model_id) + "' in '" + storage.root().string() + "' (no such model)");
+    }
+    throw;
+  }
+  reader.data_fd_ = open_file(reader.data_path_, O_RDONLY);
+
+  // Header first: the JSON length is validated against the file size before a buffer is allocated for it.
+  const uint64_t manifest_size = file_size(manifest_fd.get(), manifest_path);
+  std::vector<std::byte> header(std::min<uint64_t>(manifest_size, kManifestHeaderSize));
+  pread_all(manifest_fd.get(), header, 0, manifest_path);
+  const ManifestHeader parsed_header = parse_manifest_header(header, manifest_size, manifest_path);
+  std::vector<std::byte> json(parsed_header.json_length);
+  pread_all(manifest_fd.get(), json, kManifestHeaderSize, manifest_path);
+
+  ManifestExpectations expect;
+  expect.path = manifest_path;
+  expect.store_id = storage.id();
+  expect.model_id = std::string(model_id);
+  expect.data_file_size = file_size(reader.data_fd_.get(), reader.data_path_);
+  reader.manifest_ = parse_manifest_body(json, parsed_header, expect);
+
+  for (size_t i = 0; i < reader.manifest_.blocks.size(); ++i) reader.block_index_.emplace(reader.manifest_.blocks[i].name, i);
+  for (size_t i = 0; i < reader.manifest_.tensors.size(); ++i) {
+    reader.tensor_index_.emplace(reader.manifest_.tensors[i].name, i);
+  }
+  return reader;
+}
+
+std::optional<size_t> StoreReader::find_block(std::string_view name) const {
+  const auto it = block_index_.find(name);
+  return it == block_index_.end() ? std::nullopt : std::optional(it->second);
+}
+
+std::optional<size_t> StoreReader::find_tensor(std::string_view name) const {
+  const auto it = tensor_index_.find(name);
+  return it == tensor_index_.end() ? std::nullopt : std::optional(it->second);
+}
+
+CorruptionSite StoreReader::site(size_t tensor_index, size_t chunk_in_tensor) const {
+  const TensorRecord& tensor = manifest_.tensors[tensor_index];
+  return CorruptionSite{data_path_, manifest_.model_id, tensor.name, chunk_in_tensor,
+                        manifest_.chunks[tensor.first_chunk + chunk_in_tensor].offset};
+}
+
+void StoreReader::check_chunk(size_t tensor_index, size_t chunk_in_tensor, std::span<const std::byte> stored) const {
+  const TensorRecord& tensor = manifest_.tensors[tensor_index];
+  const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + chunk_in_tensor];
+  const uint64_t actual = chunk_checksum({manifest_.store_id, tensor_index, chunk_in_tensor, chunk.offset}, stored);
+  if (actual != chunk.checksum) {
+    throw CorruptionError(site(tensor_index, chunk_in_tensor),
+                          "checksum mismatch (stored " + hex64(chunk.checksum) + ", computed " + hex64(actual) + ")");
+  }
+}
+
+void StoreReader::decode_chunk(size_t tensor_index, size_t chunk_in_tensor, std::span<const std::byte> stored,
+                               std::span<std::byte> out, std::vector<std::byte>& scratch) const {
+  const TensorRecord& tensor = manifest_.tensors[tensor_index];
+  const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + chunk_in_tensor];
+  if (!decompress_chunk(stored, chunk.codec, chunk.shuffle, out, scratch)) {
+    throw CorruptionError(site(tensor_index, chunk_in_tensor),
+                          std::string(codec_name(chunk.codec)) + " data does not decode to exactly " +
+                              std::to_string(out.size()) + " bytes");
+  }
+}
+
+void StoreReader::read_stored_chunk(size_t tensor_index, size_t chunk_in_tensor, std::span<std::byte> out,
+                                    bool verify_checksum) const {
+  const TensorRecord& tensor = manifest_.tensors[tensor_index];
+  const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + chunk_in_tensor];
+  if (out.size() != chunk.stored_size) throw ConfigError("out", "buffer size differs from the chunk's stored size");
+  pread_all(data_fd_.get(), out, chunk.offset, data_path_);
+  if (verify_checksum) check_chunk(tensor_index, chunk_in_tensor, out);
+}
+
+void StoreReader::read_tensor_chunks(size_t index, std::span<std::byte> out, bool verify) const {
+  const TensorRecord& tensor = manifest_.tensors[index];
+  uint64_t raw_offset = 0;
+  for (size_t c = 0; c < tensor.chunk_count; ++c) {
+    const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + c];
+    const std::span<std::byte> target = out.subspan(raw_offset, chunk.raw_size);
+    if (chunk.codec == Codec::kRaw) {
+      // Raw bytes land in the caller's memory directly; a bad checksum throws before the caller sees them.
+      read_stored_chunk(index, c, target, verify);
+    } else {
+      std::vector<std::byte>& stored = stored_buffer();
+      stored.resize(chunk.stored_size);
+      read_stored_chunk(index, c, stored, verify);
+      decode_chunk(index, c, stored, target, scratch_buffer());
+    }
+    raw_offset += chunk.raw_size;
+  }
+}
+
+void StoreReader::read_tensor(size_t index, std::span<std::byte> out, bool verify_checksums) const {
+  if (index >= manifest_.tensors.size()) throw ConfigError("tensor", "index " + std::to_string(index) + " out of range");
+  const TensorRecord& tensor = manifest_.tensors[index];
+  if (out.size() != tensor.nbytes) {
+    throw ConfigError("out", "buffer of " + std::to_string(out.size()) + " bytes for tensor '" + tensor.name +
+                                 "' of " + std::to_string(tensor.nbytes) + " bytes");
+  }
+  read_tensor_chunks(index, out, verify_checksums);
+}
+
+void StoreReader::read_block(size_t index, std::span<std::byte> slot, bool verify_checksums) const {
+  if (index >= manifest_.blocks.size()) throw ConfigError("block", "index " + std::to_string(index) + " out of range");
+  const BlockRecord& block = manifest_.blocks[index];
+  if (slot.size() < block.slot_size) {
+    throw ConfigError("slot", "slot of " + std::to_string(slot.size()) + " bytes for block '" + block.name +
+                                  "' of " + std::to_string(block.slot_size) + " bytes");
+  }
+  if (block.all_raw) {
+    // The on-disk region is the slot layout (docs/format.md §5): one read, then checksums in place.
+    pread_all(data_fd_.get(), slot.first(block.end - block.offset), block.offset, data_path_);
+    if (!verify_checksums) return;
+    for (size_t t = block.first_tensor; t < block.first_tensor + block.tensor_count; ++t) {
+      const TensorRecord& tensor = manifest_.tensors[t];
+      for (size_t c = 0; c < tensor.chunk_count; ++c) {
+        const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + c];
+        check_chunk(t, c, slot.subspan(chunk.offset - block.offset, chunk.stored_size));
+      }
+    }
+    return;
+  }
+  for (size_t t = block.first_tensor; t < block.first_tensor + block.tensor_count; ++t) {
+    const TensorRecord& tensor = manifest_.tensors[t];
+    read_tensor_chunks(t, slot.subspan(tensor.slot_offset, tensor.nbytes), verify_checksums);
+  }
+}
+
+}  // namespace tensorstream
