@@ -52,6 +52,7 @@ CompressionChoice compression_for_level(int compression_level) {
 
 void shuffle_bytes(std::span<const std::byte> in, std::span<std::byte> out, uint32_t element_size) noexcept {
   const size_t count = in.size() / element_size;
+  if (count == 0) return;  // empty spans may have null data(); offsetting a null pointer is UB
   for (size_t plane = 0; plane < element_size; ++plane) {
     std::byte* dst = out.data() + plane * count;
     const std::byte* src = in.data() + plane;
@@ -61,6 +62,7 @@ void shuffle_bytes(std::span<const std::byte> in, std::span<std::byte> out, uint
 
 void unshuffle_bytes(std::span<const std::byte> in, std::span<std::byte> out, uint32_t element_size) noexcept {
   const size_t count = in.size() / element_size;
+  if (count == 0) return;  // empty spans may have null data(); offsetting a null pointer is UB
   for (size_t plane = 0; plane < element_size; ++plane) {
     const std::byte* src = in.data() + plane * count;
     std::byte* dst = out.data() + plane;
@@ -71,6 +73,7 @@ void unshuffle_bytes(std::span<const std::byte> in, std::span<std::byte> out, ui
 bool compress_chunk(std::span<const std::byte> raw, CompressionChoice choice, uint32_t shuffle,
                     std::vector<std::byte>& out, std::vector<std::byte>& scratch) {
   if (choice.codec == Codec::kRaw || raw.empty() || raw.size() > static_cast<size_t>(INT_MAX)) return false;
+  if (shuffle > 1 && raw.size() % shuffle != 0) return false;  // byte planes need whole elements
   std::span<const std::byte> input = raw;
   if (shuffle > 1) {
     scratch.resize(raw.size());
@@ -104,7 +107,7 @@ bool decompress_chunk(std::span<const std::byte> stored, Codec codec, uint32_t s
   try {
     if (codec == Codec::kRaw) {
       if (stored.size() != out.size()) return false;
-      std::memcpy(out.data(), stored.data(), out.size());
+      if (!out.empty()) std::memcpy(out.data(), stored.data(), out.size());  // memcpy(nullptr, ..., 0) is UB
       return true;
     }
     if (shuffle > 1 && out.size() % shuffle != 0) return false;

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <bit>
 #include <climits>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -321,9 +320,9 @@ struct CompressedCase {
 std::vector<CompressedCase> compressed_cases(size_t raw_size) {
   std::vector<CompressedCase> cases;
   const auto raw = bf16_normal(raw_size, 41);
-  // lz4 fast, lz4 HC and zstd, with and without grouping. Plain lz4 level 1 does not shrink ungrouped bf16
-  // (see RoundTripsAtEveryLevel), so the ungrouped lz4 case uses HC.
-  const std::pair<int, uint32_t> configs[] = {{1, 2}, {3, 0}, {3, 2}, {5, 0}, {5, 2}};
+  // lz4 fast, lz4 HC and zstd. lz4 (no entropy coder) does not reliably shrink ungrouped bf16 — see
+  // RoundTripsAtEveryLevel — so lz4 runs on grouped bytes only; ungrouped lz4 is covered by the wordy sweep.
+  const std::pair<int, uint32_t> configs[] = {{1, 2}, {3, 2}, {5, 0}, {5, 2}};
   for (const auto& [level, shuffle] : configs) {
     {
       const CompressionChoice choice = compression_for_level(level);
@@ -356,7 +355,8 @@ TEST(DecompressChunk, TruncatedStoredBytesAreRejected) {
 // Decodes `stored` with the codec's own bounded API into a buffer larger than `expected`, returning how many
 // bytes it really produces (-1 on error). This is an independent check of "decodes to exactly raw_size".
 long long independent_decoded_size(std::span<const std::byte> stored, Codec codec, size_t expected) {
-  std::vector<std::byte> big(expected * 2 + 64);
+  static std::vector<std::byte> big;  // reused: the sweeps call this tens of thousands of times
+  big.resize(expected * 2 + 64);
   if (codec == Codec::kLz4) {
     const int n = LZ4_decompress_safe(reinterpret_cast<const char*>(stored.data()), reinterpret_cast<char*>(big.data()),
                                       static_cast<int>(stored.size()), static_cast<int>(big.size()));
@@ -388,26 +388,35 @@ std::vector<std::byte> wordy(size_t n, uint64_t seed) {
 // data — allowed here, caught by the chunk checksum).
 void flip_sweep(const CompressedCase& c) {
   SCOPED_TRACE(c.label);
-  auto corrupt = c.stored;
+  ASSERT_FALSE(c.stored.empty());
+  // Buffers are set up once (tens of thousands of decodes): the input is an exact-size allocation flipped in
+  // place, the output keeps its guards (re-checked after every decode), and scratch is sized from empty so its
+  // capacity equals the decode size and ASan sees any overrun of it.
+  auto corrupt = exact_copy(c.stored);
+  const std::span<std::byte> input(corrupt.get(), c.stored.size());
+  GuardedBuffer out(c.raw.size());
+  std::vector<std::byte> scratch;
+  scratch.resize(c.raw.size());
   size_t accepted = 0;
-  for (size_t pos = 0; pos < corrupt.size(); ++pos) {
+  for (size_t pos = 0; pos < input.size(); ++pos) {
     const std::byte mask{static_cast<uint8_t>(1u << (pos % 8))};
-    corrupt[pos] ^= mask;
-    const bool ok = decode_guarded(corrupt, c.codec, c.shuffle, c.raw.size());
+    input[pos] ^= mask;
+    const bool ok = decompress_chunk(input, c.codec, c.shuffle, out.span(), scratch);
+    ASSERT_TRUE(out.guards_intact()) << "wrote outside out after a flip at byte " << pos;
+    ASSERT_EQ(scratch.size(), c.raw.size());
     if (ok) {
       ++accepted;
-      ASSERT_EQ(independent_decoded_size(corrupt, c.codec, c.raw.size()), static_cast<long long>(c.raw.size()))
+      ASSERT_EQ(independent_decoded_size(input, c.codec, c.raw.size()), static_cast<long long>(c.raw.size()))
           << "accepted a flip at byte " << pos << " that does not decode to exactly raw_size";
     }
-    corrupt[pos] ^= mask;
-    if (::testing::Test::HasFailure()) return;  // one report is enough; don't flood the log
+    input[pos] ^= mask;
   }
   std::printf("  %-28s %6zu raw, %6zu stored: %6zu flips decode to the right size, %6zu rejected\n", c.label.c_str(),
-              c.raw.size(), corrupt.size(), accepted, corrupt.size() - accepted);
+              c.raw.size(), input.size(), accepted, input.size() - accepted);
 }
 
 TEST(DecompressChunk, FlippedByteSweepOverBf16NeverCrashesOrMisreportsSize) {
-  // 16 KiB keeps the sweep (every stored byte, five configurations) fast under sanitizers; weights mostly
+  // 16 KiB keeps the sweep (every stored byte, four configurations) fast under sanitizers; weights mostly
   // become literals, so most flips here still decode.
   for (const CompressedCase& c : compressed_cases(16 * 1024)) flip_sweep(c);
 }
@@ -415,7 +424,7 @@ TEST(DecompressChunk, FlippedByteSweepOverBf16NeverCrashesOrMisreportsSize) {
 TEST(DecompressChunk, FlippedByteSweepOverStructuredDataNeverCrashesOrMisreportsSize) {
   // A full 64 KiB chunk of match-heavy data, so that flips land in sequence headers, offsets and lengths.
   const auto raw = wordy(kChunk, 91);
-  for (int level : {1, 3, 5, 9}) {
+  for (int level : {1, 3, 5}) {
     const CompressionChoice choice = compression_for_level(level);
     CompressedCase c{"wordy " + std::string(codec_name(choice.codec)) + " level " + std::to_string(level),
                      choice.codec, 0, raw, compress_or_fail(raw, choice, 0)};
@@ -521,6 +530,9 @@ TEST(DecompressChunk, RawRequiresExactSize) {
   EXPECT_FALSE(decode_guarded(raw, Codec::kRaw, 0, raw.size() - 1));
   EXPECT_FALSE(decode_guarded(raw, Codec::kRaw, 0, raw.size() + 1));
   EXPECT_FALSE(decode_guarded(std::span(raw).first(raw.size() - 1), Codec::kRaw, 0, raw.size()));
+  // An empty raw chunk (null data pointers) is a valid, if degenerate, exact match.
+  std::vector<std::byte> scratch;
+  EXPECT_TRUE(decompress_chunk({}, Codec::kRaw, 0, {}, scratch));
 }
 
 }  // namespace
