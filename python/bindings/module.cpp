@@ -1,6 +1,7 @@
 // The _core extension: the only place that includes nanobind. Each bind_<area>.cpp exposes one area; this file
 // wires them together and translates C++ errors into the Python classes of tensorstream.errors.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include "bindings.hpp"
 #include "tensorstream/error.hpp"
@@ -11,14 +12,14 @@ using namespace nb::literals;
 namespace {
 nb::object error_class(const char* name) { return nb::module_::import_("tensorstream.errors").attr(name); }
 
-void raise(const nb::object& cls, const nb::object& instance) { PyErr_SetObject(cls.ptr(), instance.ptr()); }
+void raise(nb::handle cls, nb::handle instance) { PyErr_SetObject(cls.ptr(), instance.ptr()); }
 
 void translate_error(const std::exception_ptr& error, void*) {
   try {
     std::rethrow_exception(error);
   } catch (const tensorstream::IoError& e) {
-    const nb::object cls = error_class("IoError");
-    raise(cls, cls(e.errno_value(), e.what(), e.path()));
+    const nb::object error = error_class("make_io_error")(e.errno_value(), e.what(), e.path());
+    raise(error.type(), error);
   } catch (const tensorstream::FormatError& e) {
     const nb::object cls = error_class("FormatError");
     raise(cls, cls(e.what(), "rule"_a = e.rule(), "path"_a = e.path()));

@@ -7,6 +7,8 @@ catch for that kind of problem:
 class                  also a                      raised when
 =====================  ==========================  ==================================================
 ``IoError``            ``OSError`` (errno, path)   a system call failed: missing file, full disk, ...
+                                                   (ENOENT / EACCES / ENOTDIR also subclass
+                                                   FileNotFoundError / PermissionError / NotADirectoryError)
 ``FormatError``        ``ValueError``              a store file breaks a rule of docs/format.md
 ``CorruptionError``    ``OSError``                 stored bytes fail their checksum or do not decode
 ``ConfigError``        ``ValueError``              a setting or argument is out of range
@@ -17,6 +19,8 @@ The C++ engine raises these through ``tensorstream._core``; the attributes name 
 """
 
 from __future__ import annotations
+
+import errno as _errno
 
 
 class TensorStreamError(Exception):
@@ -32,6 +36,32 @@ class IoError(TensorStreamError, OSError):
 
     def __str__(self) -> str:  # the engine's message already names the path and the errno
         return str(self.strerror)
+
+
+class StoreNotFoundError(IoError, FileNotFoundError):
+    """ENOENT: a storage directory, model or file does not exist."""
+
+
+class StorePermissionError(IoError, PermissionError):
+    """EACCES / EPERM: the process may not read or write the path."""
+
+
+class StoreNotADirectoryError(IoError, NotADirectoryError):
+    """ENOTDIR: a path component that must be a directory is a file."""
+
+
+_IO_ERROR_FOR_ERRNO = {
+    _errno.ENOENT: StoreNotFoundError,
+    _errno.EACCES: StorePermissionError,
+    _errno.EPERM: StorePermissionError,
+    _errno.ENOTDIR: StoreNotADirectoryError,
+}
+
+
+def make_io_error(errno: int, message: str, path: str = "") -> IoError:
+    """The IoError for ``errno``, also an instance of the matching builtin (``FileNotFoundError`` for ENOENT, ...),
+    as ``OSError(errno, ...)`` itself would be."""
+    return _IO_ERROR_FOR_ERRNO.get(errno, IoError)(errno, message, path)
 
 
 class FormatError(TensorStreamError, ValueError):
@@ -75,4 +105,5 @@ class CudaError(TensorStreamError, RuntimeError):
         self.code = code
 
 
-__all__ = ["TensorStreamError", "IoError", "FormatError", "CorruptionError", "ConfigError", "CudaError"]
+__all__ = ["TensorStreamError", "IoError", "StoreNotFoundError", "StorePermissionError", "StoreNotADirectoryError",
+           "make_io_error", "FormatError", "CorruptionError", "ConfigError", "CudaError"]

@@ -303,11 +303,14 @@ void write_execution_order(const fs::path& root, const std::string& model,
                            const std::vector<std::string>& block_names) {
   const StorageDirectory storage = StorageDirectory::open_existing(root);
   const fs::path dir = storage.model_dir(model);
+  const StoreReader reader = StoreReader::open(storage, model);
+  std::set<std::string> seen;
   std::string text;
   for (const std::string& name : block_names) {
-    if (name.empty() || name.find('\n') != std::string::npos) {
-      throw ConfigError("execution order", "block name '" + name + "' is empty or contains a newline");
+    if (!reader.find_block(name)) {
+      throw ConfigError("execution order", "'" + name + "' is not a block of model '" + model + "'");
     }
+    if (!seen.insert(name).second) throw ConfigError("execution order", "block '" + name + "' appears twice");
     text += name + "\n";
   }
   // Written beside the model and renamed over the old file: a reader sees the old order or the new one.
@@ -322,6 +325,9 @@ void write_execution_order(const fs::path& root, const std::string& model,
 }
 
 std::optional<std::vector<std::string>> read_execution_order(const fs::path& root, const std::string& model) {
+  if (!is_valid_model_id(model)) {
+    throw ConfigError("model_id", "'" + model + "' is not a valid model id");  // never a path outside models/
+  }
   const fs::path path = root / "models" / model / kExecutionOrderFile;
   std::vector<std::byte> bytes;
   try {

@@ -125,6 +125,18 @@ TempModelDir::~TempModelDir() {
   if (!path_.empty()) remove_tree_quietly(path_);
 }
 
+TempModelDir::TempModelDir(TempModelDir&& other) noexcept
+    : path_(std::exchange(other.path_, {})), lock_fd_(std::move(other.lock_fd_)) {}
+
+TempModelDir& TempModelDir::operator=(TempModelDir&& other) noexcept {
+  if (this != &other) {
+    if (!path_.empty()) remove_tree_quietly(path_);
+    path_ = std::exchange(other.path_, {});
+    lock_fd_ = std::move(other.lock_fd_);
+  }
+  return *this;
+}
+
 StorageDirectory StorageDirectory::open_existing(const fs::path& root) {
   const fs::path store_file = root / "STORE";
   struct stat st {};

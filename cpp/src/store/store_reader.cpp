@@ -26,17 +26,25 @@ StoreReader StoreReader::open(const StorageDirectory& storage, std::string_view 
   StoreReader reader;
   reader.data_path_ = (dir / "data").string();
 
-  UniqueFd manifest_fd;
+  // Both files are opened relative to one descriptor of the model directory, so a concurrent replace (which swaps
+  // whole directories) can never pair the old manifest with the new data file.
+  UniqueFd dir_fd;
   try {
-    manifest_fd = open_file(manifest_path, O_RDONLY);
+    dir_fd = open_file(dir, O_RDONLY | O_DIRECTORY);
   } catch (const IoError& error) {
     if (error.errno_value() == ENOENT) {
-      throw IoError(manifest_path, ENOENT,
+      throw IoError(dir.string(), ENOENT,
                     "open model '" + std::string(model_id) + "' in '" + storage.root().string() + "' (no such model)");
     }
     throw;
   }
-  reader.data_fd_ = open_file(reader.data_path_, O_RDONLY);
+  auto open_member = [&](const char* name, const std::string& path) {
+    const int fd = ::openat(dir_fd.get(), name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw_errno(path, "open");
+    return UniqueFd(fd);
+  };
+  UniqueFd manifest_fd = open_member("manifest", manifest_path);
+  reader.data_fd_ = open_member("data", reader.data_path_);
 
   // Header first: the JSON length is validated against the file size before a buffer is allocated for it.
   const uint64_t manifest_size = file_size(manifest_fd.get(), manifest_path);

@@ -72,6 +72,13 @@ struct StoreWriter::Impl {
     manifest.metadata = options.metadata;
   }
 
+  // Removes the temp directory now (not at destruction): on a full disk the partial data must go at once.
+  void abandon() noexcept {
+    failed = true;
+    data_fd.reset();
+    temp = TempModelDir();
+  }
+
   void ensure_usable() const {
     if (committed) throw Error("StoreWriter: commit() was already called");
     if (failed) throw Error("StoreWriter: an earlier call failed; this write was abandoned");
@@ -191,6 +198,7 @@ struct StoreWriter::Impl {
     result.raw_bytes = raw_bytes;
     result.stored_bytes = manifest.data_size;
     result.outcome = storage.publish(temp, final_id, options.mode);
+    temp = TempModelDir();  // after a replace it holds the old model, after a lost race our copy: free it now
     return result;
   }
 };
@@ -219,7 +227,7 @@ void StoreWriter::begin_block(std::string name) {
     block.first_tensor = m.tensors.size();
     m.blocks.push_back(std::move(block));
   } catch (...) {
-    impl_->failed = true;
+    impl_->abandon();
     throw;
   }
 }
@@ -230,7 +238,7 @@ void StoreWriter::add_tensor(std::string name, Dtype dtype, std::span<const int6
   try {
     impl_->add_tensor(std::move(name), dtype, shape, bytes);
   } catch (...) {
-    impl_->failed = true;
+    impl_->abandon();
     throw;
   }
 }
@@ -242,7 +250,7 @@ StoreWriteResult StoreWriter::commit() {
     impl_->committed = true;
     return result;
   } catch (...) {
-    impl_->failed = true;
+    impl_->abandon();
     throw;
   }
 }

@@ -161,6 +161,13 @@ TEST_F(MaintenanceTest, MalformedExecutionOrderIsIgnored) {
   EXPECT_FALSE(defragment(dir_.path(), "raw").models[0].rewritten);
 }
 
+TEST_F(MaintenanceTest, ExecutionOrderNamesBlocksOfTheModelOnly) {
+  EXPECT_THROW(write_execution_order(dir_.path(), "raw", {"embed", "nope"}), ConfigError);
+  EXPECT_THROW(write_execution_order(dir_.path(), "raw", {"embed", "embed"}), ConfigError);
+  EXPECT_THROW((void)read_execution_order(dir_.path(), "../raw"), ConfigError);
+  EXPECT_FALSE(read_execution_order(dir_.path(), "raw"));
+}
+
 TEST(Maintenance, MissingStorageIsAnIoError) {
   TempDir dir;
   EXPECT_THROW((void)verify_storage(dir.path() / "none"), IoError);

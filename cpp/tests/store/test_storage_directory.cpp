@@ -127,6 +127,21 @@ TEST(StorageDirectory, TempDirIsLockedWhileAliveAndRemovedAfter) {
   EXPECT_FALSE(fs::exists(path));
 }
 
+TEST(StorageDirectory, MovingATempDirHandsOverOwnershipAndAssignmentRemovesTheOldOne) {
+  TempDir dir;
+  const auto storage = StorageDirectory::open_or_create(dir.path());
+  TempModelDir first = storage.make_temp_dir("a");
+  const fs::path first_path = first.path();
+  TempModelDir moved = std::move(first);
+  EXPECT_TRUE(first.path().empty());
+  EXPECT_EQ(moved.path(), first_path);
+  moved = storage.make_temp_dir("b");
+  EXPECT_FALSE(fs::exists(first_path));
+  EXPECT_TRUE(fs::exists(moved.path()));
+  moved = TempModelDir();
+  EXPECT_TRUE(fs::is_empty(storage.tmp_dir()));
+}
+
 TEST(StorageDirectory, PublishKeepExistingAndReplace) {
   TempDir dir;
   const auto storage = StorageDirectory::open_or_create(dir.path());

@@ -155,7 +155,9 @@ TEST(StoreWriter, AFailedWriterRefusesFurtherCalls) {
   TempDir dir;
   const auto storage = StorageDirectory::open_or_create(dir.path());
   StoreWriter writer(storage, "m", {});
+  EXPECT_FALSE(fs::is_empty(storage.tmp_dir()));
   EXPECT_THROW(writer.add_tensor("t", Dtype::kUint8, {}, {}), ConfigError);
+  EXPECT_TRUE(fs::is_empty(storage.tmp_dir()));  // removed at the failure, not when the writer is destroyed
   EXPECT_THROW(writer.begin_block("late"), Error);  // valid on a fresh writer, refused after a failure
   EXPECT_THROW((void)writer.commit(), Error);
 }

@@ -28,8 +28,11 @@ class TempModelDir {
   TempModelDir() = default;
   TempModelDir(std::filesystem::path path, UniqueFd lock_fd);
   ~TempModelDir();
-  TempModelDir(TempModelDir&&) noexcept = default;
-  TempModelDir& operator=(TempModelDir&&) noexcept = default;
+  TempModelDir(TempModelDir&& other) noexcept;
+  // Removes the directory this object owned before taking over `other`'s.
+  TempModelDir& operator=(TempModelDir&& other) noexcept;
+  TempModelDir(const TempModelDir&) = delete;
+  TempModelDir& operator=(const TempModelDir&) = delete;
   [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
   // Called after a successful publish: the directory no longer exists under this name.
   void release() noexcept { path_.clear(); lock_fd_.reset(); }

@@ -1,0 +1,220 @@
+"""The ``tensorstream`` command line (also ``python -m tensorstream``).
+
+    tensorstream inspect PATH [MODEL]          models with sizes; with MODEL: its blocks and tensors
+    tensorstream verify PATH [--model M]       check every chunk; exit 1 when anything is bad
+    tensorstream cleanup PATH [--dry-run]      remove leftovers of dead writers
+    tensorstream defrag PATH [--model M]       rewrite models in their recorded execution order
+
+PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
+line on stderr). None of these commands imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import TensorStreamError
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{nbytes} B"  # pragma: no cover
+
+
+def _ratio(raw: int, stored: int) -> str:
+    return f"{raw / stored:.2f}x" if stored else "-"
+
+
+def _table(rows: List[List[str]], header: List[str], right: Sequence[int] = ()) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(row: List[str]) -> str:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+
+def _model_summary(storage: Any, model_id: str) -> Dict[str, Any]:
+    with storage.open(model_id) as model:
+        tensors = [model.info(n) for n in model.tensor_names()]
+        raw = sum(t["nbytes"] for t in tensors)
+        compressed = sum(1 for t in tensors if t["compressed"])
+        return {"model": model_id, "fingerprint": model.fingerprint, "blocks": len(model.block_names()),
+                "tensors": len(tensors), "compressed_tensors": compressed, "chunk_size": model.chunk_size,
+                "raw_bytes": raw, "stored_bytes": model.data_size,
+                "compression_ratio": raw / model.data_size if model.data_size else None}
+
+
+def _inspect_storage(storage: Any, as_json: bool) -> int:
+    summaries: List[Dict[str, Any]] = []
+    status = EXIT_OK
+    for model_id in storage.models():
+        try:
+            summaries.append(_model_summary(storage, model_id))
+        except TensorStreamError as error:
+            summaries.append({"model": model_id, "error": _one_line(error)})
+            status = EXIT_PROBLEMS
+    if as_json:
+        _print_json({"storage": str(storage.path), "store_id": storage.store_id, "models": summaries})
+        return status
+    print(f"storage {storage.path} (store id {storage.store_id}): {len(summaries)} model(s)")
+    if not summaries:
+        return status
+    rows = []
+    for s in summaries:
+        if "error" in s:
+            rows.append([s["model"], "-", "-", "-", "-", "-", f"UNREADABLE: {s['error']}"])
+            continue
+        rows.append([s["model"], str(s["blocks"]), str(s["tensors"]), _size(s["raw_bytes"]),
+                     _size(s["stored_bytes"]), _ratio(s["raw_bytes"], s["stored_bytes"]),
+                     f"{s['compressed_tensors']} compressed" if s["compressed_tensors"] else "raw"])
+    print(_table(rows, ["model", "blocks", "tensors", "raw", "stored", "ratio", "storage"], right=(1, 2, 3, 4, 5)))
+    return status
+
+
+def _inspect_model(storage: Any, model_id: str, as_json: bool) -> int:
+    with storage.open(model_id) as model:
+        tensors = [model.info(n) for n in model.tensor_names()]
+        blocks = [dict(model.block_info(b), name=b) for b in model.block_names()]
+        raw = sum(t["nbytes"] for t in tensors)
+        if as_json:
+            _print_json({"model": model.model_id, "fingerprint": model.fingerprint, "chunk_size": model.chunk_size,
+                         "data_size": model.data_size, "raw_bytes": raw, "metadata": model.metadata,
+                         "blocks": blocks, "tensors": tensors})
+            return EXIT_OK
+        print(f"model {model.model_id}")
+        print(f"  fingerprint  {model.fingerprint}")
+        print(f"  chunk size   {_size(model.chunk_size)}")
+        print(f"  data         {_size(model.data_size)} stored, {_size(raw)} raw "
+              f"(ratio {_ratio(raw, model.data_size)})")
+        for key, value in sorted(model.metadata.items()):
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            print(f"  metadata     {key} = {shown}")
+        print()
+        print(_table([[b["name"], str(b["offset"]), _size(b["stored_bytes"]), _size(b["slot_size"]),
+                       str(len(b["tensors"])), "raw" if b["all_raw"] else "compressed"] for b in blocks],
+                     ["block", "offset", "stored", "slot", "tensors", "storage"], right=(1, 2, 3, 4)))
+        print()
+        print(_table([[t["name"], t["block_name"], t["dtype"], str(tuple(t["shape"])),
+                       _size(t["nbytes"]), _size(t["stored_bytes"]), str(t["chunks"]),
+                       "compressed" if t["compressed"] else "raw"] for t in tensors],
+                     ["tensor", "block", "dtype", "shape", "raw", "stored", "chunks", "storage"], right=(4, 5, 6)))
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .maintenance import resolve_storage_path
+    from .store import Storage
+
+    storage = Storage(resolve_storage_path(args.path), create=False)
+    if args.model is None:
+        return _inspect_storage(storage, args.json)
+    return _inspect_model(storage, args.model, args.json)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .maintenance import verify_storage_integrity
+
+    report = verify_storage_integrity(args.path, model=args.model)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from .maintenance import cleanup_orphaned_files
+
+    report = cleanup_orphaned_files(args.path, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return EXIT_OK
+
+
+def _cmd_defrag(args: argparse.Namespace) -> int:
+    from .maintenance import defragment_storage
+
+    report = defragment_storage(args.path, model=args.model)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return EXIT_PROBLEMS if report.failed else EXIT_OK
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorstream",
+        description="Inspect and maintain TensorStream storage directories.",
+        epilog="PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 ok, 1 problems found, 2 error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("path", metavar="PATH", nargs="?", default=None, help="storage directory")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("inspect", "list the models of a storage directory, or the blocks and tensors of one model",
+            _cmd_inspect)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None, help="model id to show in detail")
+    p = add("verify", "check every chunk, the padding and the fingerprint of every model (exit 1 if any is bad)",
+            _cmd_verify)
+    p.add_argument("--model", "-m", default=None, help="verify only this model")
+    p = add("cleanup", "remove leftovers of dead writers and files no manifest references", _cmd_cleanup)
+    p.add_argument("--dry-run", "-n", action="store_true", help="only list what would be removed")
+    p = add("defrag", "rewrite models with their blocks in recorded execution order", _cmd_defrag)
+    p.add_argument("--model", "-m", default=None, help="defragment only this model")
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TensorStreamError as error:
+        print(f"tensorstream {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # a plain OS failure outside the engine (e.g. stdout closed)
+        print(f"tensorstream {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyError as error:  # an unknown tensor or block name
+        print(f"tensorstream {args.command}: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
