@@ -1,0 +1,54 @@
+// Engine configuration: a plain value, validated in one place, with every TENSORSTREAM_* environment variable
+// parsed strictly in Config::from_env (docs/configuration.md lists them).
+//
+// Thread-safety: value type.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace tensorstream {
+
+enum class BackendKind : uint8_t {
+  kAuto,     // io_uring when the kernel allows it, else the pread pool; the reason is recorded
+  kPread,    // thread pool of pread(2): always available
+  kIoUring,  // liburing; falls back to kPread (reason logged) when io_uring is unavailable
+  kMmap,     // mapped file: zero-copy views of raw blocks for CPU execution
+};
+
+enum class DirectIoMode : uint8_t {
+  kAuto,  // O_DIRECT for data not in the page cache, buffered for data that is (checked with mincore)
+  kOn,
+  kOff,
+};
+
+enum class PrefetchStrategy : uint8_t { kNone, kNextLayer, kAdaptive };
+
+enum class MemoryPressureMode : uint8_t { kConservative, kBalanced, kAggressive };
+
+struct Config {
+  BackendKind backend = BackendKind::kAuto;
+  DirectIoMode direct_io = DirectIoMode::kAuto;
+  uint32_t num_io_threads = 4;   // workers that read, verify and decompress; 1..64
+  uint32_t queue_depth = 32;     // chunk reads in flight at once; 1..4096
+  uint64_t budget_bytes = 0;     // bytes of streamed weights held at once; 0 = the whole arena
+  PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
+  MemoryPressureMode memory_pressure = MemoryPressureMode::kBalanced;
+  bool verify_checksums = true;
+
+  // Throws ConfigError naming the field and its allowed values.
+  void validate() const;
+  // `base` overridden by TENSORSTREAM_BACKEND, TENSORSTREAM_DIRECT_IO, TENSORSTREAM_IO_THREADS,
+  // TENSORSTREAM_QUEUE_DEPTH, TENSORSTREAM_PREFETCH, TENSORSTREAM_MEMORY_PRESSURE, TENSORSTREAM_VERIFY_CHECKSUMS
+  // and TENSORSTREAM_VRAM_BUDGET (GB, decimal). A malformed value is a ConfigError naming the variable.
+  [[nodiscard]] static Config from_env(const Config& base);
+  [[nodiscard]] static Config from_env();
+};
+
+[[nodiscard]] std::string_view backend_name(BackendKind kind) noexcept;  // "auto", "pread", "io_uring", "mmap"
+[[nodiscard]] std::string_view prefetch_name(PrefetchStrategy strategy) noexcept;  // "none", "next_layer", "adaptive"
+[[nodiscard]] std::string_view pressure_name(MemoryPressureMode mode) noexcept;  // "conservative", ...
+[[nodiscard]] std::string_view direct_io_name(DirectIoMode mode) noexcept;       // "auto", "on", "off"
+
+}  // namespace tensorstream

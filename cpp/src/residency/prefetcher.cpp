@@ -1,0 +1,202 @@
+// Prefetcher: order learning, successor prediction and the adaptive lookahead (DESIGN.md §6).
+#include "tensorstream/residency/prefetcher.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "tensorstream/error.hpp"
+
+namespace tensorstream {
+
+namespace {
+
+// Weight of a new timing sample in the moving averages: about the last five blocks count, which smooths the noise
+// of a shared machine (page-cache hits, a busy neighbour) yet follows a real change within a fraction of a pass.
+constexpr double kEwmaAlpha = 0.2;
+
+// A pass longer than this many accesses per block is not a forward pass (the first block never came back, for
+// instance): stop recording it rather than grow without bound.
+constexpr size_t kMaxPassAccessesPerBlock = 16;
+constexpr size_t kMinPassCap = 4096;
+
+// ceil() of a ratio that is an integer up to rounding error must not round up to the next integer.
+constexpr double kCeilSlack = 1e-9;
+
+void ewma(double& average, uint64_t& samples, uint64_t ns) {
+  const auto value = static_cast<double>(ns);
+  average = samples == 0 ? value : average + kEwmaAlpha * (value - average);
+  ++samples;
+}
+
+}  // namespace
+
+Prefetcher::Prefetcher(PrefetchStrategy strategy, size_t num_blocks, uint32_t max_lookahead)
+    : strategy_(strategy),
+      num_blocks_(num_blocks),
+      max_lookahead_(max_lookahead),
+      successors_(num_blocks),
+      visits_(num_blocks, 0) {}
+
+std::vector<size_t> Prefetcher::on_access(size_t block) {
+  std::lock_guard lock(mutex_);
+  if (block >= num_blocks_) {
+    throw ConfigError("block", "index " + std::to_string(block) + " out of range (" + std::to_string(num_blocks_) +
+                                   " blocks)");
+  }
+  // Pass boundary: the first block ever accessed comes back. The finished pass is the learned order (each later
+  // pass replaces it, so the order follows the model if it changes).
+  if (first_block_ == SIZE_MAX) {
+    first_block_ = block;
+  } else if (block == first_block_ && !current_pass_.empty()) {
+    learned_order_ = std::move(current_pass_);
+    current_pass_.clear();
+    order_known_ = true;
+    order_position_ = SIZE_MAX;
+  }
+  if (current_pass_.size() < std::max(kMinPassCap, kMaxPassAccessesPerBlock * num_blocks_)) {
+    current_pass_.push_back(block);
+  }
+  // Successor counts (the transition from a pass's last block to the next pass's first one included).
+  if (has_previous_) {
+    auto& list = successors_[previous_];
+    auto it = std::find_if(list.begin(), list.end(), [&](const Successor& s) { return s.block == block; });
+    if (it == list.end()) {
+      list.push_back(Successor{block, 1});
+    } else {
+      ++it->count;
+    }
+  }
+  ++visits_[block];
+  has_previous_ = true;
+  previous_ = block;
+
+  // Where this access sits in the learned order: the occurrence nearest after the previous one.
+  size_t position = SIZE_MAX;
+  if (order_known_ && !learned_order_.empty()) {
+    const size_t n = learned_order_.size();
+    const size_t from = order_position_ == SIZE_MAX ? n - 1 : order_position_;
+    for (size_t step = 1; step <= n; ++step) {
+      const size_t p = (from + step) % n;
+      if (learned_order_[p] == block) {
+        position = p;
+        break;
+      }
+    }
+    if (position != SIZE_MAX) order_position_ = position;
+  }
+
+  std::vector<size_t> ahead;
+  const auto add = [&](size_t candidate) {
+    if (candidate != block && std::find(ahead.begin(), ahead.end(), candidate) == ahead.end()) {
+      ahead.push_back(candidate);
+    }
+  };
+  switch (strategy_) {
+    case PrefetchStrategy::kNone:
+      break;
+    case PrefetchStrategy::kNextLayer: {
+      const size_t depth = max_lookahead_;
+      if (position != SIZE_MAX) {
+        // The next blocks of the learned order, wrapping into the next pass.
+        const size_t n = learned_order_.size();
+        for (size_t step = 1; step < n && ahead.size() < depth; ++step) add(learned_order_[(position + step) % n]);
+      } else {
+        // No order yet (or a block outside it): the next indices, not past the last block.
+        for (size_t next = block + 1; next < num_blocks_ && ahead.size() < depth; ++next) add(next);
+      }
+      break;
+    }
+    case PrefetchStrategy::kAdaptive:
+      ahead = predict_locked(block);
+      break;
+  }
+  return ahead;
+}
+
+// Successor chain: at the first step every successor seen at least half as often as the most frequent one (the
+// alternatives of a conditional block, e.g. MoE experts); then the most frequent successor of each block in turn,
+// `lookahead` steps deep in all. Nothing until a transition from `block` was seen.
+std::vector<size_t> Prefetcher::predict_locked(size_t block) const {
+  std::vector<size_t> ahead;
+  const uint32_t depth = lookahead_locked();
+  if (depth == 0) return ahead;
+  const auto top = [&](size_t from) -> const Successor* {
+    const Successor* best = nullptr;
+    for (const Successor& s : successors_[from]) {
+      if (best == nullptr || s.count > best->count) best = &s;  // ties: the first seen
+    }
+    return best;
+  };
+  const Successor* first = top(block);
+  if (first == nullptr) return ahead;
+  const auto add = [&](size_t candidate) {
+    if (candidate != block && std::find(ahead.begin(), ahead.end(), candidate) == ahead.end()) {
+      ahead.push_back(candidate);
+    }
+  };
+  add(first->block);
+  std::vector<Successor> alternatives;
+  for (const Successor& s : successors_[block]) {
+    if (&s != first && s.count * 2 >= first->count) alternatives.push_back(s);
+  }
+  std::stable_sort(alternatives.begin(), alternatives.end(),
+                   [](const Successor& a, const Successor& b) { return a.count > b.count; });
+  for (const Successor& s : alternatives) add(s.block);
+
+  size_t current = first->block;
+  for (uint32_t step = 1; step < depth; ++step) {
+    const Successor* next = top(current);
+    if (next == nullptr || next->block == block) break;  // unknown, or the chain came back round
+    add(next->block);
+    current = next->block;
+  }
+  return ahead;
+}
+
+uint32_t Prefetcher::lookahead_locked() const {
+  if (strategy_ == PrefetchStrategy::kNone || max_lookahead_ == 0) return 0;
+  if (strategy_ == PrefetchStrategy::kNextLayer) return max_lookahead_;
+  // Before both a load and a compute time were measured: half the allowed depth, rounded up. A guess between
+  // "compute hides the read" (1) and "reads dominate" (max); by the second pass there are measurements.
+  if (load_samples_ == 0 || compute_samples_ == 0) return (max_lookahead_ + 1) / 2;
+  if (compute_ns_avg_ <= 0) return max_lookahead_;
+  const double ratio = std::ceil(load_ns_avg_ / compute_ns_avg_ - kCeilSlack);
+  if (ratio <= 1.0) return 1;
+  if (ratio >= static_cast<double>(max_lookahead_)) return max_lookahead_;
+  return static_cast<uint32_t>(ratio);
+}
+
+void Prefetcher::on_load_time(size_t block, uint64_t ns) {
+  std::lock_guard lock(mutex_);
+  if (block >= num_blocks_) return;
+  ewma(load_ns_avg_, load_samples_, ns);
+}
+
+void Prefetcher::on_compute_time(size_t block, uint64_t ns) {
+  std::lock_guard lock(mutex_);
+  if (block >= num_blocks_) return;
+  ewma(compute_ns_avg_, compute_samples_, ns);
+}
+
+bool Prefetcher::order_known() const {
+  std::lock_guard lock(mutex_);
+  return order_known_;
+}
+
+std::vector<size_t> Prefetcher::learned_order() const {
+  std::lock_guard lock(mutex_);
+  return learned_order_;
+}
+
+uint32_t Prefetcher::lookahead() const {
+  std::lock_guard lock(mutex_);
+  return lookahead_locked();
+}
+
+void Prefetcher::set_max_lookahead(uint32_t max_lookahead) {
+  std::lock_guard lock(mutex_);
+  max_lookahead_ = max_lookahead;
+}
+
+}  // namespace tensorstream

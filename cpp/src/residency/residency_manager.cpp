@@ -1,0 +1,539 @@
+// ResidencyManager: slots of the arena, the static resident set, the streaming ring and eviction (DESIGN.md §6).
+//
+// Everything here is bookkeeping under one mutex: no I/O, no waiting. Admission is computed on a copy of the free
+// list and committed only when it succeeds, so a kNoRoom answer never evicts anything.
+#include "tensorstream/residency/residency_manager.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "tensorstream/error.hpp"
+
+namespace tensorstream {
+
+namespace {
+
+// Slots start on 4 KiB boundaries: O_DIRECT, cuFile and io_uring fixed buffers need aligned destinations, and
+// store blocks are laid out on the same boundary (DESIGN.md §5), so aligning costs nothing in practice.
+constexpr uint64_t kSlotAlignment = 4096;
+constexpr uint64_t kInfinity = std::numeric_limits<uint64_t>::max();
+
+uint64_t saturating_add(uint64_t a, uint64_t b) { return a > kInfinity - b ? kInfinity : a + b; }
+uint64_t saturating_mul(uint64_t a, uint64_t b) { return (b != 0 && a > kInfinity / b) ? kInfinity : a * b; }
+
+uint64_t slot_size(uint64_t bytes, size_t block) {
+  if (bytes > kInfinity - (kSlotAlignment - 1)) {
+    throw ConfigError("block_bytes", "block " + std::to_string(block) + " is too large (" + std::to_string(bytes) +
+                                         " bytes)");
+  }
+  return (bytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
+}
+
+// First fit in a free list sorted by offset: the lowest range that holds `bytes` at an aligned offset. The range is
+// split; alignment padding stays free. Zero-byte slots take no room and sit at offset 0.
+template <class FreeList>
+std::optional<uint64_t> first_fit(FreeList& free, uint64_t bytes) {
+  if (bytes == 0) return uint64_t{0};
+  for (size_t i = 0; i < free.size(); ++i) {
+    const uint64_t begin = free[i].offset;
+    const uint64_t end = free[i].offset + free[i].bytes;
+    const uint64_t aligned = (begin + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
+    if (aligned < begin || aligned > end || end - aligned < bytes) continue;
+    const uint64_t tail_begin = aligned + bytes;
+    if (aligned == begin) {
+      if (tail_begin == end) {
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        free[i].offset = tail_begin;
+        free[i].bytes = end - tail_begin;
+      }
+    } else {
+      free[i].bytes = aligned - begin;  // padding before the slot stays free
+      if (tail_begin != end) {
+        free.insert(free.begin() + static_cast<std::ptrdiff_t>(i) + 1,
+                    typename FreeList::value_type{tail_begin, end - tail_begin});
+      }
+    }
+    return aligned;
+  }
+  return std::nullopt;
+}
+
+// Returns [offset, offset + bytes) to a sorted free list, coalescing with both neighbours.
+template <class FreeList>
+void give_back(FreeList& free, uint64_t offset, uint64_t bytes) {
+  if (bytes == 0) return;
+  auto it = std::lower_bound(free.begin(), free.end(), offset,
+                             [](const auto& range, uint64_t value) { return range.offset < value; });
+  it = free.insert(it, typename FreeList::value_type{offset, bytes});
+  auto next = it + 1;
+  if (next != free.end() && it->offset + it->bytes == next->offset) {
+    it->bytes += next->bytes;
+    free.erase(next);
+  }
+  if (it != free.begin()) {
+    auto prev = it - 1;
+    if (prev->offset + prev->bytes == it->offset) {
+      prev->bytes += it->bytes;
+      free.erase(it);
+    }
+  }
+}
+
+}  // namespace
+
+// Presets for memory_pressure_mode. Two rules shape them:
+//  * ring_slots >= max_lookahead + 1: the block in use plus every block the prefetcher keeps in flight must fit in
+//    the streaming ring, otherwise the deepest prefetch never finds room (it may not evict what is needed sooner).
+//  * every ring slot is one block the static set cannot keep, i.e. one more block read per pass
+//    (N - (K - ring_slots)), so the ring is only as deep as the lookahead needs.
+// conservative: shallow lookahead (1) and the smallest ring (2); the static set fills only half of what is left,
+//               and the held bytes are capped at static capacity + ring, so half of (budget - ring) stays free as
+//               headroom for activations and other allocations.
+// balanced:     lookahead 2 (hides one slow read behind two layers of compute), ring 3, static set fills the rest:
+//               the budget is used in full.
+// aggressive:   deep lookahead (4) for storage whose latency exceeds several layers of compute, ring 5, and the
+//               static set fills the rest of the budget.
+ResidencyPlan plan_for(MemoryPressureMode mode) noexcept {
+  switch (mode) {
+    case MemoryPressureMode::kConservative:
+      return ResidencyPlan{2, 1, 0.5};
+    case MemoryPressureMode::kBalanced:
+      return ResidencyPlan{3, 2, 1.0};
+    case MemoryPressureMode::kAggressive:
+      return ResidencyPlan{5, 4, 1.0};
+  }
+  return ResidencyPlan{3, 2, 1.0};
+}
+
+ResidencyManager::ResidencyManager(std::vector<uint64_t> block_bytes, uint64_t arena_bytes, uint64_t budget_bytes,
+                                   ResidencyPlan plan)
+    : arena_bytes_(arena_bytes), budget_bytes_(budget_bytes), plan_(plan) {
+  if (plan_.ring_slots == 0) throw ConfigError("ring_slots", "must be at least 1");
+  if (!(plan_.static_fraction >= 0.0 && plan_.static_fraction <= 1.0)) {
+    throw ConfigError("static_fraction", "must be within [0, 1], got " + std::to_string(plan_.static_fraction));
+  }
+  blocks_.resize(block_bytes.size());
+  order_positions_.resize(block_bytes.size());
+  for (size_t i = 0; i < block_bytes.size(); ++i) {
+    blocks_[i].bytes = slot_size(block_bytes[i], i);
+    max_block_bytes_ = std::max(max_block_bytes_, blocks_[i].bytes);
+  }
+  if (budget_bytes_ > arena_bytes_) {
+    throw ConfigError("budget_bytes", std::to_string(budget_bytes_) + " exceeds the arena (" +
+                                          std::to_string(arena_bytes_) + " bytes)");
+  }
+  if (max_block_bytes_ > budget_bytes_) {
+    throw ConfigError("budget_bytes", std::to_string(budget_bytes_) + " cannot hold the largest block (" +
+                                          std::to_string(max_block_bytes_) + " bytes)");
+  }
+  if (arena_bytes_ > 0) free_.push_back(FreeRange{0, arena_bytes_});
+  recompute_static_capacity();
+}
+
+// ---- public ------------------------------------------------------------------------------------------------------
+
+ResidencyManager::Decision ResidencyManager::acquire(size_t block) {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  const size_t saved_position = position_;
+  const size_t saved_last = last_block_;
+  advance_position(block);  // victims are ranked from the access being served
+  Block& b = blocks_[block];
+  switch (b.state) {
+    case BlockState::kResident:
+    case BlockState::kLoading: {
+      ++b.pins;
+      touch(block);
+      Decision decision;
+      decision.action = b.state == BlockState::kResident ? Action::kHit : Action::kInFlight;
+      decision.slot_offset = b.slot;
+      return decision;
+    }
+    case BlockState::kOnDisk:
+      break;
+  }
+  Decision decision = admit(block, /*pin=*/true, /*speculative=*/false);
+  if (decision.action == Action::kNoRoom) {
+    position_ = saved_position;  // the engine retries the same access: count it once
+    last_block_ = saved_last;
+  }
+  return decision;
+}
+
+ResidencyManager::Decision ResidencyManager::prefetch(size_t block) {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  const Block& b = blocks_[block];
+  if (b.state != BlockState::kOnDisk) {
+    Decision decision;
+    decision.action = b.state == BlockState::kResident ? Action::kHit : Action::kInFlight;
+    decision.slot_offset = b.slot;
+    return decision;
+  }
+  return admit(block, /*pin=*/false, /*speculative=*/true);
+}
+
+std::vector<size_t> ResidencyManager::release(size_t block) {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  Block& b = blocks_[block];
+  if (b.pins == 0) return {};  // unbalanced release: ignored rather than wrapping the count
+  --b.pins;
+  b.last_use = ++clock_;  // in use until now: the most recently used
+  return trim_to_limit();
+}
+
+std::vector<size_t> ResidencyManager::load_finished(size_t block, bool ok) {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  Block& b = blocks_[block];
+  if (b.state != BlockState::kLoading) return {};
+  loading_bytes_ -= b.bytes;
+  if (ok) {
+    b.state = BlockState::kResident;
+    resident_bytes_ += b.bytes;
+    return trim_to_limit();
+  }
+  give_back(free_, b.slot, b.bytes);
+  if (b.is_static) static_bytes_ -= b.bytes;
+  b.is_static = false;
+  b.state = BlockState::kOnDisk;
+  b.slot = 0;
+  b.used_since_load = false;
+  return {};
+}
+
+std::vector<size_t> ResidencyManager::set_budget(uint64_t budget_bytes) {
+  std::lock_guard lock(mutex_);
+  if (budget_bytes > arena_bytes_) {
+    throw ConfigError("budget_bytes", std::to_string(budget_bytes) + " exceeds the arena (" +
+                                          std::to_string(arena_bytes_) + " bytes)");
+  }
+  if (budget_bytes < max_block_bytes_) {
+    throw ConfigError("budget_bytes", std::to_string(budget_bytes) + " cannot hold the largest block (" +
+                                          std::to_string(max_block_bytes_) + " bytes)");
+  }
+  budget_bytes_ = budget_bytes;
+  recompute_static_capacity();
+  // A smaller static capacity demotes static blocks (furthest next use first) to streaming: they stay resident if
+  // the budget allows and become ordinary eviction candidates. Otherwise a static set above its capacity would eat
+  // the ring and leave no room to stream the other blocks.
+  if (static_bytes_ > static_capacity_) {
+    std::vector<size_t> statics;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (blocks_[i].is_static) statics.push_back(i);
+    }
+    rank(statics);
+    for (size_t i : statics) {
+      if (static_bytes_ <= static_capacity_) break;
+      blocks_[i].is_static = false;
+      static_bytes_ -= blocks_[i].bytes;
+    }
+  }
+  return trim_to_limit();
+}
+
+void ResidencyManager::set_order(std::vector<size_t> order) {
+  std::lock_guard lock(mutex_);
+  for (size_t block : order) check_block(block);
+  order_ = std::move(order);
+  for (auto& positions : order_positions_) positions.clear();
+  for (size_t i = 0; i < order_.size(); ++i) order_positions_[order_[i]].push_back(i);
+  // Place the position at the last access, so the next access is ranked from where execution is.
+  if (last_block_ != SIZE_MAX && !order_positions_[last_block_].empty()) {
+    position_ = order_positions_[last_block_].front();
+  } else {
+    position_ = order_.empty() ? 0 : order_.size() - 1;
+  }
+}
+
+BlockState ResidencyManager::state(size_t block) const {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  return blocks_[block].state;
+}
+
+uint32_t ResidencyManager::pins(size_t block) const {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  return blocks_[block].pins;
+}
+
+std::optional<uint64_t> ResidencyManager::slot_offset(size_t block) const {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  if (blocks_[block].state == BlockState::kOnDisk) return std::nullopt;
+  return blocks_[block].slot;
+}
+
+bool ResidencyManager::is_static(size_t block) const {
+  std::lock_guard lock(mutex_);
+  check_block(block);
+  return blocks_[block].is_static;
+}
+
+uint64_t ResidencyManager::resident_bytes() const {
+  std::lock_guard lock(mutex_);
+  return resident_bytes_;
+}
+
+uint64_t ResidencyManager::in_flight_bytes() const {
+  std::lock_guard lock(mutex_);
+  return loading_bytes_;
+}
+
+uint64_t ResidencyManager::budget_bytes() const {
+  std::lock_guard lock(mutex_);
+  return budget_bytes_;
+}
+
+uint64_t ResidencyManager::static_bytes() const {
+  std::lock_guard lock(mutex_);
+  return static_bytes_;
+}
+
+std::string ResidencyManager::check_invariants() const {
+  std::lock_guard lock(mutex_);
+  struct Range {
+    uint64_t begin;
+    uint64_t end;
+    long owner;  // block index, or -1 for a free range
+  };
+  std::vector<Range> ranges;
+  uint64_t resident = 0;
+  uint64_t loading = 0;
+  uint64_t statics = 0;
+  bool unpinned_resident = false;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& b = blocks_[i];
+    const std::string name = "block " + std::to_string(i);
+    if (b.pins > (1u << 30)) return name + " has a wrapped pin count";
+    if (b.state == BlockState::kOnDisk) {
+      if (b.is_static) return name + " is static but on disk";
+      continue;
+    }
+    (b.state == BlockState::kResident ? resident : loading) += b.bytes;
+    if (b.is_static) statics += b.bytes;
+    if (b.state == BlockState::kResident && b.pins == 0) unpinned_resident = true;
+    if (b.slot % kSlotAlignment != 0) return name + " has an unaligned slot";
+    if (b.slot > arena_bytes_ || arena_bytes_ - b.slot < b.bytes) return name + " has a slot outside the arena";
+    if (b.bytes > 0) ranges.push_back(Range{b.slot, b.slot + b.bytes, static_cast<long>(i)});
+  }
+  uint64_t free_total = 0;
+  for (size_t i = 0; i < free_.size(); ++i) {
+    if (free_[i].bytes == 0) return "empty free range";
+    if (i > 0 && free_[i - 1].offset + free_[i - 1].bytes >= free_[i].offset) {
+      return "free list not sorted or not coalesced at offset " + std::to_string(free_[i].offset);
+    }
+    if (free_[i].offset + free_[i].bytes > arena_bytes_) return "free range outside the arena";
+    free_total += free_[i].bytes;
+    ranges.push_back(Range{free_[i].offset, free_[i].offset + free_[i].bytes, -1});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i - 1].end > ranges[i].begin) {
+      return "overlap between " + std::to_string(ranges[i - 1].owner) + " and " + std::to_string(ranges[i].owner) +
+             " (-1 = free) at offset " + std::to_string(ranges[i].begin);
+    }
+  }
+  if (free_total + resident + loading != arena_bytes_) return "free + held bytes differ from the arena";
+  if (resident != resident_bytes_ || loading != loading_bytes_) return "held byte counters are off";
+  if (statics != static_bytes_) return "static byte counter is off";
+  if (resident + loading > held_limit() && unpinned_resident) {
+    return "held bytes exceed the limit while an unpinned block is resident";
+  }
+  return {};
+}
+
+// ---- private (mutex_ held) ---------------------------------------------------------------------------------------
+
+void ResidencyManager::check_block(size_t block) const {
+  if (block >= blocks_.size()) {
+    throw ConfigError("block", "index " + std::to_string(block) + " out of range (" + std::to_string(blocks_.size()) +
+                                   " blocks)");
+  }
+}
+
+void ResidencyManager::recompute_static_capacity() {
+  const uint64_t ring = saturating_mul(plan_.ring_slots, max_block_bytes_);
+  if (budget_bytes_ <= ring) {
+    static_capacity_ = 0;
+    return;
+  }
+  const uint64_t rest = budget_bytes_ - ring;
+  const long double share = static_cast<long double>(rest) * static_cast<long double>(plan_.static_fraction);
+  static_capacity_ = std::min<uint64_t>(rest, static_cast<uint64_t>(std::floor(share)));
+}
+
+uint64_t ResidencyManager::held_bytes() const { return resident_bytes_ + loading_bytes_; }
+
+uint64_t ResidencyManager::held_limit() const {
+  return std::min(budget_bytes_,
+                  saturating_add(static_capacity_, saturating_mul(plan_.ring_slots, max_block_bytes_)));
+}
+
+void ResidencyManager::touch(size_t block) {
+  Block& b = blocks_[block];
+  b.last_use = ++clock_;
+  b.used_since_load = true;
+  // A held block joins the static set once it has room (after set_budget grew it, or a static load failed): it
+  // is already here, so keeping it costs no read.
+  if (!b.is_static && static_bytes_ + b.bytes <= static_capacity_) {
+    b.is_static = true;
+    static_bytes_ += b.bytes;
+  }
+}
+
+void ResidencyManager::advance_position(size_t block) {
+  last_block_ = block;
+  if (order_.empty() || order_positions_[block].empty()) return;
+  // The occurrence of `block` nearest after the current position (a block may repeat within a pass).
+  const size_t n = order_.size();
+  size_t best = order_positions_[block].front();
+  size_t best_step = n + 1;
+  for (size_t p : order_positions_[block]) {
+    const size_t step = (p + n - position_ % n - 1) % n + 1;  // 1..n
+    if (step < best_step) {
+      best_step = step;
+      best = p;
+    }
+  }
+  position_ = best;
+}
+
+uint64_t ResidencyManager::distance_to_next_use(size_t block) const {
+  const auto& positions = order_positions_[block];
+  if (positions.empty()) return kInfinity;  // not in the order: no known next use
+  const size_t n = order_.size();
+  uint64_t best = kInfinity;
+  for (size_t p : positions) best = std::min<uint64_t>(best, (p + n - position_ % n - 1) % n + 1);
+  return best;
+}
+
+// Eviction order: with a learned order, furthest next use first (Belady), blocks outside the order before all
+// others; ties and the no-order case by least recent use.
+void ResidencyManager::rank(std::vector<size_t>& candidates) const {
+  if (order_.empty()) {
+    std::sort(candidates.begin(), candidates.end(),
+              [&](size_t a, size_t b) { return blocks_[a].last_use < blocks_[b].last_use; });
+    return;
+  }
+  std::vector<std::pair<uint64_t, size_t>> keyed;
+  keyed.reserve(candidates.size());
+  for (size_t c : candidates) keyed.emplace_back(distance_to_next_use(c), c);
+  std::sort(keyed.begin(), keyed.end(), [&](const auto& a, const auto& b) {
+    if (a.first != b.first) return a.first > b.first;
+    return blocks_[a.second].last_use < blocks_[b.second].last_use;
+  });
+  for (size_t i = 0; i < keyed.size(); ++i) candidates[i] = keyed[i].second;
+}
+
+// Candidates: resident, unpinned, streaming. A prefetch is speculative and must not make things worse, so it
+// also spares, with a learned order, every block needed no later than the prefetched one, and without an order,
+// every block not yet used since it was loaded (an earlier prefetch that has not been consumed: evicting it for a
+// later one would throw away the read) — of the rest it takes the least recently used.
+std::vector<size_t> ResidencyManager::victims(size_t for_block, bool speculative) const {
+  const bool ordered = !order_.empty();
+  const uint64_t own_distance = speculative && ordered ? distance_to_next_use(for_block) : 0;
+  std::vector<size_t> candidates;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& b = blocks_[i];
+    if (i == for_block || b.state != BlockState::kResident || b.pins != 0 || b.is_static) continue;
+    if (speculative) {
+      if (ordered && distance_to_next_use(i) <= own_distance) continue;
+      if (!ordered && !b.used_since_load) continue;
+    }
+    candidates.push_back(i);
+  }
+  rank(candidates);
+  return candidates;
+}
+
+ResidencyManager::Decision ResidencyManager::admit(size_t block, bool pin, bool speculative) {
+  Block& b = blocks_[block];
+  const uint64_t need = b.bytes;
+  const uint64_t limit = held_limit();
+  // Work on a copy: evict in policy order until both the limit and a contiguous first-fit range allow the slot
+  // (a fragmented arena may need more evictions than the byte count alone); commit only on success.
+  std::vector<FreeRange> free = free_;
+  uint64_t held = held_bytes();
+  std::vector<size_t> order;
+  bool ranked = false;
+  size_t taken = 0;
+  std::optional<uint64_t> slot;
+  for (;;) {
+    if (held <= limit && limit - held >= need) {
+      slot = first_fit(free, need);
+      if (slot) break;
+    }
+    if (!ranked) {
+      order = victims(block, speculative);
+      ranked = true;
+    }
+    if (taken == order.size()) return Decision{};  // kNoRoom, nothing changed
+    const Block& victim = blocks_[order[taken++]];
+    held -= victim.bytes;
+    give_back(free, victim.slot, victim.bytes);
+  }
+  free_ = std::move(free);
+  Decision decision;
+  decision.action = Action::kLoad;
+  decision.slot_offset = *slot;
+  decision.evicted.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(taken));
+  for (size_t victim : decision.evicted) drop(victim);
+
+  b.state = BlockState::kLoading;
+  b.slot = *slot;
+  loading_bytes_ += need;
+  b.is_static = static_bytes_ + need <= static_capacity_;
+  if (b.is_static) static_bytes_ += need;
+  if (pin) ++b.pins;
+  b.used_since_load = !speculative;
+  b.last_use = ++clock_;
+  return decision;
+}
+
+void ResidencyManager::drop(size_t block) {
+  Block& b = blocks_[block];
+  if (b.state == BlockState::kResident) resident_bytes_ -= b.bytes;
+  if (b.state == BlockState::kLoading) loading_bytes_ -= b.bytes;
+  if (b.is_static) static_bytes_ -= b.bytes;
+  b.is_static = false;
+  b.state = BlockState::kOnDisk;
+  b.slot = 0;
+  b.used_since_load = false;
+}
+
+void ResidencyManager::evict(size_t block) {
+  give_back(free_, blocks_[block].slot, blocks_[block].bytes);
+  drop(block);
+}
+
+// Over the limit (the budget shrank below what pinned or loading blocks held): unpinned resident blocks leave,
+// streaming ones first, then static ones, each group in eviction order.
+std::vector<size_t> ResidencyManager::trim_to_limit() {
+  std::vector<size_t> evicted;
+  const uint64_t limit = held_limit();
+  if (held_bytes() <= limit) return evicted;
+  std::vector<size_t> streaming;
+  std::vector<size_t> statics;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& b = blocks_[i];
+    if (b.state != BlockState::kResident || b.pins != 0) continue;
+    (b.is_static ? statics : streaming).push_back(i);
+  }
+  rank(streaming);
+  rank(statics);
+  streaming.insert(streaming.end(), statics.begin(), statics.end());
+  for (size_t victim : streaming) {
+    if (held_bytes() <= limit) break;
+    evict(victim);
+    evicted.push_back(victim);
+  }
+  return evicted;
+}
+
+}  // namespace tensorstream
