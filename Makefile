@@ -5,7 +5,7 @@ BUILD ?= build
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTS_PYTHON_INPLACE=ON -DPython_EXECUTABLE=$(shell command -v $(PYTHON))
 export PYTHONPATH := $(CURDIR)/python:$(PYTHONPATH)
 
-.PHONY: all deps build test test-cpp test-sanitize test-python fuzz bench demo install clean
+.PHONY: all deps build test test-cpp test-sanitize test-tsan test-python fuzz fuzz-smoke bench demo install clean
 
 all: build
 
@@ -17,7 +17,7 @@ build: deps
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	$(MAKE) --no-print-directory test-cpp test-sanitize fuzz-smoke test-python
+	$(MAKE) --no-print-directory test-cpp test-sanitize test-tsan fuzz-smoke test-python
 
 test-cpp:
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
@@ -28,6 +28,15 @@ test-sanitize:
 	  -DTS_SANITIZE=address,undefined -DTS_BUILD_PYTHON=OFF >/dev/null
 	cmake --build $(BUILD)-asan -j $(JOBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir $(BUILD)-asan --output-on-failure -j $(JOBS)
+
+# The concurrent parts (engine, residency, I/O backends, statistics) under ThreadSanitizer (clang).
+TSAN_TESTS = engine_test_engine residency_test_residency_manager residency_test_prefetcher io_test_io_backend \
+             io_test_pread_backend io_test_uring_backend io_test_mmap_backend stats_test_stats store_test_store_reader
+test-tsan:
+	cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+	  -DTS_SANITIZE=thread -DTS_BUILD_PYTHON=OFF >/dev/null
+	cmake --build $(BUILD)-tsan -j $(JOBS) --target $(TSAN_TESTS)
+	set -e; for test in $(TSAN_TESTS); do TSAN_OPTIONS=halt_on_error=1 $(BUILD)-tsan/cpp/tests/$$test --gtest_brief=1; done
 
 $(BUILD)-fuzz/cpp/tests/fuzz_manifest: FORCE
 	cmake -S . -B $(BUILD)-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
@@ -57,4 +66,4 @@ install: deps
 	$(PYTHON) -m pip install --no-build-isolation .
 
 clean:
-	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-fuzz python/tensorstream/_core*.so
+	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-tsan $(BUILD)-fuzz python/tensorstream/_core*.so

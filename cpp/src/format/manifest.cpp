@@ -681,7 +681,7 @@ class ManifestValidator {
     }
     manifest_.data_size = data_size;
     if (expect_.data_file_size && *expect_.data_file_size != data_size) {
-      fail("data.size", path_,
+      fail("data.size", expect_.data_path.empty() ? path_ : expect_.data_path,
            "the data file is " + std::to_string(*expect_.data_file_size) + " bytes, but the manifest says " +
                std::to_string(data_size));
     }

@@ -59,6 +59,7 @@ StoreReader StoreReader::open(const StorageDirectory& storage, std::string_view 
   expect.store_id = storage.id();
   expect.model_id = std::string(model_id);
   expect.data_file_size = file_size(reader.data_fd_.get(), reader.data_path_);
+  expect.data_path = reader.data_path_;
   reader.manifest_ = parse_manifest_body(json, parsed_header, expect);
 
   for (size_t i = 0; i < reader.manifest_.blocks.size(); ++i) reader.block_index_.emplace(reader.manifest_.blocks[i].name, i);

@@ -126,6 +126,7 @@ TEST(StoreReader, TruncatedOrExtendedDataFileIsRefusedAtOpen) {
       ADD_FAILURE() << "expected FormatError at size " << new_size;
     } catch (const FormatError& error) {
       EXPECT_EQ(error.rule(), "data.size");
+      EXPECT_EQ(error.path(), data.string());  // names the file that is wrong, not the manifest
     }
   }
 }

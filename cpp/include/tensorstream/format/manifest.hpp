@@ -99,6 +99,7 @@ struct ManifestExpectations {
   StoreId store_id{};               // from the STORE file
   std::string model_id;             // the directory name
   std::optional<uint64_t> data_file_size;  // nullopt: skip the data.size rule (fuzzing, tools)
+  std::string data_path;                   // names the data file in a data.size error (default: path)
 };
 
 // Validates the 32-byte header against the file size. Throws FormatError.

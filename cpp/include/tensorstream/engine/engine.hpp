@@ -1,0 +1,91 @@
+// Engine: streams blocks of one store into slots of a caller-owned arena, under a byte budget, with prefetch.
+//
+//   acquire(block) -> Ticket      pins the block; a hit returns a ready ticket, a miss starts the load
+//   ticket.wait()                 blocks until the bytes are in the slot; rethrows the load's first error
+//   release(block)                unpins; the block stays resident until the residency policy evicts it
+//
+// A load splits the block into its chunks and runs each through read (IoBackend) -> verify (checksum) ->
+// decode (if compressed) -> transfer (into the slot). Several blocks are in flight at once; `num_io_threads`
+// workers verify and decode while the backend keeps up to `queue_depth` reads in flight. A failed load records
+// the first error (path, offset, errno or corruption site) in its ticket and frees the slot; the engine stays
+// usable and the next acquire of that block retries. Destruction waits for reads in flight, then stops.
+//
+// Thread-safety: every public method may be called from any thread, concurrently.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tensorstream/config.hpp"
+#include "tensorstream/engine/transfer.hpp"
+#include "tensorstream/io/io_backend.hpp"
+#include "tensorstream/stats/stats.hpp"
+#include "tensorstream/store/store_reader.hpp"
+
+namespace tensorstream {
+
+namespace detail {
+struct LoadState;
+}
+
+class Ticket {
+ public:
+  Ticket() = default;
+  [[nodiscard]] size_t block() const noexcept { return block_; }
+  // Blocks until the block is in its slot; rethrows the load's error (IoError, CorruptionError).
+  void wait() const;
+  [[nodiscard]] bool ready() const;
+  // The block's bytes (its slot, or a zero-copy view of the file with the mmap backend). Valid after wait()
+  // while the block stays pinned.
+  [[nodiscard]] std::span<std::byte> data() const noexcept { return data_; }
+
+ private:
+  friend class Engine;
+  size_t block_ = 0;
+  std::span<std::byte> data_;
+  std::shared_ptr<detail::LoadState> load_;  // null for hits
+  class Engine* engine_ = nullptr;
+};
+
+class Engine {
+ public:
+  // `arena` is memory the caller owns (a PyTorch tensor, for instance) and keeps alive longer than the engine.
+  // backend / transfer default to make_backend(config) and make_host_transfer().
+  Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> arena, Config config,
+         std::unique_ptr<IoBackend> backend = nullptr, std::unique_ptr<Transfer> transfer = nullptr);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  [[nodiscard]] Ticket acquire(size_t block);
+  void release(size_t block);
+  // Starts a load without pinning (budget permitting); a no-op if resident, in flight or without room.
+  void prefetch(size_t block);
+
+  void set_budget(uint64_t budget_bytes);
+  [[nodiscard]] uint64_t budget_bytes() const;
+  [[nodiscard]] StatsSnapshot stats() const;
+  void reset_stats();
+  // Called (on an engine thread, without locks held) with each block that lost its slot.
+  void set_eviction_callback(std::function<void(size_t)> callback);
+
+  [[nodiscard]] const StoreReader& store() const noexcept;
+  [[nodiscard]] const Config& config() const noexcept;
+  [[nodiscard]] std::string backend_name() const;
+  [[nodiscard]] const std::string& backend_fallback_reason() const noexcept;
+  [[nodiscard]] std::vector<size_t> learned_order() const;
+  [[nodiscard]] uint32_t lookahead() const;
+  [[nodiscard]] uint64_t static_bytes() const;
+
+ private:
+  friend class Ticket;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tensorstream

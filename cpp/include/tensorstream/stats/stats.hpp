@@ -1,0 +1,77 @@
+// Engine statistics: relaxed atomic counters updated on the hot path, read as a plain snapshot.
+//
+// Thread-safety: every method may be called from any thread. A snapshot is not a consistent cut across
+// counters (each counter is exact on its own), which is fine for monitoring.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace tensorstream {
+
+struct BlockStatsSnapshot {
+  uint64_t loads = 0;          // times the block was read from storage
+  uint64_t hits = 0;           // acquires that found it resident
+  uint64_t prefetch_hits = 0;  // acquires that found it resident or in flight thanks to a prefetch
+  uint64_t evictions = 0;
+  uint64_t bytes_read = 0;
+  uint64_t wait_ns = 0;        // time callers waited for this block
+  uint64_t load_ns = 0;        // time from read start to ready, summed over loads
+};
+
+struct StatsSnapshot {
+  uint64_t bytes_read = 0;          // from storage (stored bytes, compressed or not)
+  uint64_t bytes_delivered = 0;     // decoded bytes placed into slots
+  uint64_t acquires = 0;
+  uint64_t hits = 0;                // resident at acquire
+  uint64_t misses = 0;              // not resident at acquire (in flight counts as a miss unless prefetched)
+  uint64_t prefetch_hits = 0;       // resident or in flight at acquire because of a prefetch
+  uint64_t prefetches_issued = 0;
+  uint64_t evictions = 0;
+  uint64_t checksum_failures = 0;
+  uint64_t io_errors = 0;
+  uint64_t wait_ns = 0;             // total time callers blocked in Ticket::wait
+  uint64_t io_busy_ns = 0;          // wall time during which at least one read was in flight
+  uint64_t resident_bytes = 0;      // gauges, filled in by the owner of the residency state (Engine::stats)
+  uint64_t in_flight_bytes = 0;
+  std::vector<BlockStatsSnapshot> blocks;
+
+  // bytes_read / io_busy time, in bytes per second (0 when nothing was read).
+  [[nodiscard]] double io_throughput_bytes_per_s() const noexcept;
+  [[nodiscard]] double hit_rate() const noexcept;  // hits / acquires
+};
+
+class Stats {
+ public:
+  explicit Stats(size_t num_blocks);
+
+  void on_acquire(size_t block, bool hit, bool prefetched) noexcept;
+  void on_prefetch_issued() noexcept { add(prefetches_issued_, 1); }
+  void on_load_done(size_t block, uint64_t stored_bytes, uint64_t decoded_bytes, uint64_t load_ns) noexcept;
+  void on_eviction(size_t block) noexcept;
+  void on_wait(size_t block, uint64_t ns) noexcept;
+  void on_checksum_failure() noexcept { add(checksum_failures_, 1); }
+  void on_io_error() noexcept { add(io_errors_, 1); }
+  // I/O busy time: the engine reports when the number of reads in flight goes 0 -> 1 and 1 -> 0.
+  void on_io_started(uint64_t now_ns) noexcept;
+  void on_io_idle(uint64_t now_ns) noexcept;
+
+  [[nodiscard]] StatsSnapshot snapshot() const;
+  void reset() noexcept;  // counters to zero
+
+ private:
+  using Counter = std::atomic<uint64_t>;
+  static void add(Counter& counter, uint64_t value) noexcept { counter.fetch_add(value, std::memory_order_relaxed); }
+  struct BlockCounters {
+    Counter loads{0}, hits{0}, prefetch_hits{0}, evictions{0}, bytes_read{0}, wait_ns{0}, load_ns{0};
+  };
+  Counter bytes_read_{0}, bytes_delivered_{0}, acquires_{0}, hits_{0}, misses_{0}, prefetch_hits_{0},
+      prefetches_issued_{0}, evictions_{0}, checksum_failures_{0}, io_errors_{0}, wait_ns_{0}, io_busy_ns_{0};
+  Counter io_busy_since_ns_{0};
+  std::unique_ptr<BlockCounters[]> blocks_;
+  size_t num_blocks_;
+};
+
+}  // namespace tensorstream

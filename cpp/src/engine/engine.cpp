@@ -1,0 +1,684 @@
+#include "tensorstream/engine/engine.hpp"
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "tensorstream/error.hpp"
+#include "tensorstream/io/direct_io.hpp"
+#include "tensorstream/residency/prefetcher.hpp"
+#include "tensorstream/residency/residency_manager.hpp"
+
+namespace tensorstream {
+
+namespace {
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+// A caller blocked this long without any load finishing or block being released is deadlocked (every slot is
+// pinned by callers that wait themselves); failing loudly beats hanging forever.
+constexpr auto kNoRoomTimeout = std::chrono::seconds(60);
+}  // namespace
+
+namespace detail {
+
+// One load of one block into its slot. Shared by the engine and every ticket waiting for it.
+struct LoadState {
+  size_t block = 0;
+  std::span<std::byte> data;
+  bool prefetched = false;
+  uint64_t start_ns = 0;
+  std::atomic<size_t> reads_left{0};  // region reads still outstanding (all-raw blocks)
+  std::atomic<size_t> units_left{0};  // chunk jobs (or region phase) still outstanding
+  std::atomic<uint64_t> stored_bytes{0};
+  std::atomic<uint64_t> decoded_bytes{0};
+
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  bool done = false;
+  std::exception_ptr error;
+
+  void set_error(std::exception_ptr e) {
+    std::lock_guard lock(mutex);
+    if (!error) error = std::move(e);  // the first error is the cause; later ones are consequences
+  }
+  bool failed() {
+    std::lock_guard lock(mutex);
+    return error != nullptr;
+  }
+};
+
+}  // namespace detail
+
+using detail::LoadState;
+
+struct Engine::Impl {
+  // One read submitted to the backend.
+  struct Piece {
+    enum class Kind : uint8_t { kRegion, kChunk };
+    std::shared_ptr<LoadState> load;
+    Kind kind = Kind::kRegion;
+    ReadRequest request;
+    std::vector<std::byte> staging;  // stored bytes of a compressed chunk (or any chunk of a non-host slot)
+    size_t tensor = 0;
+    size_t chunk = 0;
+  };
+
+  std::shared_ptr<const StoreReader> store;
+  const Manifest& manifest;
+  std::span<std::byte> arena;
+  Config config;
+  std::unique_ptr<IoBackend> backend;
+  std::string fallback_reason;
+  std::unique_ptr<Transfer> transfer;
+  Stats stats;
+  ResidencyManager residency;
+  Prefetcher prefetcher;
+  UniqueFd direct_fd;  // O_DIRECT descriptor of the data file, when usable
+  bool zero_copy = false;
+
+  std::mutex mutex;  // loads, acquire times, order flag
+  std::condition_variable room_cv;
+  uint64_t progress = 0;  // bumped on every release / finished load, so NoRoom waiters see change
+  std::vector<std::shared_ptr<LoadState>> loads;
+  std::vector<uint64_t> acquired_at_ns;
+  std::vector<uint8_t> prefetched_pending;  // loaded by a prefetch and not yet used by a demand access
+  std::atomic<bool> order_given{false};
+  // Shared so a caller can copy it under `mutex` without copying the callable (which, for a Python callable,
+  // would need the GIL while holding an engine lock).
+  std::shared_ptr<const std::function<void(size_t)>> eviction_callback;
+
+  // I/O submission (bounded by queue_depth) and completion reaping.
+  std::mutex io_mutex;
+  std::condition_variable io_cv;
+  size_t io_in_flight = 0;
+  std::deque<Piece*> io_pending;
+  bool stopping = false;
+  std::thread reaper;
+
+  // Verify / decode workers.
+  std::mutex job_mutex;
+  std::condition_variable job_cv;
+  std::deque<std::function<void()>> jobs;
+  bool jobs_stopping = false;
+  std::vector<std::thread> workers;
+
+  Impl(std::shared_ptr<const StoreReader> store_in, std::span<std::byte> arena_in, Config config_in,
+       std::unique_ptr<IoBackend> backend_in, std::unique_ptr<Transfer> transfer_in)
+      : store(std::move(store_in)),
+        manifest(store->manifest()),
+        arena(arena_in),
+        config(validated(config_in)),
+        backend(std::move(backend_in)),
+        transfer(transfer_in ? std::move(transfer_in) : make_host_transfer()),
+        stats(manifest.blocks.size()),
+        residency(block_sizes(manifest), arena.size(),
+                  config.budget_bytes == 0 ? arena.size() : std::min<uint64_t>(config.budget_bytes, arena.size()),
+                  plan_for(config.memory_pressure)),
+        prefetcher(config.prefetch, manifest.blocks.size(), plan_for(config.memory_pressure).max_lookahead),
+        loads(manifest.blocks.size()),
+        acquired_at_ns(manifest.blocks.size(), 0),
+        prefetched_pending(manifest.blocks.size(), 0) {
+    if (!backend) {
+      BackendOptions options;
+      options.kind = config.backend;
+      options.num_threads = config.num_io_threads;
+      options.queue_depth = config.queue_depth;
+      backend = make_backend(options, &fallback_reason);
+    }
+    zero_copy = backend->caps().zero_copy_views && transfer->host_addressable_slots();
+    open_direct_fd();
+    reaper = std::thread([this] { reap_loop(); });
+    for (uint32_t i = 0; i < config.num_io_threads; ++i) workers.emplace_back([this] { work_loop(); });
+  }
+
+  ~Impl() {
+    std::deque<Piece*> cancelled;
+    {
+      std::lock_guard lock(io_mutex);
+      stopping = true;
+      cancelled.swap(io_pending);
+    }
+    // Reads not yet handed to the backend are cancelled; those in flight complete normally.
+    for (Piece* piece : cancelled) {
+      piece->load->set_error(std::make_exception_ptr(IoError(store->data_path(), ECANCELED, "read (engine shutting down)")));
+      piece_finished(piece);
+    }
+    io_cv.notify_all();
+    if (reaper.joinable()) reaper.join();
+    {
+      std::lock_guard lock(job_mutex);
+      jobs_stopping = true;
+    }
+    job_cv.notify_all();
+    for (auto& worker : workers) worker.join();
+  }
+
+  static Config validated(const Config& config) {
+    config.validate();
+    return config;
+  }
+
+  static std::vector<uint64_t> block_sizes(const Manifest& manifest) {
+    std::vector<uint64_t> sizes;
+    sizes.reserve(manifest.blocks.size());
+    for (const BlockRecord& block : manifest.blocks) sizes.push_back(std::max<uint64_t>(block.slot_size, kBlockAlignment));
+    return sizes;
+  }
+
+  void open_direct_fd() {
+    if (config.direct_io == DirectIoMode::kOff || zero_copy || !transfer->host_addressable_slots()) return;
+    // Direct reads land in slots, which are 4 KiB aligned relative to the arena: the arena itself must be too.
+    if (reinterpret_cast<uintptr_t>(arena.data()) % kDirectIoAlignment != 0) return;
+    if (!direct_io_supported(store->data_path().c_str())) return;
+    const int fd = ::open(store->data_path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd >= 0) direct_fd = UniqueFd(fd);
+  }
+
+  // ---- acquiring ------------------------------------------------------------------------------------------------
+
+  Ticket acquire(Engine* engine, size_t block) {
+    check_block(block);
+    std::vector<Piece*> to_submit;
+    Ticket ticket;
+    ticket.block_ = block;
+    ticket.engine_ = engine;
+    std::unique_lock lock(mutex);
+    const auto deadline = std::chrono::steady_clock::now() + kNoRoomTimeout;
+    for (;;) {
+      ResidencyManager::Decision decision = residency.acquire(block);
+      const bool prefetched = prefetched_pending[block] != 0;
+      if (decision.action == ResidencyManager::Action::kNoRoom) {
+        const uint64_t seen = progress;
+        if (!room_cv.wait_until(lock, deadline, [&] { return progress != seen; })) {
+          throw ConfigError("budget", "no slot for block '" + manifest.blocks[block].name +
+                                          "' within 60 s: every slot is pinned; release blocks or raise the budget");
+        }
+        continue;
+      }
+      acquired_at_ns[block] = now_ns();
+      prefetched_pending[block] = 0;
+      std::vector<size_t> evicted = std::move(decision.evicted);
+      switch (decision.action) {
+        case ResidencyManager::Action::kHit:
+          ticket.data_ = slot_span(block);
+          stats.on_acquire(block, /*hit=*/true, prefetched);
+          break;
+        case ResidencyManager::Action::kInFlight:
+          ticket.load_ = loads[block];
+          ticket.data_ = ticket.load_->data;
+          stats.on_acquire(block, /*hit=*/false, prefetched);
+          break;
+        case ResidencyManager::Action::kLoad:
+          ticket.load_ = start_load(block, decision.slot_offset, /*prefetched=*/false, to_submit);
+          ticket.data_ = ticket.load_->data;
+          stats.on_acquire(block, /*hit=*/false, /*prefetched=*/false);
+          break;
+        case ResidencyManager::Action::kNoRoom:
+          break;
+      }
+      lock.unlock();
+      if (!to_submit.empty()) submit(to_submit);
+      handle_evictions(evicted);
+      run_prefetcher(block);
+      return ticket;
+    }
+  }
+
+  void release(size_t block) {
+    check_block(block);
+    uint64_t started = 0;
+    std::vector<size_t> evicted;  // non-empty only when the budget shrank below what pinned blocks held
+    {
+      std::lock_guard lock(mutex);
+      started = acquired_at_ns[block];
+      evicted = residency.release(block);
+      ++progress;
+    }
+    room_cv.notify_all();
+    handle_evictions(evicted);
+    if (started != 0) prefetcher.on_compute_time(block, now_ns() - started);
+  }
+
+  void prefetch(size_t block) {
+    check_block(block);
+    std::vector<size_t> evicted;
+    std::vector<Piece*> to_submit;
+    {
+      std::lock_guard lock(mutex);
+      ResidencyManager::Decision decision = residency.prefetch(block);
+      if (decision.action == ResidencyManager::Action::kLoad) {
+        prefetched_pending[block] = 1;
+        (void)start_load(block, decision.slot_offset, /*prefetched=*/true, to_submit);
+        stats.on_prefetch_issued();
+      }
+      evicted = std::move(decision.evicted);
+    }
+    if (!to_submit.empty()) submit(to_submit);
+    handle_evictions(evicted);
+  }
+
+  void run_prefetcher(size_t block) {
+    const std::vector<size_t> ahead = prefetcher.on_access(block);
+    if (!order_given.load() && prefetcher.order_known() && !order_given.exchange(true)) {
+      residency.set_order(prefetcher.learned_order());
+    }
+    for (size_t next : ahead) {
+      if (residency.state(next) != BlockState::kOnDisk) continue;
+      prefetch(next);
+      if (residency.state(next) == BlockState::kOnDisk) break;  // no room: further blocks would not fit either
+    }
+  }
+
+  void handle_evictions(const std::vector<size_t>& evicted) {
+    if (evicted.empty()) return;
+    std::shared_ptr<const std::function<void(size_t)>> callback;
+    {
+      std::lock_guard lock(mutex);
+      callback = eviction_callback;
+    }
+    for (size_t block : evicted) {
+      stats.on_eviction(block);
+      if (zero_copy) {
+        const BlockRecord& record = manifest.blocks[block];
+        backend->dont_need(store->data_fd(), record.offset, record.slot_size);
+      }
+      if (callback && *callback) (*callback)(block);
+    }
+  }
+
+  void check_block(size_t block) const {
+    if (block >= manifest.blocks.size()) {
+      throw ConfigError("block", "index " + std::to_string(block) + " out of range (" +
+                                     std::to_string(manifest.blocks.size()) + " blocks)");
+    }
+  }
+
+  std::span<std::byte> slot_span(size_t block) {
+    const BlockRecord& record = manifest.blocks[block];
+    if (zero_copy && record.all_raw) {
+      const auto view = backend->view(store->data_fd(), record.offset, record.slot_size);
+      return {const_cast<std::byte*>(view.data()), view.size()};  // copy-on-write private mapping
+    }
+    const auto offset = residency.slot_offset(block);
+    return arena.subspan(offset.value_or(0), record.slot_size);
+  }
+
+  // ---- loading --------------------------------------------------------------------------------------------------
+
+  // Called with `mutex` held. Creates the load and returns it; its reads go to `to_submit`, which the caller
+  // submits after unlocking (a submit may finish a load, which takes `mutex`).
+  std::shared_ptr<LoadState> start_load(size_t block, uint64_t slot_offset, bool prefetched,
+                                        std::vector<Piece*>& to_submit) {
+    const BlockRecord& record = manifest.blocks[block];
+    auto load = std::make_shared<LoadState>();
+    load->block = block;
+    load->prefetched = prefetched;
+    load->start_ns = now_ns();
+    loads[block] = load;
+
+    if (zero_copy && record.all_raw) {
+      const auto view = backend->view(store->data_fd(), record.offset, record.slot_size);
+      load->data = {const_cast<std::byte*>(view.data()), view.size()};
+      backend->will_need(store->data_fd(), record.offset, record.slot_size);
+      // No read: the mapping is the slot. Verification touches (and so faults in) every page.
+      load->units_left = 1;  // the verification phase, as after region reads
+      schedule_region_verification(load);
+      return load;
+    }
+    load->data = arena.subspan(slot_offset, record.slot_size);
+
+    std::vector<Piece*> pieces;
+    if (record.all_raw && transfer->host_addressable_slots()) {
+      // The file region is the slot layout: read it in chunk-sized, 4 KiB aligned pieces straight into the slot.
+      const uint64_t length = align_up(record.end - record.offset, kBlockAlignment);
+      const bool direct = direct_fd && should_read_direct(config.direct_io, store->data_fd(), record.offset, length);
+      const int fd = direct ? direct_fd.get() : store->data_fd();
+      for (uint64_t done = 0; done < length; done += manifest.chunk_size) {
+        auto* piece = new Piece;
+        piece->load = load;
+        piece->kind = Piece::Kind::kRegion;
+        const uint64_t size = std::min<uint64_t>(manifest.chunk_size, length - done);
+        piece->request = ReadRequest{fd, record.offset + done, load->data.subspan(done, size), 0};
+        pieces.push_back(piece);
+      }
+      load->reads_left = pieces.size();
+      load->units_left = 1;  // the verification phase that follows the reads
+    } else {
+      for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
+        const TensorRecord& tensor = manifest.tensors[t];
+        for (size_t c = 0; c < tensor.chunk_count; ++c) {
+          const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + c];
+          auto* piece = new Piece;
+          piece->load = load;
+          piece->kind = Piece::Kind::kChunk;
+          piece->tensor = t;
+          piece->chunk = c;
+          std::span<std::byte> target;
+          if (chunk.codec == Codec::kRaw && transfer->host_addressable_slots()) {
+            target = load->data.subspan(tensor.slot_offset + c * manifest.chunk_size, chunk.stored_size);
+          } else {
+            piece->staging.resize(chunk.stored_size);
+            target = piece->staging;
+          }
+          piece->request = ReadRequest{store->data_fd(), chunk.offset, target, 0};
+          pieces.push_back(piece);
+        }
+      }
+      load->units_left = pieces.size();
+    }
+    if (pieces.empty()) {
+      load->units_left = 1;
+      enqueue_job([this, load] { unit_finished(load); });  // a block of empty tensors is ready at once
+      return load;
+    }
+    for (Piece* piece : pieces) piece->request.user_data = reinterpret_cast<uint64_t>(piece);
+    to_submit.insert(to_submit.end(), pieces.begin(), pieces.end());
+    return load;
+  }
+
+  void submit(const std::vector<Piece*>& pieces) {
+    std::vector<ReadRequest> batch;
+    std::vector<Piece*> cancelled;
+    {
+      std::lock_guard lock(io_mutex);
+      for (Piece* piece : pieces) {
+        if (stopping) {
+          cancelled.push_back(piece);
+          continue;
+        }
+        if (io_in_flight < config.queue_depth) {
+          if (io_in_flight == 0) stats.on_io_started(now_ns());
+          ++io_in_flight;
+          batch.push_back(piece->request);
+        } else {
+          io_pending.push_back(piece);
+        }
+      }
+      if (!batch.empty()) backend->submit(batch);
+    }
+    io_cv.notify_all();
+    for (Piece* piece : cancelled) {
+      piece->load->set_error(std::make_exception_ptr(IoError(store->data_path(), ECANCELED, "read (engine shutting down)")));
+      piece_finished(piece);
+    }
+  }
+
+  void reap_loop() {
+    std::vector<Completion> completions(64);
+    for (;;) {
+      {
+        std::unique_lock lock(io_mutex);
+        io_cv.wait(lock, [&] { return io_in_flight > 0 || stopping; });
+        if (io_in_flight == 0 && stopping) return;
+      }
+      const size_t count = backend->reap(completions, /*wait=*/true);
+      for (size_t i = 0; i < count; ++i) {
+        Piece* piece = reinterpret_cast<Piece*>(completions[i].user_data);
+        std::vector<ReadRequest> next;
+        {
+          std::lock_guard lock(io_mutex);
+          --io_in_flight;
+          if (!io_pending.empty() && !stopping) {
+            ++io_in_flight;
+            next.push_back(io_pending.front()->request);
+            io_pending.pop_front();
+            backend->submit(next);
+          }
+          if (io_in_flight == 0) stats.on_io_idle(now_ns());
+        }
+        on_read_complete(piece, completions[i].result);
+      }
+      if (count > 0) io_cv.notify_all();
+    }
+  }
+
+  void on_read_complete(Piece* piece, int64_t result) {
+    const std::shared_ptr<LoadState> load = piece->load;
+    const uint64_t expected = piece->request.buffer.size();
+    if (result < 0 || static_cast<uint64_t>(result) != expected) {
+      const int err = result < 0 ? static_cast<int>(-result) : EIO;
+      std::string what = "read of block '" + manifest.blocks[load->block].name + "' at offset " +
+                         std::to_string(piece->request.offset);
+      if (piece->kind == Piece::Kind::kChunk) what += " (tensor '" + manifest.tensors[piece->tensor].name + "')";
+      if (err == ENODATA) what += " (unexpected end of file)";
+      load->set_error(std::make_exception_ptr(IoError(store->data_path(), err, what)));
+      stats.on_io_error();
+      piece_finished(piece);
+      return;
+    }
+    load->stored_bytes += expected;
+    if (piece->kind == Piece::Kind::kRegion) {
+      const bool last = load->reads_left.fetch_sub(1) == 1;
+      delete piece;
+      if (last) schedule_region_verification(load);
+      return;
+    }
+    enqueue_job([this, piece] { process_chunk(piece); });
+  }
+
+  // A read that ends without a verification job (error or cancellation).
+  void piece_finished(Piece* piece) {
+    const std::shared_ptr<LoadState> load = piece->load;
+    const bool region = piece->kind == Piece::Kind::kRegion;
+    delete piece;
+    if (region) {
+      if (load->reads_left.fetch_sub(1) == 1) unit_finished(load);
+    } else {
+      unit_finished(load);
+    }
+  }
+
+  // Verifies every chunk of an all-raw block in place, one job per chunk so workers share the work.
+  void schedule_region_verification(const std::shared_ptr<LoadState>& load) {
+    const BlockRecord& record = manifest.blocks[load->block];
+    if (load->failed() || !config.verify_checksums) {
+      if (!load->failed()) load->decoded_bytes += record.end - record.offset;
+      unit_finished(load);
+      return;
+    }
+    size_t chunk_count = 0;
+    for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
+      chunk_count += manifest.tensors[t].chunk_count;
+    }
+    if (chunk_count == 0) {
+      unit_finished(load);
+      return;
+    }
+    // units_left currently counts this phase as 1; replace it with one unit per chunk.
+    load->units_left += chunk_count - 1;
+    for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
+      const TensorRecord& tensor = manifest.tensors[t];
+      for (size_t c = 0; c < tensor.chunk_count; ++c) {
+        enqueue_job([this, load, t, c] {
+          const ChunkRecord& chunk = manifest.chunks[manifest.tensors[t].first_chunk + c];
+          const uint64_t begin = chunk.offset - manifest.blocks[load->block].offset;
+          try {
+            if (!load->failed()) store->check_chunk(t, c, load->data.subspan(begin, chunk.stored_size));
+            load->decoded_bytes += chunk.raw_size;
+          } catch (const CorruptionError&) {
+            stats.on_checksum_failure();
+            load->set_error(std::current_exception());
+          } catch (...) {
+            load->set_error(std::current_exception());
+          }
+          unit_finished(load);
+        });
+      }
+    }
+  }
+
+  void process_chunk(Piece* piece) {
+    const std::shared_ptr<LoadState> load = piece->load;
+    try {
+      if (!load->failed()) {
+        const TensorRecord& tensor = manifest.tensors[piece->tensor];
+        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + piece->chunk];
+        const std::span<const std::byte> stored = piece->request.buffer;
+        if (config.verify_checksums) store->check_chunk(piece->tensor, piece->chunk, stored);
+        const uint64_t slot_offset = tensor.slot_offset + piece->chunk * manifest.chunk_size;
+        if (transfer->host_addressable_slots()) {
+          if (chunk.codec != Codec::kRaw) {
+            thread_local std::vector<std::byte> scratch;
+            store->decode_chunk(piece->tensor, piece->chunk, stored, load->data.subspan(slot_offset, chunk.raw_size),
+                                scratch);
+          }
+        } else {
+          thread_local std::vector<std::byte> decoded;
+          thread_local std::vector<std::byte> scratch;
+          std::span<const std::byte> bytes = stored;
+          if (chunk.codec != Codec::kRaw) {
+            decoded.resize(chunk.raw_size);
+            store->decode_chunk(piece->tensor, piece->chunk, stored, decoded, scratch);
+            bytes = decoded;
+          }
+          transfer->copy_to_slot(bytes, load->data, slot_offset);
+        }
+        load->decoded_bytes += chunk.raw_size;
+      }
+    } catch (const CorruptionError&) {
+      stats.on_checksum_failure();
+      load->set_error(std::current_exception());
+    } catch (...) {
+      load->set_error(std::current_exception());
+    }
+    delete piece;
+    unit_finished(load);
+  }
+
+  void unit_finished(const std::shared_ptr<LoadState>& load) {
+    if (load->units_left.fetch_sub(1) != 1) return;
+    finish_load(load);
+  }
+
+  void finish_load(const std::shared_ptr<LoadState>& load) {
+    bool ok = !load->failed();
+    if (ok && !transfer->host_addressable_slots()) {
+      try {
+        transfer->finish_slot(load->data);
+      } catch (...) {
+        load->set_error(std::current_exception());
+        ok = false;
+      }
+    }
+    const uint64_t elapsed = now_ns() - load->start_ns;
+    // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
+    if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);
+    std::vector<size_t> evicted;
+    {
+      std::lock_guard lock(mutex);
+      evicted = residency.load_finished(load->block, ok);
+      if (loads[load->block] == load) loads[load->block] = nullptr;
+      if (!ok) prefetched_pending[load->block] = 0;
+      ++progress;
+    }
+    if (ok) prefetcher.on_load_time(load->block, elapsed);
+    {
+      std::lock_guard lock(load->mutex);
+      load->done = true;
+    }
+    load->done_cv.notify_all();
+    room_cv.notify_all();
+    handle_evictions(evicted);
+  }
+
+  // ---- workers --------------------------------------------------------------------------------------------------
+
+  void enqueue_job(std::function<void()> job) {
+    {
+      std::lock_guard lock(job_mutex);
+      jobs.push_back(std::move(job));
+    }
+    job_cv.notify_one();
+  }
+
+  void work_loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock lock(job_mutex);
+        job_cv.wait(lock, [&] { return !jobs.empty() || jobs_stopping; });
+        if (jobs.empty()) return;  // stopping, and nothing left to finish
+        job = std::move(jobs.front());
+        jobs.pop_front();
+      }
+      job();  // never throws: jobs record errors in their load
+    }
+  }
+};
+
+// ---- Ticket -------------------------------------------------------------------------------------------------------
+
+void Ticket::wait() const {
+  if (!load_) return;
+  std::unique_lock lock(load_->mutex);
+  if (!load_->done) {
+    const uint64_t start = now_ns();
+    load_->done_cv.wait(lock, [&] { return load_->done; });
+    if (engine_ != nullptr) engine_->impl_->stats.on_wait(block_, now_ns() - start);
+  }
+  if (load_->error) std::rethrow_exception(load_->error);
+}
+
+bool Ticket::ready() const {
+  if (!load_) return true;
+  std::lock_guard lock(load_->mutex);
+  return load_->done;
+}
+
+// ---- Engine -------------------------------------------------------------------------------------------------------
+
+Engine::Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> arena, Config config,
+               std::unique_ptr<IoBackend> backend, std::unique_ptr<Transfer> transfer)
+    : impl_(std::make_unique<Impl>(std::move(store), arena, config, std::move(backend), std::move(transfer))) {}
+
+Engine::~Engine() = default;
+
+Ticket Engine::acquire(size_t block) { return impl_->acquire(this, block); }
+void Engine::release(size_t block) { impl_->release(block); }
+void Engine::prefetch(size_t block) { impl_->prefetch(block); }
+
+void Engine::set_budget(uint64_t budget_bytes) {
+  std::vector<size_t> evicted;
+  {
+    std::lock_guard lock(impl_->mutex);
+    evicted = impl_->residency.set_budget(std::min<uint64_t>(budget_bytes, impl_->arena.size()));
+    ++impl_->progress;
+  }
+  impl_->room_cv.notify_all();
+  impl_->handle_evictions(evicted);
+}
+
+uint64_t Engine::budget_bytes() const { return impl_->residency.budget_bytes(); }
+StatsSnapshot Engine::stats() const {
+  StatsSnapshot snapshot = impl_->stats.snapshot();
+  // Gauges come from the residency manager itself, never from a cached copy that a slower thread could overwrite.
+  snapshot.resident_bytes = impl_->residency.resident_bytes();
+  snapshot.in_flight_bytes = impl_->residency.in_flight_bytes();
+  return snapshot;
+}
+void Engine::reset_stats() { impl_->stats.reset(); }
+
+void Engine::set_eviction_callback(std::function<void(size_t)> callback) {
+  auto shared = std::make_shared<const std::function<void(size_t)>>(std::move(callback));
+  std::lock_guard lock(impl_->mutex);
+  impl_->eviction_callback.swap(shared);
+}
+
+const StoreReader& Engine::store() const noexcept { return *impl_->store; }
+const Config& Engine::config() const noexcept { return impl_->config; }
+std::string Engine::backend_name() const { return impl_->backend->caps().name; }
+const std::string& Engine::backend_fallback_reason() const noexcept { return impl_->fallback_reason; }
+std::vector<size_t> Engine::learned_order() const { return impl_->prefetcher.learned_order(); }
+uint32_t Engine::lookahead() const { return impl_->prefetcher.lookahead(); }
+uint64_t Engine::static_bytes() const { return impl_->residency.static_bytes(); }
+
+}  // namespace tensorstream

@@ -1,0 +1,186 @@
+#include "io/mmap_backend.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace tensorstream::detail {
+namespace {
+
+struct Mapping {
+  std::byte* base = nullptr;
+  uint64_t size = 0;  // bytes of the file mapped (its size when mapped)
+  dev_t dev = 0;      // identity of the file: a descriptor number may be closed and reused for another file
+  ino_t ino = 0;
+};
+
+uint64_t page_size() {
+  static const uint64_t size = [] {
+    const long value = ::sysconf(_SC_PAGESIZE);
+    return value > 0 ? static_cast<uint64_t>(value) : uint64_t{4096};
+  }();
+  return size;
+}
+
+// Thread-safety: see mmap_backend.hpp. maps_mutex_ guards the mappings; done_mutex_ the completion queue (so a
+// copy in submit() never holds a lock another submitter needs).
+class MmapBackend final : public IoBackend {
+ public:
+  MmapBackend() = default;
+  ~MmapBackend() override {
+    for (const auto& [fd, mapping] : mappings_) ::munmap(mapping.base, mapping.size);
+    for (const Mapping& mapping : retired_) ::munmap(mapping.base, mapping.size);
+  }
+  MmapBackend(const MmapBackend&) = delete;
+  MmapBackend& operator=(const MmapBackend&) = delete;
+
+  // The copy happens here, on the caller's thread: a page fault on the mapping is the only "I/O" there is.
+  void submit(std::span<const ReadRequest> requests) override {
+    std::vector<Completion> finished;
+    finished.reserve(requests.size());
+    for (const ReadRequest& request : requests) {
+      int64_t result = static_cast<int64_t>(request.buffer.size());
+      if (!request.buffer.empty()) {
+        const std::byte* source = nullptr;
+        const int error = locate(request.fd, request.offset, request.buffer.size(), &source);
+        if (error != 0) {
+          result = -error;
+        } else {
+          std::memcpy(request.buffer.data(), source, request.buffer.size());
+        }
+      }
+      finished.push_back(Completion{request.user_data, result});
+    }
+    const std::lock_guard lock(done_mutex_);
+    done_.insert(done_.end(), finished.begin(), finished.end());
+    in_flight_.fetch_add(finished.size(), std::memory_order_relaxed);
+  }
+
+  // Every completion is ready as soon as submit() returns, so waiting never blocks.
+  size_t reap(std::span<Completion> out, bool /*wait*/) override {
+    const std::lock_guard lock(done_mutex_);
+    const size_t n = std::min(out.size(), done_.size());
+    for (size_t i = 0; i < n; ++i) {
+      out[i] = done_.front();
+      done_.pop_front();
+    }
+    in_flight_.fetch_sub(n, std::memory_order_relaxed);
+    return n;
+  }
+
+  [[nodiscard]] size_t in_flight() const override { return in_flight_.load(std::memory_order_relaxed); }
+
+  // max_in_flight 0: submit() completes every read itself, there is no concurrency to bound.
+  [[nodiscard]] BackendCaps caps() const override { return BackendCaps{"mmap", true, 0}; }
+
+  // Empty when the range lies beyond the file or the file cannot be mapped (length 0 is always empty).
+  [[nodiscard]] std::span<const std::byte> view(int fd, uint64_t offset, uint64_t length) override {
+    if (length == 0) return {};
+    const std::byte* source = nullptr;
+    if (locate(fd, offset, length, &source) != 0) return {};
+    return {source, static_cast<size_t>(length)};
+  }
+
+  void will_need(int fd, uint64_t offset, uint64_t length) override {
+    if (length == 0) return;
+    const std::byte* source = nullptr;
+    if (locate(fd, offset, length, &source) != 0) {
+      IoBackend::will_need(fd, offset, length);  // not mappable: the page cache hint still helps a read
+      return;
+    }
+    advise(source, length, MADV_WILLNEED);
+  }
+
+  // MADV_DONTNEED on a private mapping drops our page-table entries (and any copy-on-write pages a caller wrote
+  // into a view: those revert to the file's bytes). The page cache itself is left to the kernel.
+  void dont_need(int fd, uint64_t offset, uint64_t length) override {
+    if (length == 0) return;
+    const std::byte* source = nullptr;
+    if (lookup_only(fd, offset, length, &source)) {
+      advise(source, length, MADV_DONTNEED);
+    } else {
+      IoBackend::dont_need(fd, offset, length);  // never mapped: nothing of ours to drop, hint the page cache
+    }
+  }
+
+ private:
+  static void advise(const std::byte* address, uint64_t length, int advice) {
+    const uint64_t page = page_size();
+    const auto start = reinterpret_cast<uintptr_t>(address);
+    const uintptr_t aligned_start = start & ~(page - 1);
+    const uintptr_t aligned_end = (start + length + page - 1) & ~(page - 1);
+    // The mapping is page-aligned and whole pages, so rounding outward stays inside it. The result is a hint:
+    // a failure changes nothing a caller relies on.
+    (void)::madvise(reinterpret_cast<void*>(aligned_start), aligned_end - aligned_start, advice);
+  }
+
+  // Points *source at the mapped bytes of [offset, offset+length) of fd's file, mapping it (again) if needed.
+  // Returns 0 or an errno: ENODATA beyond the current end of the file, else what fstat/mmap said.
+  int locate(int fd, uint64_t offset, uint64_t length, const std::byte** source) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno;
+    const auto file_size = static_cast<uint64_t>(st.st_size);
+    // Checked now, before touching the mapping: pages past the end of the file raise SIGBUS when read.
+    if (offset > file_size || length > file_size - offset) return ENODATA;
+    const std::lock_guard lock(maps_mutex_);
+    auto it = mappings_.find(fd);
+    if (it != mappings_.end()) {
+      const Mapping& mapping = it->second;
+      const bool same_file = mapping.dev == st.st_dev && mapping.ino == st.st_ino;
+      if (same_file && offset + length <= mapping.size) {
+        *source = mapping.base + offset;
+        return 0;
+      }
+      // Another file behind a reused descriptor, or the file grew: map again. Views of the old mapping may
+      // still be in use, so it stays mapped until destruction.
+      retired_.push_back(mapping);
+      mappings_.erase(it);
+    }
+    if (file_size == 0) return ENODATA;  // mmap refuses empty files; only length 0 could have fit (handled)
+    if (file_size > SIZE_MAX) return EFBIG;
+    void* base = ::mmap(nullptr, static_cast<size_t>(file_size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (base == MAP_FAILED) return errno;
+    const Mapping mapping{static_cast<std::byte*>(base), file_size, st.st_dev, st.st_ino};
+    mappings_.emplace(fd, mapping);
+    *source = mapping.base + offset;
+    return 0;
+  }
+
+  // Like locate() without creating a mapping; false when the range is not mapped for this file.
+  bool lookup_only(int fd, uint64_t offset, uint64_t length, const std::byte** source) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return false;
+    const std::lock_guard lock(maps_mutex_);
+    const auto it = mappings_.find(fd);
+    if (it == mappings_.end()) return false;
+    const Mapping& mapping = it->second;
+    if (mapping.dev != st.st_dev || mapping.ino != st.st_ino) return false;
+    if (offset > mapping.size || length > mapping.size - offset) return false;
+    *source = mapping.base + offset;
+    return true;
+  }
+
+  std::mutex maps_mutex_;
+  std::unordered_map<int, Mapping> mappings_;
+  std::vector<Mapping> retired_;
+
+  std::mutex done_mutex_;
+  std::deque<Completion> done_;
+  std::atomic<size_t> in_flight_{0};
+};
+
+}  // namespace
+
+std::unique_ptr<IoBackend> make_mmap_backend() { return std::make_unique<MmapBackend>(); }
+
+}  // namespace tensorstream::detail

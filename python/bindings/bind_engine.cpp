@@ -1,0 +1,187 @@
+// The streaming engine. The arena is memory Python owns (a torch tensor) passed as (address, size); blocking calls
+// (acquire, wait, engine construction and destruction) release the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+
+#include "bindings.hpp"
+#include "tensorstream/config.hpp"
+#include "tensorstream/engine/engine.hpp"
+#include "tensorstream/error.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace tensorstream::bindings {
+
+namespace {
+template <typename Enum>
+Enum parse_choice(const std::string& field, const std::string& text, Enum first, Enum last,
+                  std::string_view (*name)(Enum) noexcept) {
+  std::string allowed;
+  for (int i = static_cast<int>(first); i <= static_cast<int>(last); ++i) {
+    const auto value = static_cast<Enum>(i);
+    if (name(value) == text) return value;
+    allowed += (allowed.empty() ? "" : ", ") + std::string(name(value));
+  }
+  throw ConfigError(field, "'" + text + "' is not one of: " + allowed);
+}
+
+Config make_config(const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
+                   uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
+                   const std::string& memory_pressure, bool verify_checksums) {
+  Config config;
+  config.backend = parse_choice("backend", backend, BackendKind::kAuto, BackendKind::kMmap, backend_name);
+  config.direct_io = parse_choice("direct_io", direct_io, DirectIoMode::kAuto, DirectIoMode::kOff, direct_io_name);
+  config.num_io_threads = num_io_threads;
+  config.queue_depth = queue_depth;
+  config.budget_bytes = budget_bytes;
+  config.prefetch = parse_choice("prefetch_strategy", prefetch, PrefetchStrategy::kNone, PrefetchStrategy::kAdaptive,
+                                 prefetch_name);
+  config.memory_pressure = parse_choice("memory_pressure_mode", memory_pressure, MemoryPressureMode::kConservative,
+                                        MemoryPressureMode::kAggressive, pressure_name);
+  config.verify_checksums = verify_checksums;
+  config.validate();
+  return config;
+}
+
+nb::dict config_dict(const Config& config) {
+  nb::dict out;
+  out["backend"] = std::string(backend_name(config.backend));
+  out["direct_io"] = std::string(direct_io_name(config.direct_io));
+  out["num_io_threads"] = config.num_io_threads;
+  out["queue_depth"] = config.queue_depth;
+  out["budget_bytes"] = config.budget_bytes;
+  out["prefetch_strategy"] = std::string(prefetch_name(config.prefetch));
+  out["memory_pressure_mode"] = std::string(pressure_name(config.memory_pressure));
+  out["verify_checksums"] = config.verify_checksums;
+  return out;
+}
+
+nb::dict stats_dict(const StatsSnapshot& s) {
+  nb::dict out;
+  out["bytes_read"] = s.bytes_read;
+  out["bytes_delivered"] = s.bytes_delivered;
+  out["acquires"] = s.acquires;
+  out["hits"] = s.hits;
+  out["misses"] = s.misses;
+  out["prefetch_hits"] = s.prefetch_hits;
+  out["prefetches_issued"] = s.prefetches_issued;
+  out["evictions"] = s.evictions;
+  out["checksum_failures"] = s.checksum_failures;
+  out["io_errors"] = s.io_errors;
+  out["wait_ns"] = s.wait_ns;
+  out["io_busy_ns"] = s.io_busy_ns;
+  out["resident_bytes"] = s.resident_bytes;
+  out["in_flight_bytes"] = s.in_flight_bytes;
+  out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
+  out["hit_rate"] = s.hit_rate();
+  nb::list blocks;
+  for (const BlockStatsSnapshot& b : s.blocks) {
+    nb::dict entry;
+    entry["loads"] = b.loads;
+    entry["hits"] = b.hits;
+    entry["prefetch_hits"] = b.prefetch_hits;
+    entry["evictions"] = b.evictions;
+    entry["bytes_read"] = b.bytes_read;
+    entry["wait_ns"] = b.wait_ns;
+    entry["load_ns"] = b.load_ns;
+    blocks.append(entry);
+  }
+  out["blocks"] = blocks;
+  return out;
+}
+
+// Python handle: owns the engine and the reader it streams from.
+struct PyEngine {
+  std::unique_ptr<Engine> engine;
+};
+}  // namespace
+
+void bind_engine(nb::module_& m) {
+  m.def("config_from_env", [] { return config_dict(Config::from_env()); },
+        "The engine defaults overridden by the TENSORSTREAM_* environment variables (strictly parsed).");
+  m.def("validate_config", [](const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
+                              uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
+                              const std::string& memory_pressure, bool verify_checksums) {
+    return config_dict(make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
+                                   memory_pressure, verify_checksums));
+  });
+  m.def("io_uring_available", [] {
+    std::string reason;
+    const bool available = io_uring_available(&reason);
+    return nb::make_tuple(available, reason);
+  });
+
+  nb::class_<Ticket>(m, "Ticket")
+      .def_prop_ro("block", &Ticket::block)
+      .def_prop_ro("ready", &Ticket::ready)
+      .def_prop_ro("address", [](const Ticket& t) { return reinterpret_cast<uintptr_t>(t.data().data()); })
+      .def_prop_ro("nbytes", [](const Ticket& t) { return t.data().size(); })
+      .def("wait", &Ticket::wait, nb::call_guard<nb::gil_scoped_release>());
+
+  nb::class_<PyEngine>(m, "Engine")
+      .def(
+          "__init__",
+          [](PyEngine* self, const StorageDirectory& storage, const std::string& model_id, uintptr_t arena_address,
+             size_t arena_bytes, const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
+             uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
+             const std::string& memory_pressure, bool verify_checksums) {
+            const Config config = make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
+                                              memory_pressure, verify_checksums);
+            if (arena_address == 0) throw ConfigError("arena", "null arena address");
+            nb::gil_scoped_release release;
+            auto reader = std::make_shared<const StoreReader>(StoreReader::open(storage, model_id));
+            new (self) PyEngine{std::make_unique<Engine>(
+                std::move(reader), std::span(reinterpret_cast<std::byte*>(arena_address), arena_bytes), config)};
+          },
+          "storage"_a, "model_id"_a, "arena_address"_a, "arena_bytes"_a, "backend"_a = "auto",
+          "direct_io"_a = "auto", "num_io_threads"_a = 4, "queue_depth"_a = 32, "budget_bytes"_a = 0,
+          "prefetch_strategy"_a = "adaptive", "memory_pressure_mode"_a = "balanced", "verify_checksums"_a = true)
+      .def("close",
+           [](PyEngine& e) {
+             nb::gil_scoped_release release;
+             e.engine.reset();
+           })
+      .def("acquire",
+           [](PyEngine& e, size_t block) {
+             if (!e.engine) throw ConfigError("engine", "closed");
+             nb::gil_scoped_release release;
+             return e.engine->acquire(block);
+           })
+      .def("release",
+           [](PyEngine& e, size_t block) {
+             if (!e.engine) throw ConfigError("engine", "closed");
+             nb::gil_scoped_release release;
+             e.engine->release(block);
+           })
+      .def("prefetch",
+           [](PyEngine& e, size_t block) {
+             if (!e.engine) throw ConfigError("engine", "closed");
+             nb::gil_scoped_release release;
+             e.engine->prefetch(block);
+           })
+      .def("set_budget",
+           [](PyEngine& e, uint64_t bytes) {
+             nb::gil_scoped_release release;
+             e.engine->set_budget(bytes);
+           })
+      .def_prop_ro("budget_bytes", [](const PyEngine& e) { return e.engine->budget_bytes(); })
+      .def_prop_ro("static_bytes", [](const PyEngine& e) { return e.engine->static_bytes(); })
+      .def("stats", [](const PyEngine& e) { return stats_dict(e.engine->stats()); })
+      .def("reset_stats", [](PyEngine& e) { e.engine->reset_stats(); })
+      .def("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
+      .def_prop_ro("backend_name", [](const PyEngine& e) { return e.engine->backend_name(); })
+      .def_prop_ro("backend_fallback_reason", [](const PyEngine& e) { return e.engine->backend_fallback_reason(); })
+      .def("learned_order", [](const PyEngine& e) { return e.engine->learned_order(); })
+      .def_prop_ro("lookahead", [](const PyEngine& e) { return e.engine->lookahead(); })
+      .def("set_eviction_callback", [](PyEngine& e, std::function<void(size_t)> callback) {
+        // Called on engine threads without engine locks; nanobind's function caster takes the GIL for the call.
+        e.engine->set_eviction_callback(std::move(callback));
+      });
+}
+
+}  // namespace tensorstream::bindings
