@@ -1,0 +1,166 @@
+"""User configuration: the deployment guide's ``tensorstream.Config`` and its enums.
+
+Every field is validated when the config is created and when it is used (fields may be assigned afterwards, as
+in the guide: ``config.backend = BackendType.MMAP``); an invalid value raises ``ConfigError`` naming the field and
+the allowed values. ``TENSORSTREAM_STORAGE_PATH`` and ``TENSORSTREAM_VRAM_BUDGET`` fill ``storage_path`` and
+``vram_budget_gb`` when they are not given; the engine-level variables (docs/configuration.md) are parsed by the
+C++ core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from typing import Any, Dict, Optional
+
+from .errors import ConfigError
+
+
+class BackendType(str, enum.Enum):
+    """How weights reach the execution device.
+
+    AUTO picks io_uring when the kernel allows it, else a pread thread pool. PREAD and IO_URING force one of them.
+    MMAP maps the store for CPU execution (zero-copy views of uncompressed blocks). CUDA streams into GPU memory
+    through pinned staging buffers; GPUDIRECT reads storage straight into GPU memory with cuFile. The two GPU kinds
+    need the GPU transfer stage, which this build does not have yet: choosing them raises ConfigError.
+    """
+
+    AUTO = "auto"
+    PREAD = "pread"
+    IO_URING = "io_uring"
+    MMAP = "mmap"
+    CUDA = "cuda"
+    GPUDIRECT = "gpudirect"
+
+
+class PrefetchStrategy(str, enum.Enum):
+    """What to load ahead of use: nothing, the next layer(s), or a learned order with a measured lookahead."""
+
+    NONE = "none"
+    NEXT_LAYER = "next_layer"
+    ADAPTIVE = "adaptive"
+
+
+MEMORY_PRESSURE_MODES = ("conservative", "balanced", "aggressive")
+GPU_BACKENDS = (BackendType.CUDA, BackendType.GPUDIRECT)
+MAX_IO_THREADS = 64
+
+
+def _env_budget() -> Optional[float]:
+    text = os.environ.get("TENSORSTREAM_VRAM_BUDGET")
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"invalid TENSORSTREAM_VRAM_BUDGET: {text!r} is not a number of gigabytes",
+                          field="TENSORSTREAM_VRAM_BUDGET") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"invalid TENSORSTREAM_VRAM_BUDGET: {text!r} must be a positive number of gigabytes",
+                          field="TENSORSTREAM_VRAM_BUDGET")
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """TensorStream settings (the deployment guide's fields).
+
+    storage_path: directory of the store (many models; content-addressed). Default: TENSORSTREAM_STORAGE_PATH.
+    vram_budget_gb: gigabytes (1e9 bytes) of streamed weights held on the execution device at once, resident and in
+        flight (activations and KV cache are outside it). Default: TENSORSTREAM_VRAM_BUDGET, else a quarter of the
+        streamed weights (at least one block).
+    backend: a BackendType (or its value as a string).
+    prefetch_strategy: a PrefetchStrategy (or its value).
+    compression_enabled / compression_level: store chunks compressed (1-3 lz4, 4-9 zstd; see docs/format.md §5).
+    num_io_threads: 1..64 workers that read, verify and decode.
+    memory_pressure_mode: "conservative", "balanced" or "aggressive" (docs/configuration.md).
+    verify_checksums: verify every chunk's checksum on every load.
+    debug_mode: log per-block timings to the ``tensorstream`` logger.
+    min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
+    """
+
+    storage_path: Optional[str] = None
+    vram_budget_gb: Optional[float] = None
+    backend: BackendType = BackendType.AUTO
+    prefetch_strategy: PrefetchStrategy = PrefetchStrategy.ADAPTIVE
+    compression_enabled: bool = False
+    compression_level: int = 5
+    num_io_threads: int = 4
+    memory_pressure_mode: str = "balanced"
+    verify_checksums: bool = True
+    debug_mode: bool = False
+    min_layer_size: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.storage_path is None:
+            self.storage_path = os.environ.get("TENSORSTREAM_STORAGE_PATH") or None
+        if self.vram_budget_gb is None:
+            self.vram_budget_gb = _env_budget()
+        self.validate()
+
+    def validate(self) -> "Config":
+        """Checks every field (and normalizes enum strings); raises ConfigError naming the first bad one."""
+        if self.storage_path is None or str(self.storage_path) == "":
+            raise ConfigError("invalid storage_path: not set (pass storage_path= or set TENSORSTREAM_STORAGE_PATH)",
+                              field="storage_path")
+        self.storage_path = os.fspath(self.storage_path)
+        if self.vram_budget_gb is not None:
+            if isinstance(self.vram_budget_gb, bool) or not isinstance(self.vram_budget_gb, (int, float)) \
+                    or not math.isfinite(self.vram_budget_gb) or self.vram_budget_gb <= 0:
+                raise ConfigError(f"invalid vram_budget_gb: {self.vram_budget_gb!r} must be a positive number of "
+                                  "gigabytes (or None for the default)", field="vram_budget_gb")
+        self.backend = _enum_field("backend", BackendType, self.backend)
+        self.prefetch_strategy = _enum_field("prefetch_strategy", PrefetchStrategy, self.prefetch_strategy)
+        _bool_field("compression_enabled", self.compression_enabled)
+        _int_field("compression_level", self.compression_level, 1, 9)
+        _int_field("num_io_threads", self.num_io_threads, 1, MAX_IO_THREADS)
+        if self.memory_pressure_mode not in MEMORY_PRESSURE_MODES:
+            raise ConfigError(f"invalid memory_pressure_mode: {self.memory_pressure_mode!r} is not one of "
+                              f"{', '.join(MEMORY_PRESSURE_MODES)}", field="memory_pressure_mode")
+        _bool_field("verify_checksums", self.verify_checksums)
+        _bool_field("debug_mode", self.debug_mode)
+        _int_field("min_layer_size", self.min_layer_size, 0, 1 << 62)
+        return self
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        return None if self.vram_budget_gb is None else int(self.vram_budget_gb * 1e9)
+
+    @property
+    def store_compression_level(self) -> int:
+        """The compression level the store is written with (0 when compression is off)."""
+        return self.compression_level if self.compression_enabled else 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["backend"] = self.backend.value
+        out["prefetch_strategy"] = self.prefetch_strategy.value
+        return out
+
+
+def _enum_field(name: str, enum_type: type, value: Any) -> Any:
+    try:
+        return enum_type(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(f"{enum_type.__name__}.{member.name}" for member in enum_type)
+        raise ConfigError(f"invalid {name}: {value!r} is not one of {allowed}", field=name) from None
+
+
+def _bool_field(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"invalid {name}: {value!r} must be True or False", field=name)
+
+
+def _int_field(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"invalid {name}: {value!r} must be an integer in {low}..{high}", field=name)
+
+
+def create_default_config(storage_path: Optional[str] = None) -> Config:
+    """A Config with the defaults for ``storage_path`` (or TENSORSTREAM_STORAGE_PATH)."""
+    return Config(storage_path=os.fspath(storage_path) if storage_path is not None else None)
+
+
+__all__ = ["Config", "BackendType", "PrefetchStrategy", "create_default_config", "MEMORY_PRESSURE_MODES"]

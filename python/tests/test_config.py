@@ -1,0 +1,71 @@
+"""tensorstream.Config: the guide's fields, defaults, environment variables, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+import tensorstream as ts
+from tensorstream.config import BackendType, Config, PrefetchStrategy, create_default_config
+
+
+def test_guide_examples_construct(tmp_path):
+    high = Config(storage_path=str(tmp_path), vram_budget_gb=16.0, backend=BackendType.GPUDIRECT,
+                  prefetch_strategy=PrefetchStrategy.ADAPTIVE, compression_enabled=True, compression_level=6,
+                  num_io_threads=8, memory_pressure_mode="aggressive", verify_checksums=True, debug_mode=False)
+    assert high.budget_bytes == 16_000_000_000 and high.store_compression_level == 6
+    low = Config(storage_path=str(tmp_path), vram_budget_gb=6.0, backend=BackendType.CUDA,
+                 prefetch_strategy=PrefetchStrategy.NONE, compression_enabled=True, compression_level=9,
+                 num_io_threads=4, memory_pressure_mode="conservative", min_layer_size=4 * 1024 * 1024)
+    assert low.min_layer_size == 4 * 1024 * 1024
+    config = create_default_config(tmp_path)
+    config.backend = BackendType.MMAP  # the guide assigns fields after construction
+    config.prefetch_strategy = "next_layer"
+    assert config.validate().prefetch_strategy is PrefetchStrategy.NEXT_LAYER
+    assert config.store_compression_level == 0  # compression is off unless enabled
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vram_budget_gb", 0), ("vram_budget_gb", -1.0), ("vram_budget_gb", float("nan")), ("vram_budget_gb", "12"),
+    ("backend", "gpudirect2"), ("prefetch_strategy", "sometimes"), ("compression_level", 0),
+    ("compression_level", 10), ("compression_level", 5.0), ("num_io_threads", 0), ("num_io_threads", 65),
+    ("memory_pressure_mode", "relaxed"), ("verify_checksums", "yes"), ("debug_mode", 1), ("min_layer_size", -1),
+    ("compression_enabled", None),
+])
+def test_bad_values_name_the_field(tmp_path, field, value):
+    with pytest.raises(ts.ConfigError) as caught:
+        Config(storage_path=str(tmp_path), **{field: value})
+    assert caught.value.field == field
+    assert field in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_assignment_is_checked_on_validate(tmp_path):
+    config = Config(storage_path=str(tmp_path))
+    config.num_io_threads = 1000
+    with pytest.raises(ts.ConfigError) as caught:
+        config.validate()
+    assert caught.value.field == "num_io_threads"
+
+
+def test_environment_fills_path_and_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORSTREAM_STORAGE_PATH", str(tmp_path))
+    monkeypatch.setenv("TENSORSTREAM_VRAM_BUDGET", "12.0")
+    config = Config()
+    assert config.storage_path == str(tmp_path) and config.vram_budget_gb == 12.0
+    assert Config(vram_budget_gb=2.0).vram_budget_gb == 2.0  # explicit values win
+    monkeypatch.setenv("TENSORSTREAM_VRAM_BUDGET", "twelve")
+    with pytest.raises(ts.ConfigError) as caught:
+        Config()
+    assert caught.value.field == "TENSORSTREAM_VRAM_BUDGET"
+
+
+def test_storage_path_is_required(monkeypatch):
+    monkeypatch.delenv("TENSORSTREAM_STORAGE_PATH", raising=False)
+    with pytest.raises(ts.ConfigError) as caught:
+        Config()
+    assert caught.value.field == "storage_path" and "TENSORSTREAM_STORAGE_PATH" in str(caught.value)
+
+
+def test_to_dict_round_trips(tmp_path):
+    config = Config(storage_path=str(tmp_path), backend="mmap")
+    assert Config(**config.to_dict()) == config
