@@ -256,12 +256,14 @@ TEST_F(EngineTest, CyclicPassesReadExactlyWhatThePolicyPromises) {
       if (prefetch == PrefetchStrategy::kNone) {
         for (int pass = 0; pass < passes; ++pass) EXPECT_EQ(measured[pass], promised[pass]) << where << " pass " << pass;
       }
-      // With prefetch, a block of pass p+1 may be read during pass p, so single passes shift by a block or two;
-      // what is read over the steady-state passes together is bounded the same way.
+      // With prefetch, blocks of pass p+1 are read during pass p, up to the lookahead: a window of passes can hold
+      // that many reads that belong to the pass after it (more when the adaptive lookahead grows at a boundary),
+      // and miss as many that were done before it. Beyond that slack the same bounds hold.
+      const uint64_t slack = plan_for(MemoryPressureMode::kBalanced).max_lookahead;
       uint64_t steady = 0;
       for (int pass = 2; pass < passes; ++pass) steady += measured[pass];
-      EXPECT_LE(steady, upper * (passes - 2)) << where;
-      EXPECT_GE(steady, lower * (passes - 2)) << where;
+      EXPECT_LE(steady, upper * (passes - 2) + slack) << where;
+      EXPECT_GE(steady + slack, lower * (passes - 2)) << where;
     }
   }
 }
