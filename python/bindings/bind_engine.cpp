@@ -98,6 +98,18 @@ nb::dict stats_dict(const StatsSnapshot& s) {
 // Python handle: owns the engine and the reader it streams from.
 struct PyEngine {
   std::unique_ptr<Engine> engine;
+
+  ~PyEngine() {
+    // Joining engine threads may wait for one that needs the GIL (an eviction callback): never hold it here.
+    if (engine) {
+      nb::gil_scoped_release release;
+      engine.reset();
+    }
+  }
+  Engine& get() {
+    if (!engine) throw ConfigError("engine", "the engine was closed");
+    return *engine;
+  }
 };
 }  // namespace
 
@@ -148,39 +160,41 @@ void bind_engine(nb::module_& m) {
            })
       .def("acquire",
            [](PyEngine& e, size_t block) {
-             if (!e.engine) throw ConfigError("engine", "closed");
+             Engine& engine = e.get();
              nb::gil_scoped_release release;
-             return e.engine->acquire(block);
+             return engine.acquire(block);
            })
       .def("release",
            [](PyEngine& e, size_t block) {
-             if (!e.engine) throw ConfigError("engine", "closed");
+             Engine& engine = e.get();
              nb::gil_scoped_release release;
-             e.engine->release(block);
+             engine.release(block);
            })
       .def("prefetch",
            [](PyEngine& e, size_t block) {
-             if (!e.engine) throw ConfigError("engine", "closed");
+             Engine& engine = e.get();
              nb::gil_scoped_release release;
-             e.engine->prefetch(block);
+             engine.prefetch(block);
            })
       .def("set_budget",
            [](PyEngine& e, uint64_t bytes) {
+             Engine& engine = e.get();
              nb::gil_scoped_release release;
-             e.engine->set_budget(bytes);
+             engine.set_budget(bytes);
            })
-      .def_prop_ro("budget_bytes", [](const PyEngine& e) { return e.engine->budget_bytes(); })
-      .def_prop_ro("static_bytes", [](const PyEngine& e) { return e.engine->static_bytes(); })
-      .def("stats", [](const PyEngine& e) { return stats_dict(e.engine->stats()); })
-      .def("reset_stats", [](PyEngine& e) { e.engine->reset_stats(); })
-      .def("config", [](const PyEngine& e) { return config_dict(e.engine->config()); })
-      .def_prop_ro("backend_name", [](const PyEngine& e) { return e.engine->backend_name(); })
-      .def_prop_ro("backend_fallback_reason", [](const PyEngine& e) { return e.engine->backend_fallback_reason(); })
-      .def("learned_order", [](const PyEngine& e) { return e.engine->learned_order(); })
-      .def_prop_ro("lookahead", [](const PyEngine& e) { return e.engine->lookahead(); })
+      .def_prop_ro("closed", [](const PyEngine& e) { return !e.engine; })
+      .def_prop_ro("budget_bytes", [](PyEngine& e) { return e.get().budget_bytes(); })
+      .def_prop_ro("static_bytes", [](PyEngine& e) { return e.get().static_bytes(); })
+      .def("stats", [](PyEngine& e) { return stats_dict(e.get().stats()); })
+      .def("reset_stats", [](PyEngine& e) { e.get().reset_stats(); })
+      .def("config", [](PyEngine& e) { return config_dict(e.get().config()); })
+      .def_prop_ro("backend_name", [](PyEngine& e) { return e.get().backend_name(); })
+      .def_prop_ro("backend_fallback_reason", [](PyEngine& e) { return e.get().backend_fallback_reason(); })
+      .def("learned_order", [](PyEngine& e) { return e.get().learned_order(); })
+      .def_prop_ro("lookahead", [](PyEngine& e) { return e.get().lookahead(); })
       .def("set_eviction_callback", [](PyEngine& e, std::function<void(size_t)> callback) {
         // Called on engine threads without engine locks; nanobind's function caster takes the GIL for the call.
-        e.engine->set_eviction_callback(std::move(callback));
+        e.get().set_eviction_callback(std::move(callback));
       });
 }
 

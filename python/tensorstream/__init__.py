@@ -14,6 +14,8 @@ from .maintenance import (BadChunk, CleanupReport, DefragReport, ModelDefrag, Mo
                           VerifyReport, cleanup_orphaned_files, defragment_storage, read_execution_order,
                           record_execution_order, verify_storage_integrity)
 from .store import ModelStore, SaveResult, Storage, fingerprint, open_model, write_model  # noqa: F401
+from .config import BackendType, Config, PrefetchStrategy, create_default_config  # noqa: F401
+from .torch import get_model_statistics, offload, optimize_memory_usage  # noqa: F401
 
 __all__ = [
     "__version__",
@@ -25,4 +27,7 @@ __all__ = [
     "verify_storage_integrity", "cleanup_orphaned_files", "defragment_storage", "record_execution_order",
     "read_execution_order", "VerifyReport", "ModelVerification", "BadChunk", "CleanupReport", "DefragReport",
     "ModelDefrag",
+    # configuration and PyTorch offloading
+    "Config", "BackendType", "PrefetchStrategy", "create_default_config", "offload", "get_model_statistics",
+    "optimize_memory_usage",
 ]

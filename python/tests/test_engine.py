@@ -195,3 +195,45 @@ def test_learned_order_and_lookahead_are_exposed(tmp_path):
     assert engine.learned_order() == [2, 0, 1, 3]
     assert engine.lookahead >= 1
     assert engine.backend_name == "pread"
+
+
+def test_closed_engine_refuses_every_call(tmp_path):
+    write_layers(tmp_path, 2)
+    _raw, arena = aligned_arena(sum(slot_bytes(tmp_path)))
+    engine = make_engine(tmp_path, arena)
+    engine.close()
+    assert engine.closed
+    for call in (lambda: engine.stats(), lambda: engine.budget_bytes, lambda: engine.set_budget(1 << 20),
+                 lambda: engine.learned_order(), lambda: engine.acquire(0), lambda: engine.backend_name):
+        with pytest.raises(ts.ConfigError):
+            call()
+
+
+def test_failing_eviction_callback_is_reported_not_fatal(tmp_path, capfd):
+    write_layers(tmp_path, 6)
+    slot = slot_bytes(tmp_path)[0]
+    _raw, arena = aligned_arena(slot * 3)
+    engine = make_engine(tmp_path, arena, prefetch_strategy="adaptive")
+
+    def explode(block):
+        raise RuntimeError(f"callback failure for {block}")
+
+    engine.set_eviction_callback(explode)
+    for _ in range(2):
+        for index in range(6):
+            engine.acquire(index).wait()
+            engine.release(index)
+    assert engine.stats()["evictions"] > 0
+    assert "eviction callback failed" in capfd.readouterr().err
+    engine.close()
+
+
+def test_mmap_counts_the_bytes_it_faults_in(tmp_path):
+    write_layers(tmp_path, 3)
+    _raw, arena = aligned_arena(sum(slot_bytes(tmp_path)))
+    engine = make_engine(tmp_path, arena, backend="mmap", prefetch_strategy="none")
+    for index in range(3):
+        engine.acquire(index).wait()
+        engine.release(index)
+    assert engine.stats()["bytes_read"] > 0
+    engine.close()

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -291,7 +292,16 @@ struct Engine::Impl {
         const BlockRecord& record = manifest.blocks[block];
         backend->dont_need(store->data_fd(), record.offset, record.slot_size);
       }
-      if (callback && *callback) (*callback)(block);
+      if (callback && *callback) {
+        // Runs on engine threads too, where nothing may throw: a failing callback is reported, not propagated.
+        try {
+          (*callback)(block);
+        } catch (const std::exception& error) {
+          std::fprintf(stderr, "tensorstream: eviction callback failed for block %zu: %s\n", block, error.what());
+        } catch (...) {
+          std::fprintf(stderr, "tensorstream: eviction callback failed for block %zu\n", block);
+        }
+      }
     }
   }
 
@@ -328,6 +338,7 @@ struct Engine::Impl {
     if (zero_copy && record.all_raw) {
       const auto view = backend->view(store->data_fd(), record.offset, record.slot_size);
       load->data = {const_cast<std::byte*>(view.data()), view.size()};
+      load->stored_bytes += record.end - record.offset;  // read by page faults while verifying
       backend->will_need(store->data_fd(), record.offset, record.slot_size);
       // No read: the mapping is the slot. Verification touches (and so faults in) every page.
       load->units_left = 1;  // the verification phase, as after region reads

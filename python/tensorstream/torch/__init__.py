@@ -1,0 +1,115 @@
+"""PyTorch integration: ``offload``, ``get_model_statistics``, ``optimize_memory_usage``.
+
+``torch`` is imported when one of these functions is first called, so ``import tensorstream`` works without it.
+Implementation: partition.py (model -> blocks), arena.py (memory and budget), hooks.py (acquire / bind / release /
+evict), offload.py (the steps below, statistics, budget tuning, cleanup).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..config import Config
+
+__all__ = ["offload", "get_model_statistics", "optimize_memory_usage"]
+
+
+def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None) -> "nn.Module":
+    """Streams ``model``'s weights from ``config.storage_path`` from now on; returns the same model object.
+
+    Steps (nothing about the model changes until the last one, so if any step fails, the error propagates and the
+    model is left exactly as it was, still usable):
+
+    1. **Partition** into blocks: every child of an outermost ``nn.ModuleList`` / ``nn.Sequential`` with parameters
+       (the transformer layers), and the other parameter-holding modules, on their own or grouped until they reach
+       ``config.min_layer_size`` bytes. Modules that share a parameter (tied embeddings and ``lm_head``) share a
+       block. Blocks below ``min_layer_size`` stay *resident* (never streamed); ``min_layer_size=0`` streams every
+       module with parameters. Buffers always stay resident.
+    2. **Store** the streamed blocks once in ``config.storage_path`` (``model_id=None``: a content fingerprint, so
+       offloading the same weights again writes nothing), compressed when ``config.compression_enabled``. Store
+       files are a cache: they are kept after ``cleanup_tensorstream()``; ``cleanup_orphaned_files`` and
+       ``Storage(path).remove(model_id)`` remove them.
+    3. **Budget**: ``config.vram_budget_gb``, else a quarter of the streamed bytes; raised (with a WARNING on the
+       ``tensorstream`` logger) to what the engine needs: the largest block, or the largest set of blocks one
+       forward pass pins at once; lowered to the streamed blocks' total when it asks for more (nothing more could
+       be used). The arena (host memory, allocated lazily) holds that budget; ``get_model_statistics`` reports it.
+    4. **Hooks** pin a block while its modules run and bind its parameters to zero-copy views of the block's slot.
+       Between uses, streamed parameters hold memory-less placeholders of the right dtype and shape (NaN-filled), so
+       ``model.parameters()``, ``.dtype``, shapes, ``state_dict()`` keys and ``model.to("cpu")`` keep working; the
+       streamed bytes are released (RSS drops by about that much). The *values* of streamed parameters outside a
+       forward are placeholders (or views of a slot that may be reused): to save or inspect the weights, read them
+       from the store (``tensorstream.open_model``) or call ``cleanup_tensorstream()`` first.
+
+    Outputs are bit-identical to the plain model's. Forward calls from several threads at once are safe. Errors:
+    ConfigError (naming the field) for bad settings, and for ``BackendType.CUDA`` / ``GPUDIRECT`` (the GPU transfer
+    stage is not in this build: CPU execution only for now); IoError when the store cannot be written; a forward whose
+    block fails to load raises CorruptionError / IoError naming the tensor and cause (never wrong output).
+
+    Not supported on an offloaded model: changing its dtype or device (``model.half()``, ``model.to("cuda")``: the
+    next forward raises ConfigError), training, ``copy.deepcopy``. A parameter used outside its module's forward
+    (code reading ``module.weight`` of a module it does not call) sees the NaN placeholder. A module's output that is
+    a *view* of one of its own weights (rather than a computed tensor) would alias a slot the engine reuses.
+
+    Concurrency: each thread pins the blocks it runs independently; the budget is sized for one thread's needs, so
+    threads may wait for one another's blocks. If a module with parameters of its own calls children that stream
+    separately (nested blocks), several threads nesting at once at the minimum budget can exhaust it; the engine then
+    raises ConfigError (field ``budget``) after 60 s instead of hanging. Give such models a larger budget.
+
+    The model gains ``model.cleanup_tensorstream()``: it reads the streamed weights back from the store into
+    ordinary memory, removes every hook and closes the engine; the model is then a plain model again (and may be
+    offloaded again). Do not call it while another thread runs the model.
+    """
+    from .offload import offload as _offload
+
+    return _offload(model, config, model_id=model_id)
+
+
+def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, Any]:
+    """Runtime statistics of an offloaded model (counters since offload, or since the last ``reset=True`` call).
+
+    The deployment guide's keys:
+
+    * ``vram_usage_bytes``: weight bytes held now on the execution device: streamed blocks resident or in flight
+      (slot bytes) plus the resident (never streamed) parameters.
+    * ``vram_utilization``: streamed bytes held / ``budget_bytes`` (0..1).
+    * ``cache_hit_rate``: block acquires that found the block resident / all acquires (one acquire per use of a
+      block by a forward pass).
+    * ``io_throughput_mbps``: ``bytes_read`` per second of I/O busy time, in MB/s (1e6 bytes).
+
+    More: ``bytes_read`` (from storage, as stored), ``bytes_delivered`` (decoded into slots), ``stall_time_s`` (time
+    forward passes waited for blocks), ``prefetch_hit_rate`` (acquires served by a prefetch / acquires),
+    ``acquires``, ``hits``, ``misses``, ``prefetch_hits``, ``prefetches_issued``, ``evictions``,
+    ``checksum_failures``, ``io_errors``, ``held_bytes`` (streamed resident + in flight), ``in_flight_bytes``,
+    ``streamed_resident_bytes``, ``static_bytes`` (the engine's static resident set), ``lookahead``,
+    ``streamed_blocks`` / ``resident_blocks`` (counts), ``streamed_bytes`` / ``resident_bytes`` (parameter bytes),
+    ``budget_bytes`` (effective), ``requested_budget_bytes`` (from the config, None for the default),
+    ``arena_bytes``, ``backend`` (the I/O backend in use), ``model_id``, ``storage_path``, and ``blocks``: block name
+    -> ``{loads, hits, prefetch_hits, evictions, bytes_read, wait_s, load_s, bytes, slot_bytes}``.
+
+    ``reset=True`` returns the counters and then sets them to zero. Raises ConfigError for a model that is not
+    offloaded.
+    """
+    from .offload import get_model_statistics as _stats
+
+    return _stats(model, reset=reset)
+
+
+def optimize_memory_usage(model: "nn.Module", target_utilization: float = 0.8) -> Dict[str, Any]:
+    """Sets the engine's budget to ``target_utilization`` x the arena (the budget ceiling fixed at offload time).
+
+    ``target_utilization`` in (0, 1]: below 1 shrinks the set of blocks kept resident (unpinned blocks beyond the new
+    budget are evicted at once, pinned ones when released), 1 grows it back to the whole arena. The budget never
+    goes below what the engine needs (the ``minimum_budget_bytes`` of the result). Outputs stay bit-identical at any
+    budget; only the bytes read per pass change. To go beyond the arena, offload again with a larger
+    ``vram_budget_gb``.
+
+    Returns ``{old_budget_bytes, new_budget_bytes, arena_bytes, minimum_budget_bytes, target_utilization,
+    evicted_blocks, held_bytes_before, held_bytes_after, clamped}``. Raises ConfigError (field
+    ``target_utilization``) for a value outside (0, 1], or for a model that is not offloaded.
+    """
+    from .offload import optimize_memory_usage as _optimize
+
+    return _optimize(model, target_utilization)

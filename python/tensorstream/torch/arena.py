@@ -1,0 +1,107 @@
+"""The arena: the memory the engine streams blocks into, owned by PyTorch, and how big it is.
+
+The arena is one ``uint8`` CPU tensor, 4 KiB aligned (O_DIRECT reads land in it straight from storage). PyTorch
+allocates it lazily (``torch.empty``): pages become resident only when a block is first loaded into them.
+
+Budget (bytes of streamed weights held at once, resident plus in flight; DESIGN.md §6):
+
+* ``config.vram_budget_gb`` when set, else :data:`DEFAULT_BUDGET_FRACTION` (a quarter) of the streamed bytes;
+* never above the streamed blocks' slot bytes all together (more could never be used; the arena would only reserve
+  address space);
+* never below what the engine needs to make progress: the largest set of blocks one thread keeps pinned at once
+  (for most models the largest block; see ``Partition.pinned_chains``). A smaller request is raised to that and a
+  WARNING is logged on the ``tensorstream`` logger. Prefetches never pin, so the streaming ring of the residency
+  presets (docs/configuration.md) does not need to fit: with less, the engine simply prefetches less.
+
+The arena holds exactly the budget, plus slack when one thread pins several blocks at once (one largest block per
+extra nesting level, so a block always finds a contiguous slot however the pinned ones are placed). The arena is
+the ceiling ``optimize_memory_usage`` can grow the budget back to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+ALIGNMENT = 4096
+DEFAULT_BUDGET_FRACTION = 0.25
+
+__all__ = ["Arena", "BudgetPlan", "plan_budget", "external_bytes", "ALIGNMENT", "DEFAULT_BUDGET_FRACTION"]
+
+
+def align_up(value: int, alignment: int = ALIGNMENT) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def slot_bytes(slot_size: int) -> int:
+    """Bytes a block takes in the arena, as the engine counts them (at least one 4 KiB page)."""
+    return max(align_up(slot_size), ALIGNMENT)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    requested_bytes: Optional[int]  # from the config (None: default)
+    default_bytes: int              # the default share of the streamed bytes
+    minimum_bytes: int              # what one thread may hold pinned at once
+    budget_bytes: int               # effective budget handed to the engine
+    arena_bytes: int
+    raised: bool                    # the requested (or default) budget was below the minimum
+    capped: bool                    # the requested budget exceeded every streamed block together: lowered to that
+
+
+def plan_budget(requested_bytes: Optional[int], slots: Sequence[int], chains: Iterable[Iterable[int]]) -> BudgetPlan:
+    """The effective budget and arena size for blocks of ``slots`` bytes (engine slot sizes, by block position) and
+    the sets of block positions one thread can hold pinned together (``chains``)."""
+    sizes = [slot_bytes(s) for s in slots]
+    total = sum(sizes)
+    largest = max(sizes, default=ALIGNMENT)
+    minimum = largest
+    depth = 1
+    for chain in chains:
+        members = list(chain)
+        minimum = max(minimum, sum(sizes[i] for i in members))
+        depth = max(depth, len(members))
+    default = align_up(max(int(total * DEFAULT_BUDGET_FRACTION), 1))
+    wanted = default if requested_bytes is None else requested_bytes
+    raised = wanted < minimum
+    capped = wanted > max(total, minimum)
+    budget = minimum if raised else min(wanted, max(total, minimum))
+    arena = align_up(budget + (depth - 1) * largest)
+    return BudgetPlan(requested_bytes, default, minimum, budget, arena, raised, capped)
+
+
+class Arena:
+    """``nbytes`` of 4 KiB aligned host memory in a uint8 tensor (allocated lazily by the OS)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = int(nbytes)
+        self._raw = torch.empty(self.nbytes + ALIGNMENT, dtype=torch.uint8)
+        offset = (-self._raw.data_ptr()) % ALIGNMENT
+        self.tensor = self._raw[offset:offset + self.nbytes]
+        self.address = self.tensor.data_ptr()
+
+    def contains(self, address: int, nbytes: int) -> bool:
+        return self.address <= address and address + nbytes <= self.address + self.nbytes
+
+    def bytes_at(self, address: int, nbytes: int) -> torch.Tensor:
+        """A uint8 view of ``nbytes`` at ``address`` inside the arena (shares the arena's storage)."""
+        start = address - self.address
+        return self.tensor[start:start + nbytes]
+
+
+def external_bytes(address: int, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over memory the engine provides outside the arena (the mmap backend's view of the file).
+
+    Zero-copy: the tensor aliases the mapping, which stays valid while the engine is open.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    buffer = (ctypes.c_uint8 * nbytes).from_address(address)
+    return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def slot_sizes(infos: List[dict]) -> List[int]:
+    return [slot_bytes(info["slot_size"]) for info in infos]

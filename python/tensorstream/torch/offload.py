@@ -1,0 +1,429 @@
+"""``offload``: stream a model's weights from a TensorStream store; statistics, budget tuning and cleanup.
+
+What ``offload(model, config)`` does, in order (nothing about the model changes until the last step, so a failure
+anywhere leaves it exactly as it was):
+
+1. validates the config (ConfigError naming the field; CUDA / GPUDIRECT are refused: this build executes on the
+   CPU only) and partitions the model (partition.py);
+2. writes the streamed blocks to ``config.storage_path`` once (content-addressed: the same weights with the same
+   block layout are never written twice), with ``config``'s compression;
+3. sizes the budget and allocates the arena (arena.py), opens the engine;
+4. installs the hooks (hooks.py) and replaces every streamed parameter's data by a memory-less placeholder, then
+   returns free memory to the OS (``malloc_trim``): the process's RSS drops by about the streamed bytes.
+
+The model object is returned (the same object) and gains ``model.cleanup_tensorstream()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import threading
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import _core
+from ..config import GPU_BACKENDS, Config
+from ..errors import ConfigError
+from ..store import fingerprint, open_model, write_model
+from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
+from .hooks import StreamBlock, StreamingRuntime
+from .partition import Partition, describe, partition_model
+
+logger = logging.getLogger("tensorstream")
+io_logger = logging.getLogger("tensorstream.io")
+
+STATE_ATTR = "_tensorstream_state"
+CLEANUP_ATTR = "cleanup_tensorstream"
+
+__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState"]
+
+
+# ---- state -------------------------------------------------------------------------------------------------------
+
+
+def _shutdown(engine: Any, arena_holder: List[Any]) -> None:
+    """Closes the engine (the GIL is released while its threads stop), then lets the arena go."""
+    try:
+        if engine is not None:
+            engine.close()
+    finally:
+        arena_holder.clear()
+
+
+class OffloadState:
+    """Everything TensorStream attached to one offloaded model (``model._tensorstream_state``)."""
+
+    def __init__(self, config: Config, partition: Partition, model_id: Optional[str], plan: Optional[BudgetPlan],
+                 arena: Optional[Arena], engine: Any, runtime: Optional[StreamingRuntime],
+                 block_slots: Dict[str, int], write_outcome: str) -> None:
+        self.config = config
+        self.partition = partition
+        self.model_id = model_id
+        self.storage_path = config.storage_path
+        self.plan = plan
+        self.arena = arena
+        self.engine = engine
+        self.runtime = runtime
+        self.block_slots = block_slots
+        self.write_outcome = write_outcome
+        self.closed = False
+        self.lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _shutdown, engine, [arena])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.runtime is not None:
+            self.runtime.closed = True
+        self._finalizer()  # engine.close(), then the arena may be freed
+        self.engine = None
+        self.arena = None
+
+
+def _state(model: Any) -> OffloadState:
+    state = getattr(model, STATE_ATTR, None) if isinstance(model, nn.Module) else None
+    if not isinstance(state, OffloadState) or state.closed:
+        raise ConfigError("this model is not offloaded by TensorStream (call tensorstream.offload(model, config))",
+                          field="model")
+    return state
+
+
+# ---- offload -----------------------------------------------------------------------------------------------------
+
+
+def _check_config(config: Any) -> Config:
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be a tensorstream.Config, got {type(config).__name__}", field="config")
+    config.validate()
+    if config.backend in GPU_BACKENDS:
+        raise ConfigError(f"invalid backend: {config.backend.name} needs the GPU transfer stage, which is not in this "
+                          "build (CPU execution only for now); use BackendType.AUTO, PREAD, IO_URING or MMAP",
+                          field="backend")
+    return config
+
+
+def _metadata(model: nn.Module, partition: Partition) -> Dict[str, str]:
+    cls = type(model)
+    out = {"tensorstream.model_class": f"{cls.__module__}.{cls.__qualname__}",
+           "tensorstream.torch_version": str(torch.__version__)}
+    hf_config = getattr(model, "config", None)
+    to_json = getattr(hf_config, "to_json_string", None)
+    if callable(to_json):
+        try:
+            out["tensorstream.hf_config"] = to_json()
+        except Exception:  # noqa: BLE001 - metadata is informative only
+            logger.debug("could not serialise the model's config", exc_info=True)
+    out["tensorstream.partition"] = json.dumps(
+        [{"name": b["name"], "kind": b["kind"], "modules": b["modules"]} for b in describe(partition) if b["streamed"]])
+    return out
+
+
+def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], model_id: Optional[str],
+                 metadata: Dict[str, str]) -> "tuple[str, str]":
+    """Writes (or finds) the model in the store; returns (model id, outcome).
+
+    The fingerprint (docs/format.md §6) covers block names, which tensors each block holds, their names, dtypes,
+    shapes and bytes: with ``model_id=None`` an existing model of that id is exactly these blocks. A *named* model
+    that already exists must have the same fingerprint, or it would stream other weights (ConfigError).
+    """
+    result = write_model(config.storage_path, blocks, model_id=model_id,
+                         compression_level=config.store_compression_level, metadata=metadata)
+    if result.outcome == "already_existed" and model_id is not None and result.fingerprint != fingerprint(blocks):
+        raise ConfigError(f"model id '{model_id}' already holds other weights (or the same weights in other blocks) "
+                          f"in {config.storage_path}; pass another model_id, or model_id=None for a content-addressed "
+                          "id", field="model_id")
+    return result.model_id, result.outcome
+
+
+def _malloc_trim() -> None:
+    """Returns freed heap memory to the OS (glibc keeps freed chunks otherwise, and RSS would not drop)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None) -> nn.Module:
+    """See :func:`tensorstream.offload`."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}", field="model")
+    config = _check_config(config)
+    existing = getattr(model, STATE_ATTR, None)
+    if isinstance(existing, OffloadState) and not existing.closed:
+        raise ConfigError("this model is already offloaded (call model.cleanup_tensorstream() before offloading it "
+                          "again)", field="model")
+    for name, param in model.named_parameters():
+        if param.device.type != "cpu":
+            raise ConfigError(f"parameter '{name}' is on {param.device}: offload() takes a model on the CPU (this "
+                              "build executes on the CPU only)", field="model")
+        if param.layout != torch.strided:
+            raise ConfigError(f"parameter '{name}' has layout {param.layout}: only dense parameters can be streamed",
+                              field="model")
+
+    partition = partition_model(model, config.min_layer_size)
+    streamed = partition.streamed
+    if config.debug_mode:
+        for entry in describe(partition):
+            logger.debug("block %s", json.dumps(entry))
+    if not streamed:
+        logger.warning("offload: no block of %s reaches min_layer_size=%d bytes; every parameter stays resident",
+                       type(model).__name__, config.min_layer_size)
+        state = OffloadState(config, partition, None, None, None, None, None, {}, "nothing_to_stream")
+        _attach(model, state)
+        return model
+
+    # 2. the store (nothing in the model has changed yet: a failure here leaves it as it was)
+    blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
+    stored_id, outcome = _write_store(config, blocks, model_id, _metadata(model, partition))
+    del blocks
+    with open_model(config.storage_path, stored_id) as store:
+        store_index = {name: i for i, name in enumerate(store.block_names())}
+        block_infos = {b.name: store.block_info(b.name) for b in streamed}
+        tensor_infos = {e.name: store.info(e.name) for b in streamed for e in b.params}
+
+    # 3. budget, arena, engine
+    slots = [block_infos[b.name]["slot_size"] for b in streamed]
+    position = {b.index: i for i, b in enumerate(streamed)}
+    chains = [[position[i] for i in chain] for chain in partition.pinned_chains(model)]
+    plan = plan_budget(config.budget_bytes, slots, chains)
+    if plan.raised:
+        wanted = "the default" if plan.requested_bytes is None else f"vram_budget_gb={config.vram_budget_gb}"
+        asked = plan.default_bytes if plan.requested_bytes is None else plan.requested_bytes
+        logger.warning("TensorStream budget raised from %d bytes (%s) to %d bytes: the engine needs room for the "
+                       "largest set of blocks one forward pass holds at once", asked, wanted, plan.budget_bytes)
+    arena = Arena(plan.arena_bytes)
+    storage = _core.StorageDirectory.open_existing(config.storage_path)
+    engine = _core.Engine(storage, stored_id, arena.address, arena.nbytes, backend=config.backend.value,
+                          num_io_threads=config.num_io_threads, budget_bytes=plan.budget_bytes,
+                          prefetch_strategy=config.prefetch_strategy.value,
+                          memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums)
+    try:
+        reason = engine.backend_fallback_reason
+        if reason:
+            level = logging.INFO if config.backend.value == "auto" else logging.WARNING
+            io_logger.log(level, "I/O backend %s (asked for %s): %s", engine.backend_name, config.backend.value, reason)
+        stream_blocks = []
+        for b in streamed:
+            tensors = []
+            for e in b.params:
+                info = tensor_infos[e.name]
+                tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
+            stream_blocks.append(StreamBlock(b, store_index[b.name], block_infos[b.name]["slot_size"], tensors))
+        runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
+        state = OffloadState(config, partition, stored_id, plan, arena, engine, runtime,
+                             {b.name: slot_bytes(block_infos[b.name]["slot_size"]) for b in streamed}, outcome)
+    except BaseException:
+        engine.close()
+        raise
+    # 4. commit: hooks, placeholders (the original tensors are freed here)
+    try:
+        runtime.install()
+    except BaseException:
+        state.close()
+        raise
+    _attach(model, state)
+    _malloc_trim()
+    logger.info("offloaded %s as '%s' (%s): %d blocks stream (%d bytes), %d resident (%d bytes); budget %d bytes, "
+                "backend %s", type(model).__name__, stored_id, outcome, len(streamed), partition.streamed_bytes,
+                len(partition.resident), partition.resident_bytes, plan.budget_bytes, engine.backend_name)
+    return model
+
+
+class _Cleanup:
+    """``model.cleanup_tensorstream()``: a callable that does not keep the model alive."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> None:
+        model = self._model()
+        if model is not None:
+            cleanup(model)
+
+    def __repr__(self) -> str:
+        return "<TensorStream cleanup: restore the weights into memory and close the engine>"
+
+
+def _attach(model: nn.Module, state: OffloadState) -> None:
+    object.__setattr__(model, STATE_ATTR, state)
+    object.__setattr__(model, CLEANUP_ATTR, _Cleanup(model))
+
+
+def _detach(model: nn.Module) -> None:
+    for attr in (STATE_ATTR, CLEANUP_ATTR):
+        if attr in model.__dict__:
+            object.__delattr__(model, attr)
+
+
+# ---- cleanup -----------------------------------------------------------------------------------------------------
+
+
+def cleanup(model: nn.Module) -> None:
+    """See ``model.cleanup_tensorstream()`` (documented in :func:`tensorstream.offload`)."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, OffloadState):
+        return
+    runtime = state.runtime
+    if state.closed or runtime is None:
+        state.close()
+        _detach(model)
+        return
+    # Read every streamed weight back first: if that fails (a corrupt store), the model stays offloaded and usable.
+    restored: Dict[int, torch.Tensor] = {}
+    with open_model(state.storage_path, state.model_id) as store:
+        for sb in runtime.blocks:
+            for e in sb.block.params:
+                if id(e.param) not in restored:
+                    restored[id(e.param)] = store.read(e.name, verify_checksums=state.config.verify_checksums)
+    _record_order(state)
+    runtime.remove_hooks()
+    with runtime.lock:
+        for sb in runtime.blocks:
+            for e in sb.block.params:
+                e.param.data = restored[id(e.param)]
+            sb.bound_address = None
+    state.close()
+    _detach(model)
+    logger.info("cleanup: %s restored into memory (%d bytes); store '%s' kept in %s", type(model).__name__,
+                state.partition.streamed_bytes, state.model_id, state.storage_path)
+
+
+def _record_order(state: OffloadState) -> None:
+    """Records the learned execution order as defragment_storage's hint (best effort)."""
+    try:
+        runtime = state.runtime
+        names: List[str] = []
+        seen = set()
+        for index in state.engine.learned_order():
+            sb = runtime.by_index.get(index)
+            if sb is not None and sb.name not in seen:
+                seen.add(sb.name)
+                names.append(sb.name)
+        if names:
+            from ..maintenance import record_execution_order
+
+            record_execution_order(state.storage_path, state.model_id, names)
+    except Exception:  # noqa: BLE001 - a hint only
+        logger.debug("could not record the execution order", exc_info=True)
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0
+
+
+def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any]:
+    """See :func:`tensorstream.get_model_statistics`."""
+    state = _state(model)
+    partition = state.partition
+    resident_weights = partition.resident_bytes
+    out: Dict[str, Any] = {
+        "model_id": state.model_id,
+        "storage_path": state.storage_path,
+        "backend": None,
+        "streamed_blocks": len(partition.streamed),
+        "resident_blocks": len(partition.resident),
+        "streamed_bytes": partition.streamed_bytes,
+        "resident_bytes": resident_weights,
+        "budget_bytes": 0,
+        "requested_budget_bytes": state.config.budget_bytes,
+        "arena_bytes": 0,
+    }
+    engine = state.engine
+    if engine is None:
+        out.update(vram_usage_bytes=resident_weights, vram_utilization=0.0, cache_hit_rate=0.0, io_throughput_mbps=0.0,
+                   bytes_read=0, bytes_delivered=0, stall_time_s=0.0, prefetch_hit_rate=0.0, acquires=0, hits=0,
+                   misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
+                   held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
+                   blocks={})
+        return out
+    s = engine.stats()
+    if reset:
+        engine.reset_stats()
+    held = s["resident_bytes"] + s["in_flight_bytes"]
+    budget = engine.budget_bytes
+    blocks: Dict[str, Dict[str, Any]] = {}
+    for sb in state.runtime.blocks:
+        counters = dict(s["blocks"][sb.index])
+        counters["bytes"] = sb.block.nbytes
+        counters["slot_bytes"] = state.block_slots[sb.name]
+        counters["wait_s"] = counters.pop("wait_ns") / 1e9
+        counters["load_s"] = counters.pop("load_ns") / 1e9
+        blocks[sb.name] = counters
+    out.update(
+        backend=engine.backend_name,
+        budget_bytes=budget,
+        arena_bytes=state.arena.nbytes if state.arena is not None else 0,
+        vram_usage_bytes=held + resident_weights,
+        vram_utilization=_ratio(held, budget),
+        cache_hit_rate=s["hit_rate"],
+        io_throughput_mbps=s["io_throughput_bytes_per_s"] / 1e6,
+        bytes_read=s["bytes_read"],
+        bytes_delivered=s["bytes_delivered"],
+        stall_time_s=s["wait_ns"] / 1e9,
+        prefetch_hit_rate=_ratio(s["prefetch_hits"], s["acquires"]),
+        acquires=s["acquires"],
+        hits=s["hits"],
+        misses=s["misses"],
+        prefetch_hits=s["prefetch_hits"],
+        prefetches_issued=s["prefetches_issued"],
+        evictions=s["evictions"],
+        checksum_failures=s["checksum_failures"],
+        io_errors=s["io_errors"],
+        held_bytes=held,
+        in_flight_bytes=s["in_flight_bytes"],
+        streamed_resident_bytes=s["resident_bytes"],
+        static_bytes=engine.static_bytes,
+        lookahead=engine.lookahead,
+        blocks=blocks,
+    )
+    return out
+
+
+# ---- budget ------------------------------------------------------------------------------------------------------
+
+
+def optimize_memory_usage(model: nn.Module, target_utilization: float = 0.8) -> Dict[str, Any]:
+    """See :func:`tensorstream.optimize_memory_usage`."""
+    if isinstance(target_utilization, bool) or not isinstance(target_utilization, (int, float)) \
+            or not 0.0 < float(target_utilization) <= 1.0:
+        raise ConfigError(f"invalid target_utilization: {target_utilization!r} must be a number in (0, 1]",
+                          field="target_utilization")
+    state = _state(model)
+    engine = state.engine
+    if engine is None:
+        return {"old_budget_bytes": 0, "new_budget_bytes": 0, "arena_bytes": 0, "minimum_budget_bytes": 0,
+                "target_utilization": float(target_utilization), "evicted_blocks": 0, "held_bytes_before": 0,
+                "held_bytes_after": 0, "clamped": False}
+    with state.lock:
+        arena_bytes = state.arena.nbytes
+        minimum = state.plan.minimum_bytes
+        wanted = int(float(target_utilization) * arena_bytes) // ALIGNMENT * ALIGNMENT
+        new_budget = min(max(wanted, minimum), arena_bytes)
+        before = engine.stats()
+        old_budget = engine.budget_bytes
+        engine.set_budget(new_budget)
+        after = engine.stats()
+    result = {
+        "old_budget_bytes": old_budget,
+        "new_budget_bytes": engine.budget_bytes,
+        "arena_bytes": arena_bytes,
+        "minimum_budget_bytes": minimum,
+        "target_utilization": float(target_utilization),
+        "evicted_blocks": after["evictions"] - before["evictions"],
+        "held_bytes_before": before["resident_bytes"] + before["in_flight_bytes"],
+        "held_bytes_after": after["resident_bytes"] + after["in_flight_bytes"],
+        "clamped": new_budget != wanted,
+    }
+    logger.info("optimize_memory_usage: budget %d -> %d bytes (arena %d), %d blocks evicted", old_budget,
+                result["new_budget_bytes"], arena_bytes, result["evicted_blocks"])
+    return result

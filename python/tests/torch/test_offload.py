@@ -1,0 +1,457 @@
+"""tensorstream.offload end to end: bit-identical outputs over the full grid (backend x compression x budget) on one
+model, dtypes, grad modes, sampling, statistics, budget tuning, cleanup, errors, concurrency and memory."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import pathlib
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tensorstream as ts  # noqa: E402
+from tensorstream.torch.offload import STATE_ATTR  # noqa: E402
+
+BACKENDS = ["pread", "io_uring", "mmap"]
+BUDGETS = [0.1, 0.5, 1.0, 2.0]
+
+
+def state_of(model):
+    return model.__dict__[STATE_ATTR]
+
+
+def flip_bit(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 1]))
+
+
+def chunk_offsets(storage, model_id, tensor):
+    """File offsets of a tensor's chunks, from the manifest (32-byte header, then JSON; docs/format.md)."""
+    raw = pathlib.Path(storage, "models", model_id, "manifest").read_bytes()
+    for block in json.loads(raw[32:])["blocks"]:
+        for record in block["tensors"]:
+            if record["name"] == tensor:
+                return [chunk["offset"] for chunk in record["chunks"]]
+    raise KeyError(tensor)
+
+
+# ---- the full grid on one model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("compression", [False, True], ids=["raw", "compressed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grid_llama_matches_plain_model(ts_models, tmp_path, backend, compression, budget, caplog):
+    caplog.set_level(logging.WARNING, logger="tensorstream")
+    plain, model = ts_models.offload("llama", tmp_path, budget=budget, backend=backend,
+                                     compression_enabled=compression, verify_checksums=True)
+    assert not any("budget raised" in r.message for r in caplog.records)  # 0.1x still holds the largest layer
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        expected = ts_models.forward("llama", plain, ids)
+        for _ in range(2):
+            ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "no_grad forward")
+    with torch.inference_mode():
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "inference_mode forward")
+    ts_models.assert_equal(ts_models.generate(model, ids), ts_models.generate(plain, ids), "greedy generate")
+
+    stats = ts.get_model_statistics(model)
+    assert stats["backend"] == backend
+    assert stats["checksum_failures"] == 0 and stats["io_errors"] == 0
+    assert stats["held_bytes"] <= stats["budget_bytes"]
+    if budget < 1.0:
+        assert stats["evictions"] > 0
+    with ts.open_model(tmp_path, stats["model_id"]) as store:
+        compressed = [store.info(n)["compressed"] for n in store.tensor_names()]
+    assert any(compressed) == compression
+
+
+def test_auto_backend(ts_models, tmp_path):
+    plain, model = ts_models.offload("llama", tmp_path, budget=0.5, backend="auto")
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), ts_models.forward("llama", plain, ids))
+    assert ts.get_model_statistics(model)["backend"] in ("io_uring", "pread")
+
+
+@pytest.mark.parametrize("budget", [0.1, 2.0])
+def test_sampling_with_a_seed_matches(ts_models, tmp_path, budget):
+    plain, model = ts_models.offload("llama", tmp_path, budget=budget)
+    ids = ts_models.input_ids()
+    for seed in (0, 1):
+        ts_models.assert_equal(ts_models.generate(model, ids, sample=True, seed=seed),
+                               ts_models.generate(plain, ids, sample=True, seed=seed), f"sampling seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("budget, backend", [(0.1, "pread"), (2.0, "mmap")])
+def test_half_precision_dtypes(ts_models, tmp_path, dtype, budget, backend):
+    plain, model = ts_models.offload("gpt2", tmp_path, dtype=dtype, budget=budget, backend=backend,
+                                     compression_enabled=True)
+    assert all(p.dtype == dtype for p in model.parameters())
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), ts_models.forward("gpt2", plain, ids))
+    ts_models.assert_equal(ts_models.generate(model, ids), ts_models.generate(plain, ids))
+
+
+def test_forward_with_autograd_enabled(ts_models, tmp_path):
+    plain, model = ts_models.offload("gpt2", tmp_path, budget=0.1)
+    ids = ts_models.input_ids()
+    ts_models.assert_equal(ts_models.forward("gpt2", model, ids).detach(),
+                           ts_models.forward("gpt2", plain, ids).detach())
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+
+GUIDE_KEYS = {"vram_usage_bytes", "vram_utilization", "cache_hit_rate", "io_throughput_mbps"}
+MORE_KEYS = {"bytes_read", "bytes_delivered", "stall_time_s", "prefetch_hit_rate", "resident_blocks",
+             "streamed_blocks", "streamed_bytes", "resident_bytes", "budget_bytes", "evictions", "checksum_failures",
+             "backend", "model_id", "blocks"}
+
+
+def test_statistics_small_budget(ts_models, tmp_path):
+    plain, model = ts_models.offload("llama", tmp_path, budget=0.1, backend="pread")
+    stats = ts.get_model_statistics(model)
+    assert GUIDE_KEYS | MORE_KEYS <= set(stats)
+    assert stats["bytes_read"] == 0 and stats["acquires"] == 0  # nothing loads before the first forward
+    with torch.no_grad():
+        ts_models.forward("llama", model, ts_models.input_ids())
+    stats = ts.get_model_statistics(model)
+    assert stats["bytes_read"] > 0 and stats["io_throughput_mbps"] > 0
+    assert stats["bytes_delivered"] >= stats["streamed_bytes"]  # every block was delivered at least once
+    assert stats["streamed_bytes"] == ts_models.param_bytes(plain) and stats["resident_bytes"] == 0
+    assert stats["streamed_blocks"] == 12 + 3 and stats["resident_blocks"] == 0
+    assert 0 < stats["vram_utilization"] <= 1.0
+    assert stats["vram_usage_bytes"] == stats["held_bytes"] + stats["resident_bytes"] <= stats["budget_bytes"]
+    assert stats["evictions"] > 0 and 0.0 <= stats["cache_hit_rate"] < 1.0
+    assert stats["acquires"] == stats["hits"] + stats["misses"] and stats["acquires"] == 15  # one per block use
+    assert stats["stall_time_s"] >= 0 and 0.0 <= stats["prefetch_hit_rate"] <= 1.0
+    assert set(stats["blocks"]) == {"model.embed_tokens", "model.norm", "lm_head"} | {
+        f"model.layers.{i}" for i in range(12)}
+    assert sum(b["bytes_read"] for b in stats["blocks"].values()) == stats["bytes_read"]
+    assert all(b["loads"] >= 1 for b in stats["blocks"].values())
+
+
+def test_statistics_second_pass_hits_with_a_large_budget(ts_models, tmp_path):
+    plain, model = ts_models.offload("llama", tmp_path, budget=2.0, backend="io_uring")
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.forward("llama", model, ids)
+        first = ts.get_model_statistics(model, reset=True)
+        ts_models.forward("llama", model, ids)
+    second = ts.get_model_statistics(model)
+    assert first["bytes_read"] > 0
+    assert second["cache_hit_rate"] == 1.0 and second["bytes_read"] == 0 and second["acquires"] == 15
+    assert second["vram_usage_bytes"] == sum(b["slot_bytes"] for b in second["blocks"].values())
+
+
+def test_statistics_of_a_plain_model_is_a_config_error(ts_models):
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.get_model_statistics(ts_models.plain("gpt2"))
+    assert caught.value.field == "model"
+
+
+# ---- budget -----------------------------------------------------------------------------------------------------
+
+
+def test_small_budget_is_raised_with_a_warning(ts_models, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="tensorstream")
+    plain, model = ts_models.offload("gpt2", tmp_path, budget=0.001)
+    warnings = [r for r in caplog.records if r.name == "tensorstream" and "budget raised" in r.message]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    stats = ts.get_model_statistics(model)
+    assert stats["budget_bytes"] == max(b["slot_bytes"] for b in stats["blocks"].values())
+    assert stats["requested_budget_bytes"] < stats["budget_bytes"]
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), ts_models.forward("gpt2", plain, ids))
+
+
+def test_default_budget_is_a_quarter_of_the_streamed_bytes(ts_models, tmp_path):
+    plain, model = ts_models.offload("llama", tmp_path)
+    stats = ts.get_model_statistics(model)
+    slots = sum(b["slot_bytes"] for b in stats["blocks"].values())
+    assert stats["requested_budget_bytes"] is None
+    assert slots // 4 <= stats["budget_bytes"] <= slots // 4 + 4096
+
+
+def test_optimize_memory_usage_shrinks_and_grows_without_changing_outputs(ts_models, tmp_path):
+    plain, model = ts_models.offload("llama", tmp_path, budget=1.0)
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        expected = ts_models.forward("llama", plain, ids)
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected)
+        shrink = ts.optimize_memory_usage(model, target_utilization=0.3)
+        assert shrink["new_budget_bytes"] < shrink["old_budget_bytes"] and shrink["evicted_blocks"] > 0
+        assert shrink["held_bytes_after"] <= shrink["new_budget_bytes"]
+        assert ts.get_model_statistics(model)["budget_bytes"] == shrink["new_budget_bytes"]
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "after shrinking")
+        tiny = ts.optimize_memory_usage(model, target_utilization=0.01)  # clamped to the engine's minimum
+        assert tiny["clamped"] and tiny["new_budget_bytes"] == tiny["minimum_budget_bytes"]
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "at the minimum")
+        grow = ts.optimize_memory_usage(model, target_utilization=1.0)
+        assert grow["new_budget_bytes"] == grow["arena_bytes"] >= shrink["old_budget_bytes"]
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "after growing")
+    for bad in (0, -0.5, 1.5, "0.8", True):
+        with pytest.raises(ts.ConfigError) as caught:
+            ts.optimize_memory_usage(model, target_utilization=bad)
+        assert caught.value.field == "target_utilization"
+
+
+# ---- cleanup and the store --------------------------------------------------------------------------------------
+
+
+def test_cleanup_restores_a_plain_model_and_keeps_the_store(ts_models, tmp_path):
+    plain, model = ts_models.offload("gpt2", tmp_path, budget=0.1)
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        expected = ts_models.forward("gpt2", plain, ids)
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), expected)
+    model_id = ts.get_model_statistics(model)["model_id"]
+    model.cleanup_tensorstream()
+    assert STATE_ATTR not in model.__dict__ and not hasattr(model, "cleanup_tensorstream")
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert p.is_contiguous() and 0 not in p.stride() or p.numel() <= 1, name
+        assert torch.equal(p, q), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), expected, "after cleanup")
+    ts_models.assert_equal(ts_models.generate(model, ids), ts_models.generate(plain, ids), "generate after cleanup")
+    assert model_id in ts.Storage(tmp_path)  # the store is a cache: kept
+
+    # Offloading the same weights again finds them in the store and writes nothing.
+    again = ts_models.track(ts.offload(model, ts_models.make_config(tmp_path, vram_budget_gb=1e-3)))
+    assert state_of(again).write_outcome == "already_existed" and state_of(again).model_id == model_id
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", again, ids), expected, "offloaded again")
+    again.cleanup_tensorstream()
+    assert ts.Storage(tmp_path).models() == [model_id]
+
+
+def test_offloading_twice_is_refused(ts_models, tmp_path):
+    _plain, model = ts_models.offload("gpt2", tmp_path)
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload(model, ts_models.make_config(tmp_path))
+    assert caught.value.field == "model"
+
+
+def test_same_weights_in_another_block_layout_get_their_own_model(ts_models, tmp_path):
+    """The content fingerprint covers which tensors each block holds: the same weights stored in other blocks are
+    another model, never streamed with this model's layout."""
+    plain = ts_models.plain("gpt2")
+    one_block = {"everything": {name: p.detach() for name, p in plain.named_parameters()}}
+    other = ts.write_model(tmp_path, one_block).model_id
+    _plain, model = ts_models.offload("gpt2", tmp_path)
+    stats = ts.get_model_statistics(model)
+    assert stats["model_id"] != other and state_of(model).write_outcome == "published"
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), ts_models.forward("gpt2", plain, ids))
+    _plain, again = ts_models.offload("gpt2", tmp_path)  # that layout is found again, not rewritten
+    assert state_of(again).model_id == stats["model_id"] and state_of(again).write_outcome == "already_existed"
+
+
+def test_named_model_id_holding_other_weights_is_refused(ts_models, tmp_path):
+    ts_models.offload("gpt2", tmp_path, model_id="my-model")
+    llama = ts_models.copy("llama")
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload(llama, ts_models.make_config(tmp_path), model_id="my-model")
+    assert caught.value.field == "model_id"
+    assert STATE_ATTR not in llama.__dict__
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("llama", llama, ids),
+                               ts_models.forward("llama", ts_models.plain("llama"), ids))
+
+
+def test_nothing_to_stream_keeps_every_parameter_resident(ts_models, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="tensorstream")
+    plain, model = ts_models.offload("gpt2", tmp_path, min_layer_size=1 << 40)
+    assert any("stays resident" in r.message for r in caplog.records)
+    stats = ts.get_model_statistics(model)
+    assert stats["streamed_blocks"] == 0 and stats["resident_bytes"] == ts_models.param_bytes(plain)
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids), ts_models.forward("gpt2", plain, ids))
+    model.cleanup_tensorstream()
+    assert not hasattr(model, "cleanup_tensorstream")
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, compression", [("pread", False), ("mmap", False), ("io_uring", True)])
+def test_corrupt_store_raises_corruption_error_at_the_forward_that_needs_it(ts_models, tmp_path, backend,
+                                                                             compression):
+    plain, model = ts_models.offload("llama", tmp_path, budget=0.5, backend=backend,
+                                     compression_enabled=compression, model_id="m")
+    victim = "model.layers.7.mlp.down_proj.weight"
+    with ts.open_model(tmp_path, "m") as store:
+        info = store.info(victim)
+        chunk_offset = store.block_info("model.layers.7")["offset"]
+        offset = info["raw_file_offset"] if info["raw_file_offset"] is not None else None
+        data_path = store.data_path
+    if offset is None:  # compressed: flip a byte inside the tensor's first stored chunk
+        offset = chunk_offsets(tmp_path, "m", victim)[0]
+    assert offset >= chunk_offset
+    flip_bit(data_path, offset + 17)
+    ids = ts_models.input_ids()
+    for _ in range(2):  # never a wrong output: every forward that needs the block fails
+        with pytest.raises(ts.CorruptionError) as caught:
+            with torch.no_grad():
+                ts_models.forward("llama", model, ids)
+        assert caught.value.tensor == victim and victim in str(caught.value)
+        assert isinstance(caught.value, OSError)
+    stats = ts.get_model_statistics(model)
+    assert stats["checksum_failures"] >= 1
+    assert state_of(model).runtime.pinned_blocks() == 0  # the failed forward released what it held
+
+
+def test_unwritable_storage_path_fails_cleanly_and_leaves_the_model_usable(ts_models, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    model = ts_models.copy("gpt2")
+    with pytest.raises(OSError) as caught:
+        ts.offload(model, ts_models.make_config(blocker / "store"))
+    assert isinstance(caught.value, (ts.IoError, NotADirectoryError))
+    assert "a-file" in str(caught.value)
+    assert STATE_ATTR not in model.__dict__ and not hasattr(model, "cleanup_tensorstream")
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("gpt2", model, ids),
+                               ts_models.forward("gpt2", ts_models.plain("gpt2"), ids))
+
+
+@pytest.mark.parametrize("field, change", [
+    ("backend", lambda c: setattr(c, "backend", ts.BackendType.CUDA)),
+    ("backend", lambda c: setattr(c, "backend", ts.BackendType.GPUDIRECT)),
+    ("vram_budget_gb", lambda c: setattr(c, "vram_budget_gb", -1.0)),
+    ("memory_pressure_mode", lambda c: setattr(c, "memory_pressure_mode", "relaxed")),
+    ("num_io_threads", lambda c: setattr(c, "num_io_threads", 0)),
+    ("min_layer_size", lambda c: setattr(c, "min_layer_size", -1)),
+])
+def test_bad_config_values_raise_config_error_naming_the_field(ts_models, tmp_path, field, change):
+    config = ts_models.make_config(tmp_path)
+    change(config)
+    model = ts_models.copy("gpt2")
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload(model, config)
+    assert caught.value.field == field
+    assert STATE_ATTR not in model.__dict__ and not (tmp_path / "models").exists()
+
+
+def test_bad_arguments(ts_models, tmp_path):
+    model = ts_models.copy("gpt2")
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload(model, {"storage_path": str(tmp_path)})
+    assert caught.value.field == "config"
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload("not a model", ts_models.make_config(tmp_path))
+    assert caught.value.field == "model"
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.offload(model, ts_models.make_config(tmp_path), model_id="../escape")
+    assert caught.value.field == "model_id"
+    assert STATE_ATTR not in model.__dict__
+
+
+# ---- concurrency ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.5])
+def test_forward_from_four_threads_matches_sequential(ts_models, tmp_path, budget):
+    plain, model = ts_models.offload("llama", tmp_path, budget=budget)
+    inputs = [ts_models.input_ids(batch=1 + i % 2, length=8 + i, seed=100 + i) for i in range(8)]
+    with torch.no_grad():
+        expected = [ts_models.forward("llama", plain, ids) for ids in inputs]
+    results = [None] * len(inputs)
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def worker(slot):
+        try:
+            barrier.wait()
+            for _ in range(2):
+                for i in range(slot, len(inputs), 4):
+                    with torch.no_grad():
+                        results[i] = ts_models.forward("llama", model, inputs[i])
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, (got, want) in enumerate(zip(results, expected)):
+        ts_models.assert_equal(got, want, f"input {i}")
+    assert state_of(model).runtime.pinned_blocks() == 0
+    stats = ts.get_model_statistics(model)
+    assert stats["held_bytes"] <= stats["budget_bytes"]
+
+
+# ---- memory -----------------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_rss_drops_by_about_the_streamed_bytes(ts_models, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(12)]).eval()  # ~201 MB of fp32
+    streamed = ts_models.param_bytes(model)
+    x = torch.randn(2, 2048)
+    with torch.no_grad():
+        expected = model(x)
+    gc.collect()
+    before = rss_bytes()
+    ts_models.track(ts.offload(model, ts_models.make_config(tmp_path, backend="pread")))
+    gc.collect()
+    after = rss_bytes()
+    drop = before - after
+    print(f"RSS {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB: dropped {drop / 1e6:.1f} MB of "
+          f"{streamed / 1e6:.1f} MB streamed ({drop / streamed:.0%})")
+    assert drop >= 0.6 * streamed
+    with torch.no_grad():
+        ts_models.assert_equal(model(x), expected)
+    stats = ts.get_model_statistics(model)
+    # Running it holds at most the budget (a quarter by default) of the weights, not the model.
+    assert rss_bytes() - after <= stats["budget_bytes"] + 64 * 1024 * 1024
+    model.cleanup_tensorstream()
+    with torch.no_grad():
+        ts_models.assert_equal(model(x), expected, "after cleanup")
+
+
+def test_debug_mode_logs_block_timings(ts_models, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="tensorstream")
+    _plain, model = ts_models.offload("gpt2", tmp_path, budget=0.5, debug_mode=True)
+    with torch.no_grad():
+        ts_models.forward("gpt2", model, ts_models.input_ids())
+    messages = [r.getMessage() for r in caplog.records if r.name == "tensorstream" and r.levelno == logging.DEBUG]
+    assert any("transformer.h.1" in m and "acquired in" in m for m in messages)
+    assert any("transformer.h.1" in m and "computed for" in m for m in messages)
+
+
+def test_storage_directory_holds_one_model_per_weights(ts_models, tmp_path):
+    ts_models.offload("gpt2", tmp_path)
+    ts_models.offload("gpt2", tmp_path, budget=2.0, compression_enabled=True)  # same weights: nothing written
+    ts_models.offload("opt", tmp_path)
+    assert len(ts.Storage(tmp_path).models()) == 2
+    assert pathlib.Path(tmp_path, "STORE").exists()
