@@ -37,8 +37,20 @@ struct LoadState {
   std::span<std::byte> data;
   bool prefetched = false;
   uint64_t start_ns = 0;
-  std::atomic<size_t> reads_left{0};  // region reads still outstanding (all-raw blocks)
-  std::atomic<size_t> units_left{0};  // chunk jobs (or region phase) still outstanding
+  std::atomic<size_t> units_left{0};  // chunks not yet verified / decoded (or, for an empty block, 1)
+
+  // All-raw blocks: chunks in file order, where each lies in the slot, and how many of the region reads that cover
+  // each chunk are still outstanding: a chunk is verified as soon as its own bytes have arrived, while the rest of
+  // the block is still being read.
+  struct RegionChunk {
+    size_t tensor = 0;
+    size_t chunk = 0;
+    uint64_t begin = 0;  // relative to the block's offset (== slot offset)
+    uint64_t size = 0;
+  };
+  std::vector<RegionChunk> region_chunks;
+  std::unique_ptr<std::atomic<uint32_t>[]> reads_left_per_chunk;
+  std::vector<std::pair<size_t, size_t>> chunks_of_read;  // per region read: [first, last) into region_chunks
   std::atomic<uint64_t> stored_bytes{0};
   std::atomic<uint64_t> decoded_bytes{0};
 
@@ -71,6 +83,7 @@ struct Engine::Impl {
     std::vector<std::byte> staging;  // stored bytes of a compressed chunk (or any chunk of a non-host slot)
     size_t tensor = 0;
     size_t chunk = 0;
+    size_t region_read = 0;  // kRegion: index into LoadState::chunks_of_read
   };
 
   std::shared_ptr<const StoreReader> store;
@@ -341,8 +354,16 @@ struct Engine::Impl {
       load->stored_bytes += record.end - record.offset;  // read by page faults while verifying
       backend->will_need(store->data_fd(), record.offset, record.slot_size);
       // No read: the mapping is the slot. Verification touches (and so faults in) every page.
-      load->units_left = 1;  // the verification phase, as after region reads
-      schedule_region_verification(load);
+      build_region_chunks(load, 0);
+      if (load->region_chunks.empty()) {
+        load->units_left = 1;
+        enqueue_job([this, load] { unit_finished(load); });
+        return load;
+      }
+      load->units_left = load->region_chunks.size();
+      for (size_t k = 0; k < load->region_chunks.size(); ++k) {
+        enqueue_job([this, load, k] { verify_region_chunk(load, k); });
+      }
       return load;
     }
     load->data = arena.subspan(slot_offset, record.slot_size);
@@ -357,12 +378,13 @@ struct Engine::Impl {
         auto* piece = new Piece;
         piece->load = load;
         piece->kind = Piece::Kind::kRegion;
+        piece->region_read = pieces.size();
         const uint64_t size = std::min<uint64_t>(manifest.chunk_size, length - done);
         piece->request = ReadRequest{fd, record.offset + done, load->data.subspan(done, size), 0};
         pieces.push_back(piece);
       }
-      load->reads_left = pieces.size();
-      load->units_left = 1;  // the verification phase that follows the reads
+      build_region_chunks(load, pieces.size());
+      load->units_left = load->region_chunks.size();
     } else {
       for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
         const TensorRecord& tensor = manifest.tensors[t];
@@ -386,7 +408,8 @@ struct Engine::Impl {
       }
       load->units_left = pieces.size();
     }
-    if (pieces.empty()) {
+    if (pieces.empty() || load->units_left == 0) {
+      for (Piece* piece : pieces) delete piece;
       load->units_left = 1;
       enqueue_job([this, load] { unit_finished(load); });  // a block of empty tensors is ready at once
       return load;
@@ -468,9 +491,7 @@ struct Engine::Impl {
     }
     load->stored_bytes += expected;
     if (piece->kind == Piece::Kind::kRegion) {
-      const bool last = load->reads_left.fetch_sub(1) == 1;
-      delete piece;
-      if (last) schedule_region_verification(load);
+      region_read_done(piece);
       return;
     }
     enqueue_job([this, piece] { process_chunk(piece); });
@@ -478,53 +499,76 @@ struct Engine::Impl {
 
   // A read that ends without a verification job (error or cancellation).
   void piece_finished(Piece* piece) {
-    const std::shared_ptr<LoadState> load = piece->load;
-    const bool region = piece->kind == Piece::Kind::kRegion;
-    delete piece;
-    if (region) {
-      if (load->reads_left.fetch_sub(1) == 1) unit_finished(load);
-    } else {
-      unit_finished(load);
+    if (piece->kind == Piece::Kind::kRegion) {
+      region_read_done(piece);  // the chunks it covers still count down; their jobs see the error and skip work
+      return;
     }
+    const std::shared_ptr<LoadState> load = piece->load;
+    delete piece;
+    unit_finished(load);
   }
 
-  // Verifies every chunk of an all-raw block in place, one job per chunk so workers share the work.
-  void schedule_region_verification(const std::shared_ptr<LoadState>& load) {
+  // Lists the chunks of an all-raw block in file order and, for `reads` region reads of chunk_size bytes each,
+  // which chunks each read covers and how many reads each chunk waits for.
+  void build_region_chunks(const std::shared_ptr<LoadState>& load, size_t reads) {
     const BlockRecord& record = manifest.blocks[load->block];
-    if (load->failed() || !config.verify_checksums) {
-      if (!load->failed()) load->decoded_bytes += record.end - record.offset;
-      unit_finished(load);
-      return;
-    }
-    size_t chunk_count = 0;
-    for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
-      chunk_count += manifest.tensors[t].chunk_count;
-    }
-    if (chunk_count == 0) {
-      unit_finished(load);
-      return;
-    }
-    // units_left currently counts this phase as 1; replace it with one unit per chunk.
-    load->units_left += chunk_count - 1;
     for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
       const TensorRecord& tensor = manifest.tensors[t];
       for (size_t c = 0; c < tensor.chunk_count; ++c) {
-        enqueue_job([this, load, t, c] {
-          const ChunkRecord& chunk = manifest.chunks[manifest.tensors[t].first_chunk + c];
-          const uint64_t begin = chunk.offset - manifest.blocks[load->block].offset;
-          try {
-            if (!load->failed()) store->check_chunk(t, c, load->data.subspan(begin, chunk.stored_size));
-            load->decoded_bytes += chunk.raw_size;
-          } catch (const CorruptionError&) {
-            stats.on_checksum_failure();
-            load->set_error(std::current_exception());
-          } catch (...) {
-            load->set_error(std::current_exception());
-          }
-          unit_finished(load);
-        });
+        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + c];
+        load->region_chunks.push_back({t, c, chunk.offset - record.offset, chunk.stored_size});
       }
     }
+    const size_t count = load->region_chunks.size();
+    load->reads_left_per_chunk = std::make_unique<std::atomic<uint32_t>[]>(count);
+    load->chunks_of_read.assign(reads, {count, 0});
+    const uint64_t read_size = manifest.chunk_size;
+    for (size_t k = 0; k < count; ++k) {
+      const auto& chunk = load->region_chunks[k];
+      const size_t first = chunk.begin / read_size;
+      const size_t last = (chunk.begin + chunk.size - 1) / read_size;
+      load->reads_left_per_chunk[k] = static_cast<uint32_t>(last - first + 1);
+      for (size_t r = first; r <= last && r < reads; ++r) {
+        load->chunks_of_read[r].first = std::min(load->chunks_of_read[r].first, k);
+        load->chunks_of_read[r].second = std::max(load->chunks_of_read[r].second, k + 1);
+      }
+    }
+  }
+
+  void region_read_done(Piece* piece) {
+    const std::shared_ptr<LoadState> load = piece->load;
+    const auto [first, last] = load->chunks_of_read[piece->region_read];
+    delete piece;
+    for (size_t k = first; k < last; ++k) {
+      if (load->reads_left_per_chunk[k].fetch_sub(1) == 1) {
+        if (config.verify_checksums) {
+          enqueue_job([this, load, k] { verify_region_chunk(load, k); });
+        } else {
+          load->decoded_bytes += manifest.chunks[manifest.tensors[load->region_chunks[k].tensor].first_chunk +
+                                                 load->region_chunks[k].chunk].raw_size;
+          unit_finished(load);
+        }
+      }
+    }
+  }
+
+  // Verifies one chunk of an all-raw block in place (in the slot, or in the mapping with mmap).
+  void verify_region_chunk(const std::shared_ptr<LoadState>& load, size_t k) {
+    const auto& entry = load->region_chunks[k];
+    try {
+      if (!load->failed()) {
+        if (config.verify_checksums) {
+          store->check_chunk(entry.tensor, entry.chunk, load->data.subspan(entry.begin, entry.size));
+        }
+        load->decoded_bytes += entry.size;  // raw chunks: stored size == raw size
+      }
+    } catch (const CorruptionError&) {
+      stats.on_checksum_failure();
+      load->set_error(std::current_exception());
+    } catch (...) {
+      load->set_error(std::current_exception());
+    }
+    unit_finished(load);
   }
 
   void process_chunk(Piece* piece) {

@@ -117,9 +117,15 @@ ResidencyManager::ResidencyManager(std::vector<uint64_t> block_bytes, uint64_t a
   }
   blocks_.resize(block_bytes.size());
   order_positions_.resize(block_bytes.size());
+  std::vector<uint64_t> sizes;
   for (size_t i = 0; i < block_bytes.size(); ++i) {
     blocks_[i].bytes = slot_size(block_bytes[i], i);
     max_block_bytes_ = std::max(max_block_bytes_, blocks_[i].bytes);
+    sizes.push_back(blocks_[i].bytes);
+  }
+  if (!sizes.empty()) {  // the median: the size of a transformer layer in a model of layers plus a few odd blocks
+    std::nth_element(sizes.begin(), sizes.begin() + static_cast<std::ptrdiff_t>(sizes.size() / 2), sizes.end());
+    typical_block_bytes_ = sizes[sizes.size() / 2];
   }
   if (budget_bytes_ > arena_bytes_) {
     throw ConfigError("budget_bytes", std::to_string(budget_bytes_) + " exceeds the arena (" +
@@ -357,8 +363,16 @@ void ResidencyManager::check_block(size_t block) const {
   }
 }
 
+// The streaming ring must hold the largest block plus (ring_slots - 1) typical ones. Sizing every slot by the
+// largest block wastes the budget when one block is much bigger than the rest (an embedding or lm_head next to
+// transformer layers): with a half-model budget the ring alone then took the whole budget and nothing stayed
+// resident, so every pass re-read the full model.
+uint64_t ResidencyManager::ring_bytes() const {
+  return saturating_add(max_block_bytes_, saturating_mul(plan_.ring_slots - 1, typical_block_bytes_));
+}
+
 void ResidencyManager::recompute_static_capacity() {
-  const uint64_t ring = saturating_mul(plan_.ring_slots, max_block_bytes_);
+  const uint64_t ring = ring_bytes();
   if (budget_bytes_ <= ring) {
     static_capacity_ = 0;
     return;
@@ -371,8 +385,7 @@ void ResidencyManager::recompute_static_capacity() {
 uint64_t ResidencyManager::held_bytes() const { return resident_bytes_ + loading_bytes_; }
 
 uint64_t ResidencyManager::held_limit() const {
-  return std::min(budget_bytes_,
-                  saturating_add(static_capacity_, saturating_mul(plan_.ring_slots, max_block_bytes_)));
+  return std::min(budget_bytes_, saturating_add(static_capacity_, ring_bytes()));
 }
 
 void ResidencyManager::touch(size_t block) {

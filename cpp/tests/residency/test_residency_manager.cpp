@@ -467,9 +467,10 @@ TEST(ResidencyManagerEviction, PrefetchNeverEvictsStaticBlocks) {
 // ---- slots -------------------------------------------------------------------------------------------------------
 
 TEST(ResidencyManagerSlots, FirstFitEvictsMoreWhenTheArenaIsFragmented) {
-  // Arena = budget = 8 pages. A, B, C, D take 2 pages each; E needs 4 contiguous pages.
+  // Arena = budget = 8 pages. A, B, C, D take 2 pages each; E needs 4 contiguous pages. A ring of 3 slots is the
+  // largest block (4 pages) plus two median ones (2 pages each): all 8 pages.
   const std::vector<uint64_t> sizes = {2 * kPage, 2 * kPage, 2 * kPage, 2 * kPage, 4 * kPage};
-  ResidencyManager rm(sizes, 8 * kPage, 8 * kPage, ResidencyPlan{2, 1, 0.0});
+  ResidencyManager rm(sizes, 8 * kPage, 8 * kPage, ResidencyPlan{3, 2, 0.0});
   for (size_t b = 0; b < 4; ++b) {
     const auto d = rm.acquire(b);
     ASSERT_EQ(d.action, Action::kLoad);
@@ -489,6 +490,19 @@ TEST(ResidencyManagerSlots, FirstFitEvictsMoreWhenTheArenaIsFragmented) {
   EXPECT_EQ(*rm.slot_offset(3), 6 * kPage);
   EXPECT_EQ(rm.check_invariants(), "");
   expect_disjoint_slots(rm, sizes, 8 * kPage);
+}
+
+TEST(ResidencyManagerPlan, OneOversizedBlockDoesNotEatTheStaticSet) {
+  // Ten 1-page layers and one 4-page embedding, budget 10 pages, ring 3: the ring is 4 + 2 x 1 pages, so 4 pages
+  // stay for the static set (sizing every ring slot by the embedding would leave none).
+  std::vector<uint64_t> sizes(10, kPage);
+  sizes.push_back(4 * kPage);
+  ResidencyManager rm(sizes, 10 * kPage, 10 * kPage, plan_for(MemoryPressureMode::kBalanced));
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t b = 0; b < sizes.size(); ++b) use(rm, b);
+  }
+  EXPECT_EQ(rm.static_bytes(), 4 * kPage);
+  EXPECT_EQ(rm.check_invariants(), "");
 }
 
 TEST(ResidencyManagerSlots, FreedNeighboursCoalesce) {

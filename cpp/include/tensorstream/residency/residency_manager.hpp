@@ -10,8 +10,9 @@
 // that many with one (furthest-next-use can keep part of the streaming set across passes).
 //
 // Sizes are counted as slot sizes: each block's bytes rounded up to 4096 (store blocks already are), and every slot
-// offset is 4096-aligned. Held bytes (resident + loading) never exceed min(budget, static capacity + ring_slots x
-// largest block); with static_fraction < 1 that leaves headroom under the budget (see plan_for).
+// offset is 4096-aligned. The ring is sized as the largest block plus (ring_slots - 1) median-sized blocks, so one
+// oversized block (an embedding) does not eat the static set. Held bytes (resident + loading) never exceed
+// min(budget, static capacity + ring); with static_fraction < 1 that leaves headroom under the budget (plan_for).
 //
 // Thread-safety: every method is safe from any thread (one internal mutex, never held during I/O).
 #pragma once
@@ -116,6 +117,7 @@ class ResidencyManager {
   std::vector<size_t> trim_to_limit();      // evicts unpinned resident blocks while held > held_limit()
   uint64_t distance_to_next_use(size_t block) const;  // in accesses, from the current position
   uint64_t held_bytes() const;  // resident + loading
+  uint64_t ring_bytes() const;  // the largest block plus (ring_slots - 1) typical ones
   uint64_t held_limit() const;  // min(budget, static capacity + ring)
   void recompute_static_capacity();
 
@@ -127,6 +129,7 @@ class ResidencyManager {
   uint64_t static_capacity_ = 0;
   uint64_t static_bytes_ = 0;
   uint64_t max_block_bytes_ = 0;
+  uint64_t typical_block_bytes_ = 0;  // median block size
   uint64_t resident_bytes_ = 0;
   uint64_t loading_bytes_ = 0;
   ResidencyPlan plan_;
