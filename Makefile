@@ -58,9 +58,11 @@ test-python:
 
 bench: build
 	$(PYTHON) benchmarks/store_write.py
+	$(PYTHON) benchmarks/offload.py
+	$(PYTHON) benchmarks/engine_read.py
 
 demo: build
-	@echo "make demo arrives with the PyTorch offload issue (#4); for now: make test"
+	$(PYTHON) examples/demo.py
 
 install: deps
 	$(PYTHON) -m pip install --no-build-isolation .

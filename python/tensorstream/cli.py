@@ -4,9 +4,10 @@
     tensorstream verify PATH [--model M]       check every chunk; exit 1 when anything is bad
     tensorstream cleanup PATH [--dry-run]      remove leftovers of dead writers
     tensorstream defrag PATH [--model M]       rewrite models in their recorded execution order
+    tensorstream validate [--storage PATH]     the production validation suite (environment, storage, a model)
 
 PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
-line on stderr). None of these commands imports torch.
+line on stderr). None of these commands imports torch, except validate.
 """
 
 from __future__ import annotations
@@ -166,6 +167,17 @@ def _cmd_defrag(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if report.failed else EXIT_OK
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import format_table, passed, run_validation
+
+    checks = run_validation(args.storage, read_test_bytes=args.read_test_mib << 20, model_check=not args.no_model)
+    if args.json:
+        _print_json({"ok": passed(checks), "checks": [c.to_dict() for c in checks]})
+    else:
+        print(format_table(checks))
+    return EXIT_OK if passed(checks) else EXIT_PROBLEMS
+
+
 # ---- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -195,6 +207,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "-n", action="store_true", help="only list what would be removed")
     p = add("defrag", "rewrite models with their blocks in recorded execution order", _cmd_defrag)
     p.add_argument("--model", "-m", default=None, help="defragment only this model")
+    p = sub.add_parser("validate", help="run the production validation suite (exit 1 if any check fails)",
+                       description="Checks the environment (Python, PyTorch, the _core extension, io_uring, CPUs, "
+                       "RAM), the storage path (creatable, writable, free space, read speed with the page cache "
+                       "evicted) and a tiny Llama end to end (offloaded with half its weights: same greedy tokens "
+                       "as the plain model, store verifies). Prints PASS/FAIL/INFO per check.")
+    p.add_argument("--storage", "-s", metavar="PATH", default=None,
+                   help="storage directory to validate (default: $TENSORSTREAM_STORAGE_PATH, else a temporary one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--read-test-mib", type=int, default=256, help="size of the read-speed test file (0: skip)")
+    p.add_argument("--no-model", action="store_true", help="skip the end-to-end model check")
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -1,0 +1,684 @@
+#!/usr/bin/env python3
+"""Engine read throughput, cold and warm, against plain tools reading the same file.
+
+Four figures (DESIGN.md §8; see benchmarks/README.md). Every arm reads every byte of one store's data file
+(--size-gib of bf16 weights, blocks of ~64 MiB, chunks of 4 MiB, uncompressed). The engine arms acquire, wait
+for and release every block in order, with a 512 MiB arena, prefetch "adaptive" and checksums on (one arm off).
+
+1. Cold (page cache evicted with posix_fadvise(DONTNEED) and checked with mincore before each arm): the engine
+   with backend pread, io_uring and mmap (direct_io auto) against `fio --rw=read --bs=4M --direct=1
+   --iodepth=32` and `dd bs=4M iflag=direct` on the same file. Target: engine / fio >= 0.9.
+2. Warm (the file fully in the page cache, checked with mincore before each arm): the engine (backend auto,
+   direct_io auto) against two threads doing buffered 4 MiB preads into the same arena. Target: >= 0.9.
+3. Warm: the engine with direct_io auto against the same engine with direct_io forced on. Target: >= 1.3.
+4. CPU seconds (user + sys) per GB read for every arm (getrusage; fio's own usr/sys for fio).
+
+Arms are interleaved (A B C … A B C …), at least 3 rounds (5 when the time budget allows), medians. It prints a
+table and writes benchmarks/results/engine_read-<date>-<hostname>.json with the machine description. It is not
+a test: it never fails on a timing.
+
+    make bench                                  # runs this after store_write.py
+    python3 benchmarks/engine_read.py --dir /mnt/nvme/scratch --size-gib 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+GB = 1e9  # throughput is reported in decimal GB/s, as fio and dd do
+MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "overlay-tmpfs"}
+STORE_MARK = "engine_read"  # metadata "benchmark" of the stores this script writes (and may replace)
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - the benchmark needs torch for its weights and arena
+    sys.exit("engine_read.py needs torch (pip install torch)")
+
+if str(REPO / "python") not in sys.path:
+    sys.path.insert(0, str(REPO / "python"))
+try:
+    from tensorstream import _core
+except ImportError as error:  # pragma: no cover
+    sys.exit(f"cannot import tensorstream._core ({error}); build it first: make build")
+
+
+# ---- machine and file system -------------------------------------------------------------------------------------
+
+def mount_of(path: Path) -> dict:
+    """The /proc/mounts entry holding `path` (longest mount point that is a prefix of it)."""
+    path = Path(os.path.realpath(path))
+    best = {"mount_point": "/", "fstype": "?", "source": "?", "options": ""}
+    best_len = -1
+    with open("/proc/mounts") as f:
+        for line in f:
+            source, point, fstype, options = line.split()[:4]
+            point = point.replace("\\040", " ")
+            if (path == Path(point) or Path(point) in path.parents) and len(point) > best_len:
+                best, best_len = {"mount_point": point, "fstype": fstype, "source": source, "options": options}, len(point)
+    return best
+
+
+def read_first(path: str, prefix: str) -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def tool_version(command: list) -> str:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "?"
+
+
+def block_device_of(source: str) -> dict:
+    """Queue settings of the block device behind a mount source (/dev/vda1 -> /sys/block/vda), when there is one."""
+    name = os.path.basename(os.path.realpath(source)) if source.startswith("/dev/") else ""
+    out = {}
+    for candidate in (name, re.sub(r"p?\d+$", "", name)):
+        queue = Path("/sys/block") / candidate / "queue"
+        if candidate and queue.is_dir():
+            for key in ("rotational", "nr_requests", "max_sectors_kb", "scheduler", "logical_block_size"):
+                try:
+                    out[key] = (queue / key).read_text().strip()
+                except OSError:
+                    pass
+            out["device"] = candidate
+            break
+    return out
+
+
+def machine_description(bench_dir: Path) -> dict:
+    mem_kib = read_first("/proc/meminfo", "MemTotal")
+    mount = mount_of(bench_dir)
+    usage = shutil.disk_usage(bench_dir)
+    uring, uring_reason = _core.io_uring_available()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": read_first("/proc/cpuinfo", "model name"),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": round(int(mem_kib.split()[0]) / (1 << 20), 1) if mem_kib != "?" else None,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tensorstream_revision": git_revision(),
+        "io_uring_available": bool(uring),
+        "io_uring_unavailable_reason": uring_reason,
+        "fio": tool_version(["fio", "--version"]),
+        "dd": tool_version(["dd", "--version"]),
+        "bench_dir": str(bench_dir),
+        "filesystem": mount["fstype"],
+        "filesystem_source": mount["source"],
+        "filesystem_mount_point": mount["mount_point"],
+        "filesystem_options": mount["options"],
+        "filesystem_free_gib": round(usage.free / GIB, 1),
+        "block_device": block_device_of(mount["source"]),
+        "load_average_at_start": load,
+    }
+
+
+# ---- page cache --------------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def residency(path: Path) -> float:
+    """Fraction of the file's pages in the page cache (mincore over a read-only shared mapping: touches nothing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 1.0
+        base = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if base in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} for mincore failed")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(base, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            resident = torch.frombuffer(vec, dtype=torch.uint8).bitwise_and(1).sum().item()
+        finally:
+            _libc.munmap(base, size)
+        return resident / pages
+    finally:
+        os.close(fd)
+
+
+def evict(path: Path, tries: int = 3) -> float:
+    """Drops the file from the page cache (sync, then POSIX_FADV_DONTNEED); returns the residency left."""
+    left = 1.0
+    for _ in range(tries):
+        os.sync()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        left = residency(path)
+        if left <= 0.001:
+            break
+        time.sleep(0.2)
+    return left
+
+
+def warm_up(path: Path, tries: int = 3) -> float:
+    """Reads the whole file into the page cache (`cat FILE > /dev/null`); returns the residency reached."""
+    reached = residency(path)
+    for _ in range(tries):
+        if reached >= 0.999:
+            break
+        with open(os.devnull, "wb") as null:
+            subprocess.run(["cat", str(path)], stdout=null, check=True)
+        reached = residency(path)
+    return reached
+
+
+# ---- the store ---------------------------------------------------------------------------------------------------
+
+def block_layout(block_bytes: int) -> list:
+    """(name, offset, numel) of a block's bf16 tensors: 1/4, 1/4, 1/2 of it, like a layer's projections."""
+    numel = block_bytes // 2
+    quarter = numel // 4
+    return [("q_proj", 0, quarter), ("k_proj", quarter, quarter), ("mlp", 2 * quarter, numel - 2 * quarter)]
+
+
+def store_is_valid(storage, model_id: str, nblocks: int, block_bytes: int, chunk_size: int, seed: int) -> str:
+    """'' when the published model is one this script wrote with these parameters, else why not."""
+    if not storage.has_model(model_id):
+        return "absent"
+    try:
+        reader = _core.StoreReader.open(storage, model_id)  # strict manifest parse and data-file size check
+        blocks = reader.blocks()
+        meta = dict(reader.metadata)
+        data_size = os.stat(reader.data_path).st_size
+        chunk = reader.chunk_size
+    except Exception as error:  # noqa: BLE001 - any failure means "rewrite it"
+        return f"unreadable ({error})"
+    want = {"benchmark": STORE_MARK, "seed": str(seed), "block_bytes": str(block_bytes)}
+    if any(meta.get(k) != v for k, v in want.items()):
+        return f"metadata {meta} != {want}"
+    if len(blocks) != nblocks or chunk != chunk_size:
+        return f"{len(blocks)} blocks of chunk {chunk}, want {nblocks} of chunk {chunk_size}"
+    if not all(b["all_raw"] for b in blocks):
+        return "compressed blocks"
+    if data_size < nblocks * block_bytes:
+        return f"data file of {data_size} bytes, want at least {nblocks * block_bytes}"
+    return ""
+
+
+def write_store(storage, model_id: str, nblocks: int, block_bytes: int, chunk_size: int, seed: int) -> dict:
+    """Writes the store block by block: one block of bf16 randn weights is in memory at a time."""
+    layout = block_layout(block_bytes)
+    metadata = {"benchmark": STORE_MARK, "seed": str(seed), "block_bytes": str(block_bytes)}
+    writer = _core.StoreWriter(storage, model_id, chunk_size=chunk_size, compression_level=0, replace=True,
+                               metadata=metadata)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for b in range(nblocks):
+            block = torch.randn(block_bytes // 2, generator=gen, dtype=torch.bfloat16)
+            writer.begin_block(f"layers.{b}")
+            base = block.data_ptr()
+            for name, offset, numel in layout:
+                writer.add_tensor(f"layers.{b}.{name}", "bfloat16", [numel], base + 2 * offset, 2 * numel)
+            del block
+            if (b + 1) % 16 == 0 or b + 1 == nblocks:
+                print(f"    {b + 1}/{nblocks} blocks written", flush=True)
+        return writer.commit()
+    finally:
+        del writer
+
+
+# ---- arms --------------------------------------------------------------------------------------------------------
+
+def cpu_self() -> float:
+    r = os.times()
+    return r.user + r.system
+
+
+def cpu_children() -> float:
+    r = os.times()
+    return r.children_user + r.children_system
+
+
+class Arena:
+    """A 4 KiB aligned uint8 tensor (what O_DIRECT needs), pre-faulted so no arm pays for first-touch faults."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
+        offset = (-self._raw.data_ptr()) % 4096
+        self.tensor = self._raw[offset:offset + nbytes]
+        self.tensor.fill_(0)
+        self.address = self.tensor.data_ptr()
+        self.nbytes = nbytes
+        self.view = memoryview((ctypes.c_uint8 * nbytes).from_address(self.address)).cast("B")
+
+
+STAT_KEYS = ("bytes_read", "bytes_delivered", "acquires", "hits", "misses", "prefetch_hits", "prefetches_issued",
+             "evictions", "checksum_failures", "io_errors", "wait_ns", "io_busy_ns", "io_throughput_bytes_per_s")
+
+
+def engine_arm(storage, model_id: str, nblocks: int, arena: Arena, options: dict) -> dict:
+    engine = _core.Engine(storage, model_id, arena.address, arena.nbytes, **options)
+    backend = engine.backend_name
+    fallback = engine.backend_fallback_reason
+    try:
+        c0 = cpu_self()
+        t0 = time.perf_counter()
+        for b in range(nblocks):
+            ticket = engine.acquire(b)
+            ticket.wait()
+            engine.release(b)
+        seconds = time.perf_counter() - t0
+        stats = engine.stats()
+    finally:
+        t1 = time.perf_counter()
+        engine.close()
+        close_seconds = time.perf_counter() - t1
+    cpu = cpu_self() - c0
+    # The mmap backend reads nothing itself: its blocks are views of the file, faulted in by verification, so
+    # bytes_read stays 0 and bytes_delivered counts what reached the caller.
+    nbytes = stats["bytes_read"] if stats["bytes_read"] else stats["bytes_delivered"]
+    out = {"seconds": seconds, "bytes": nbytes, "cpu_s": cpu, "close_s": close_seconds,
+           "backend": backend, "stats": {k: stats[k] for k in STAT_KEYS}}
+    if fallback:
+        out["backend_fallback_reason"] = fallback
+    load_ns = sorted(b["load_ns"] for b in stats["blocks"] if b["loads"])
+    if load_ns:
+        out["block_load_ms_median"] = load_ns[len(load_ns) // 2] / 1e6
+    out["io_busy_fraction"] = stats["io_busy_ns"] / 1e9 / seconds
+    out["wait_fraction"] = stats["wait_ns"] / 1e9 / seconds
+    return out
+
+
+def fio_arm(path: Path, ioengine: str, iodepth: int, block: int) -> dict:
+    command = ["fio", "--name=seqread", f"--filename={path}", "--readonly", "--rw=read", f"--bs={block}",
+               "--direct=1", f"--ioengine={ioengine}", f"--iodepth={iodepth}", "--numjobs=1", "--output-format=json"]
+    c0 = cpu_children()
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    cpu_rusage = cpu_children() - c0
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    job = report["jobs"][0]
+    read = job["read"]
+    runtime_s = read["runtime"] / 1000.0  # ms
+    cpu_fio = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * runtime_s
+    return {"seconds": runtime_s, "bytes": read["io_bytes"], "cpu_s": cpu_fio, "cpu_s_rusage": cpu_rusage,
+            "wall_s": wall, "fio_bw_bytes": read["bw_bytes"], "usr_cpu_pct": job["usr_cpu"],
+            "sys_cpu_pct": job["sys_cpu"], "command": " ".join(command)}
+
+
+def dd_arm(path: Path, block: int) -> dict:
+    command = ["dd", f"if={path}", "of=/dev/null", f"bs={block}", "iflag=direct"]
+    c0 = cpu_children()
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    cpu = cpu_children() - c0
+    if proc.returncode != 0:
+        raise RuntimeError(f"dd failed: {proc.stderr.strip()}")
+    summary = proc.stderr.strip().splitlines()[-1]
+    match = re.match(r"(\d+) bytes .* copied, ([0-9.e+-]+) s", summary)
+    nbytes = int(match.group(1)) if match else os.stat(path).st_size
+    seconds = float(match.group(2)) if match else wall
+    return {"seconds": seconds, "bytes": nbytes, "cpu_s": cpu, "wall_s": wall, "dd_says": summary,
+            "command": " ".join(command)}
+
+
+def pread_arm(path: Path, arena: Arena, threads: int, block: int) -> dict:
+    """`threads` Python threads, each reading every `threads`-th 4 MiB piece of the file with a buffered preadv
+    into the arena (the piece's place cycles through the arena, as the engine's slots do). preadv releases the
+    GIL; at 4 MiB per call the interpreter's share is negligible."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    pieces = (size + block - 1) // block
+    slots = arena.nbytes // block
+    done = [0] * threads
+    errors: list = []
+
+    def reader(t: int) -> None:
+        try:
+            for i in range(t, pieces, threads):
+                length = min(block, size - i * block)
+                start = (i % slots) * block
+                got = 0
+                while got < length:
+                    n = os.preadv(fd, [arena.view[start + got:start + length]], i * block + got)
+                    if n <= 0:
+                        raise OSError(f"short read at {i * block + got}")
+                    got += n
+                done[t] += got
+        except BaseException as error:  # noqa: BLE001 - reported after join
+            errors.append(error)
+
+    try:
+        workers = [threading.Thread(target=reader, args=(t,)) for t in range(threads)]
+        c0 = cpu_self()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        seconds = time.perf_counter() - t0
+        cpu = cpu_self() - c0
+    finally:
+        os.close(fd)
+    if errors:
+        raise errors[0]
+    return {"seconds": seconds, "bytes": sum(done), "cpu_s": cpu}
+
+
+# ---- rounds ------------------------------------------------------------------------------------------------------
+
+def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: int, budget_s: float,
+               expected_bytes: int, data_path: Path) -> list:
+    """Runs the arms interleaved (A B C … A B C …). `prepare` puts the page cache in the section's state before
+    each arm and returns the residency it checked. Stops adding rounds past `min_rounds` when another would end
+    after `budget_s`."""
+    started = time.monotonic()
+    rounds = []
+    for r in range(rounds_wanted):
+        round_start = time.monotonic()
+        results = {}
+        for name, fn in arms:
+            before = prepare()
+            result = fn()
+            result["residency_before"] = before
+            result["residency_after"] = residency(data_path)
+            result["gb_s"] = result["bytes"] / result["seconds"] / GB
+            result["cpu_s_per_gb"] = result["cpu_s"] / (result["bytes"] / GB)
+            if result["bytes"] < expected_bytes:
+                print(f"  warning: {name} read {result['bytes']} bytes of {expected_bytes}", file=sys.stderr)
+            results[name] = result
+        rounds.append(results)
+        print(f"  {title} round {r + 1}: " + ", ".join(f"{n} {x['gb_s']:.2f}" for n, x in results.items())
+              + " GB/s", flush=True)
+        round_seconds = time.monotonic() - round_start
+        if (r + 1 >= min_rounds and r + 1 < rounds_wanted
+                and time.monotonic() - started + round_seconds > budget_s):
+            print(f"  ({title}: stopping after {r + 1} rounds: another would pass the {budget_s:.0f} s budget)")
+            break
+    return rounds
+
+
+def summarize(rounds: list, name: str) -> dict:
+    values = [x[name]["gb_s"] for x in rounds]
+    cpu = [x[name]["cpu_s_per_gb"] for x in rounds]
+    out = {"gb_s_median": statistics.median(values), "gb_s_min": min(values), "gb_s_max": max(values),
+           "cpu_s_per_gb_median": statistics.median(cpu)}
+    for key in ("io_busy_fraction", "wait_fraction"):
+        if key in rounds[0][name]:
+            out[key + "_median"] = statistics.median(x[name][key] for x in rounds)
+    return out
+
+
+def ratio(rounds: list, summary: dict, arm: str, base: str, target: float) -> dict:
+    return {"arm": arm, "baseline": base, "target": target,
+            "ratio_of_medians": summary[arm]["gb_s_median"] / summary[base]["gb_s_median"],
+            "median_of_round_ratios": statistics.median(x[arm]["gb_s"] / x[base]["gb_s"] for x in rounds)}
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path("/var/tmp/tensorstream-bench"),
+                   help="storage directory of the benchmark store (created once, reused while valid; never a tmpfs)")
+    p.add_argument("--size-gib", type=float, default=4.0, help="size of the store (at least 4 GiB for the targets)")
+    p.add_argument("--block-mib", type=int, default=64, help="bytes per block (a layer: three bf16 tensors)")
+    p.add_argument("--chunk-mib", type=int, default=4, help="store chunk size (unit of checksums and reads)")
+    p.add_argument("--arena-mib", type=int, default=512, help="engine arena (4 KiB aligned uint8 tensor)")
+    p.add_argument("--io-threads", type=int, default=4, help="engine num_io_threads")
+    p.add_argument("--queue-depth", type=int, default=32, help="engine queue_depth and fio --iodepth")
+    p.add_argument("--memory-pressure", default="balanced", choices=("conservative", "balanced", "aggressive"))
+    p.add_argument("--prefetch", default="adaptive", choices=("none", "next_layer", "adaptive"),
+                   help="prefetch_strategy of the engine arms (one arm per section always uses next_layer)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds wanted per section (at least 3 run)")
+    p.add_argument("--min-rounds", type=int, default=3, help="rounds always run")
+    p.add_argument("--cold-budget-s", type=float, default=240.0,
+                   help="stop adding cold rounds beyond --min-rounds when the next would end after this")
+    p.add_argument("--warm-budget-s", type=float, default=120.0, help="the same for the warm rounds")
+    p.add_argument("--skip-cold", action="store_true", help="skip the cold section")
+    p.add_argument("--skip-warm", action="store_true", help="skip the warm section")
+    p.add_argument("--remove-store", action="store_true", help="delete the store at the end (default: keep it)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
+    args = p.parse_args(argv)
+
+    started = time.monotonic()
+    base = args.dir
+    base.mkdir(parents=True, exist_ok=True)
+    fstype = mount_of(base)["fstype"]
+    if fstype in MEMORY_FILE_SYSTEMS:
+        print(f"warning: {base} is on {fstype}: cold reads there measure memory, not storage", file=sys.stderr)
+    if Path(os.path.realpath(base)).is_relative_to(REPO):
+        print(f"warning: {base} is inside the repository; the store is {args.size_gib} GiB", file=sys.stderr)
+    block_bytes = args.block_mib * MIB
+    chunk_size = args.chunk_mib * MIB
+    nblocks = max(1, round(args.size_gib * GIB / block_bytes))
+    total = nblocks * block_bytes
+    seed = 0
+    model_id = f"engine-read-{nblocks}x{args.block_mib}m-c{args.chunk_mib}m"
+    block = 4 * MIB  # the tools' read size, the same as the engine's chunk reads by default
+
+    storage = _core.StorageDirectory.open_or_create(str(base))
+    why = store_is_valid(storage, model_id, nblocks, block_bytes, chunk_size, seed)
+    store_seconds = None
+    if why:
+        need = total + 256 * MIB
+        free = shutil.disk_usage(base).free
+        if free < need:
+            print(f"error: {base} has {free / GIB:.1f} GiB free, the store needs {need / GIB:.1f} GiB", file=sys.stderr)
+            return 2
+        print(f"engine_read: writing store {model_id} in {base} ({total / GIB:.2f} GiB; store {why})", flush=True)
+        t0 = time.perf_counter()
+        write_store(storage, model_id, nblocks, block_bytes, chunk_size, seed)
+        store_seconds = time.perf_counter() - t0
+        os.sync()
+    reader = _core.StoreReader.open(storage, model_id)
+    data_path = Path(reader.data_path)
+    data_size = os.stat(data_path).st_size
+    del reader
+
+    machine = machine_description(base)
+    uring = machine["io_uring_available"]
+    fio_engine = "io_uring" if uring else "libaio"
+    print(f"engine_read: {data_size / GIB:.2f} GiB store {model_id} ({nblocks} blocks of {args.block_mib} MiB, chunk "
+          f"{args.chunk_mib} MiB) at {data_path} ({machine['filesystem']} on {machine['filesystem_source']}); "
+          f"{machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM, kernel "
+          f"{machine['kernel']}, io_uring {'yes' if uring else 'no: ' + machine['io_uring_unavailable_reason']}, "
+          f"load {machine['load_average_at_start']}", flush=True)
+
+    arena = Arena(args.arena_mib * MIB)
+    common = dict(num_io_threads=args.io_threads, queue_depth=args.queue_depth, prefetch_strategy=args.prefetch,
+                  memory_pressure_mode=args.memory_pressure)
+
+    def engine(backend: str, direct_io: str, checksums: bool, prefetch: str = args.prefetch):
+        options = dict(common, backend=backend, direct_io=direct_io, verify_checksums=checksums,
+                       prefetch_strategy=prefetch)
+        return lambda: engine_arm(storage, model_id, nblocks, arena, options)
+
+    # Each engine arm is a fresh engine making one pass, so "adaptive" is in its learning pass: it prefetches
+    # nothing until it has seen a transition, and every block loads on demand. The next_layer arm prefetches by
+    # index from the first access: the difference is what prefetching buys a single pass.
+    # The mmap backend is only run with checksums on: verification is what touches (reads) its pages; without
+    # it the arm would read nothing.
+
+    cold_arms = [
+        ("engine pread", engine("pread", "auto", True)),
+        ("engine io_uring", engine("io_uring", "auto", True)),
+        ("engine mmap", engine("mmap", "auto", True)),
+        ("engine auto, xxh3 off", engine("auto", "auto", False)),
+        ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
+        ("fio", lambda: fio_arm(data_path, fio_engine, args.queue_depth, block)),
+        ("dd", lambda: dd_arm(data_path, block)),
+    ]
+    warm_arms = [
+        ("engine auto", engine("auto", "auto", True)),
+        ("engine auto, xxh3 off", engine("auto", "auto", False)),
+        ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
+        ("engine direct_io=on", engine("auto", "on", True)),
+        ("pread x2", lambda: pread_arm(data_path, arena, 2, block)),
+    ]
+    labels = {
+        "engine pread": f"engine pread x{args.io_threads}, direct auto, xxh3",
+        "engine io_uring": f"engine io_uring qd{args.queue_depth}, direct auto, xxh3",
+        "engine mmap": "engine mmap (zero-copy views), xxh3",
+        "engine auto, xxh3 off": "engine auto, direct auto, no checksums",
+        "engine auto, next_layer": "engine auto, direct auto, xxh3, next_layer",
+        "fio": f"fio {fio_engine} qd{args.queue_depth} bs=4M direct",
+        "dd": "dd bs=4M iflag=direct",
+        "engine auto": "engine auto, direct auto, xxh3",
+        "engine direct_io=on": "engine auto, direct_io=on (forced), xxh3",
+        "pread x2": "2 threads, buffered pread 4 MiB",
+    }
+
+    def cold_prepare() -> float:
+        left = evict(data_path)
+        if left > 0.01:
+            print(f"  warning: {left:.1%} of the file still cached after eviction", file=sys.stderr)
+        return left
+
+    def warm_prepare() -> float:
+        reached = warm_up(data_path)
+        if reached < 0.99:
+            print(f"  warning: only {reached:.1%} of the file cached after warming", file=sys.stderr)
+        return reached
+
+    wanted = max(args.rounds, args.min_rounds)
+    cold = warm = []
+    if not args.skip_cold:
+        cold = run_rounds("cold", cold_arms, cold_prepare, wanted, args.min_rounds, args.cold_budget_s, data_size,
+                          data_path)
+    if not args.skip_warm:
+        warm = run_rounds("warm", warm_arms, warm_prepare, wanted, args.min_rounds, args.warm_budget_s, data_size,
+                          data_path)
+    if args.remove_store:
+        storage.remove_model(model_id)
+    elapsed = time.monotonic() - started
+
+    # ---- table ----
+    header = f"  {'arm':<44} {'GB/s':>6} {'min':>6} {'max':>6} {'CPU s/GB':>8} {'io busy':>7} {'wait':>5}  {'ratio':>22}"
+    lines = ["", f"Engine arms: a fresh engine per arm, one pass acquire/wait/release over all {nblocks} blocks; arena "
+                 f"{arena.nbytes // MIB} MiB, prefetch {args.prefetch}, memory pressure {args.memory_pressure}, "
+                 f"{args.io_threads} io threads, queue depth {args.queue_depth}; xxh3 = chunk checksums verified."]
+    sections = {}
+
+    def section(title: str, rounds: list, arms: list, ratios: list) -> None:
+        summary = {name: summarize(rounds, name) for name, _ in arms}
+        by_arm = {}
+        results = [ratio(rounds, summary, a, b, t) for a, b, t in ratios]
+        for r in results:
+            by_arm.setdefault(r["arm"], []).append(r)
+        lines.extend(["", title, header])
+        for name, _ in arms:
+            s = summary[name]
+            busy = f"{s['io_busy_fraction_median']:.0%}" if "io_busy_fraction_median" in s else ""
+            wait = f"{s['wait_fraction_median']:.0%}" if "wait_fraction_median" in s else ""
+            rat = "; ".join(f"{x['ratio_of_medians']:.2f} of {x['baseline']}" for x in by_arm.get(name, []))
+            lines.append(f"  {labels[name]:<44} {s['gb_s_median']:>6.2f} {s['gb_s_min']:>6.2f} {s['gb_s_max']:>6.2f} "
+                         f"{s['cpu_s_per_gb_median']:>8.3f} {busy:>7} {wait:>5}  {rat}")
+        for r in results:
+            if r["target"]:
+                verdict = "meets" if r["ratio_of_medians"] >= r["target"] else "BELOW"
+                lines.append(f"  target {r['arm']} / {r['baseline']} >= {r['target']:.2f}: {r['ratio_of_medians']:.3f} "
+                             f"({verdict}; median of round ratios {r['median_of_round_ratios']:.3f})")
+        sections[title.split()[0].lower()] = {"summary": summary, "ratios": results, "rounds": rounds}
+
+    if cold:
+        section(f"Cold read (evicted + mincore-checked before each arm): {data_size / GIB:.2f} GiB, {len(cold)} "
+                "interleaved rounds, medians",
+                cold, cold_arms,
+                [("engine pread", "fio", 0.9), ("engine io_uring", "fio", 0.9), ("engine mmap", "fio", 0.9),
+                 ("engine auto, xxh3 off", "fio", 0), ("engine auto, next_layer", "fio", 0), ("dd", "fio", 0),
+                 ("engine pread", "dd", 0), ("engine io_uring", "dd", 0), ("engine mmap", "dd", 0)])
+    if warm:
+        section(f"Warm read (file in the page cache, mincore-checked before each arm): {data_size / GIB:.2f} GiB, "
+                f"{len(warm)} interleaved rounds, medians",
+                warm, warm_arms,
+                [("engine auto", "pread x2", 0.9), ("engine auto, xxh3 off", "pread x2", 0.9),
+                 ("engine auto, next_layer", "pread x2", 0),
+                 ("engine auto", "engine direct_io=on", 1.3), ("engine direct_io=on", "pread x2", 0)])
+    lines.append(f"\n(GB = 1e9 bytes. io busy: share of the arm's time with engine reads in flight; wait: share the "
+                 f"caller spent in Ticket.wait. {elapsed:.0f} s"
+                 + (f", of which {store_seconds:.0f} s writing the store" if store_seconds else "")
+                 + f"; {machine['filesystem']} at {data_path.parent})")
+    print("\n".join(lines))
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    out_path = args.json or RESULTS / f"engine_read-{now:%Y%m%d-%H%M%S}-{socket.gethostname()}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "engine_read",
+        "date_utc": now.isoformat(timespec="seconds"),
+        "machine": machine,
+        "parameters": {"model_id": model_id, "data_path": str(data_path), "data_bytes": data_size,
+                       "blocks": nblocks, "block_bytes": block_bytes, "tensors_per_block": 3, "dtype": "bfloat16",
+                       "chunk_size": chunk_size, "compression_level": 0, "checksums": "xxh3-64",
+                       "arena_bytes": arena.nbytes, "engine": dict(common), "tool_block_bytes": block,
+                       "fio_ioengine": fio_engine, "rounds_wanted": wanted, "min_rounds": args.min_rounds,
+                       "store_written_this_run": store_seconds is not None, "store_write_seconds": store_seconds,
+                       "arm_labels": labels},
+        "cold": sections.get("cold"),
+        "warm": sections.get("warm"),
+        "elapsed_s": elapsed,
+        "table": "\n".join(lines).strip(),
+    }
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
