@@ -11,6 +11,7 @@
 #include <mutex>
 #include <thread>
 
+#include "io/mmap_backend.hpp"
 #include "tensorstream/error.hpp"
 #include "tensorstream/io/direct_io.hpp"
 #include "tensorstream/residency/prefetcher.hpp"
@@ -27,6 +28,10 @@ uint64_t now_ns() {
 // A caller blocked this long without any load finishing or block being released is deadlocked (every slot is
 // pinned by callers that wait themselves); failing loudly beats hanging forever.
 constexpr auto kNoRoomTimeout = std::chrono::seconds(60);
+
+// AUTO maps a block instead of reading it when at least this share of its pages is in the page cache (the same
+// threshold as the O_DIRECT decision: below it, reading directly beats faulting pages in one by one).
+constexpr double kWarmFraction = 0.5;
 }  // namespace
 
 namespace detail {
@@ -97,7 +102,11 @@ struct Engine::Impl {
   ResidencyManager residency;
   Prefetcher prefetcher;
   UniqueFd direct_fd;  // O_DIRECT descriptor of the data file, when usable
-  bool zero_copy = false;
+  bool zero_copy = false;  // the backend itself maps the file: every raw block is a view, never a copy
+  // AUTO with host slots: a second, mapping backend for blocks already in the page cache. Reading those would only
+  // copy memory to memory; a view of the page cache costs no copy at all (cold blocks are still read, directly).
+  std::unique_ptr<IoBackend> mapper;
+  std::vector<std::span<std::byte>> block_data;  // where each resident or loading block's bytes are (under `mutex`)
 
   std::mutex mutex;  // loads, acquire times, order flag
   std::condition_variable room_cv;
@@ -149,6 +158,10 @@ struct Engine::Impl {
       backend = make_backend(options, &fallback_reason);
     }
     zero_copy = backend->caps().zero_copy_views && transfer->host_addressable_slots();
+    if (config.backend == BackendKind::kAuto && !zero_copy && transfer->host_addressable_slots()) {
+      mapper = detail::make_mmap_backend();
+    }
+    block_data.resize(manifest.blocks.size());
     open_direct_fd();
     reaper = std::thread([this] { reap_loop(); });
     for (uint32_t i = 0; i < config.num_io_threads; ++i) workers.emplace_back([this] { work_loop(); });
@@ -223,7 +236,7 @@ struct Engine::Impl {
       std::vector<size_t> evicted = std::move(decision.evicted);
       switch (decision.action) {
         case ResidencyManager::Action::kHit:
-          ticket.data_ = slot_span(block);
+          ticket.data_ = block_data[block];
           stats.on_acquire(block, /*hit=*/true, prefetched);
           break;
         case ResidencyManager::Action::kInFlight:
@@ -325,16 +338,6 @@ struct Engine::Impl {
     }
   }
 
-  std::span<std::byte> slot_span(size_t block) {
-    const BlockRecord& record = manifest.blocks[block];
-    if (zero_copy && record.all_raw) {
-      const auto view = backend->view(store->data_fd(), record.offset, record.slot_size);
-      return {const_cast<std::byte*>(view.data()), view.size()};  // copy-on-write private mapping
-    }
-    const auto offset = residency.slot_offset(block);
-    return arena.subspan(offset.value_or(0), record.slot_size);
-  }
-
   // ---- loading --------------------------------------------------------------------------------------------------
 
   // Called with `mutex` held. Creates the load and returns it; its reads go to `to_submit`, which the caller
@@ -348,11 +351,19 @@ struct Engine::Impl {
     load->start_ns = now_ns();
     loads[block] = load;
 
-    if (zero_copy && record.all_raw) {
-      const auto view = backend->view(store->data_fd(), record.offset, record.slot_size);
-      load->data = {const_cast<std::byte*>(view.data()), view.size()};
+    IoBackend* view_source = nullptr;
+    if (record.all_raw && zero_copy) {
+      view_source = backend.get();
+    } else if (record.all_raw && mapper &&
+               page_cache_fraction(store->data_fd(), record.offset, record.slot_size) >= kWarmFraction) {
+      view_source = mapper.get();
+    }
+    if (view_source != nullptr) {
+      const auto view = view_source->view(store->data_fd(), record.offset, record.slot_size);
+      load->data = {const_cast<std::byte*>(view.data()), view.size()};  // a copy-on-write private mapping
+      block_data[block] = load->data;
       load->stored_bytes += record.end - record.offset;  // read by page faults while verifying
-      backend->will_need(store->data_fd(), record.offset, record.slot_size);
+      view_source->will_need(store->data_fd(), record.offset, record.slot_size);
       // No read: the mapping is the slot. Verification touches (and so faults in) every page.
       build_region_chunks(load, 0);
       if (load->region_chunks.empty()) {
@@ -367,6 +378,7 @@ struct Engine::Impl {
       return load;
     }
     load->data = arena.subspan(slot_offset, record.slot_size);
+    block_data[block] = load->data;
 
     std::vector<Piece*> pieces;
     if (record.all_raw && transfer->host_addressable_slots()) {

@@ -1,5 +1,6 @@
 #include "tensorstream/engine/engine.hpp"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorstream/error.hpp"
+#include "tensorstream/io/direct_io.hpp"
 #include "tensorstream/residency/residency_manager.hpp"
 
 namespace tensorstream {
@@ -403,6 +405,48 @@ TEST_F(EngineTest, MmapBackendGivesZeroCopyViews) {
   }
   // Every chunk was verified before its block was declared ready.
   EXPECT_EQ(engine.stats().bytes_delivered, 3u * 60000u);
+}
+
+// AUTO with host slots maps blocks that are already in the page cache (no copy) and reads the others.
+TEST_F(EngineTest, AutoMapsWarmBlocksAndReadsColdOnes) {
+  write(equal_blocks(4, 41), 0, 16384);
+  Arena arena(total_slot_bytes());
+  auto inside_arena = [&](const Ticket& ticket) {
+    const auto* begin = arena.span().data();
+    return ticket.data().data() >= begin && ticket.data().data() < begin + arena.span().size();
+  };
+  Config c = config();
+  c.backend = BackendKind::kAuto;
+  {
+    // Warm: the writer just wrote the file, and a full read leaves it cached.
+    (void)testing::read_file_bytes(store_->data_path());
+    ASSERT_GE(page_cache_fraction(store_->data_fd(), 0, store_->manifest().data_size), 0.5);
+    Engine engine(store_, arena.span(), c);
+    for (size_t b = 0; b < 4; ++b) {
+      Ticket ticket = engine.acquire(b);
+      ticket.wait();
+      expect_block_bytes(b, ticket.data());
+      EXPECT_FALSE(inside_arena(ticket)) << "warm block " << b << " was copied";
+      engine.release(b);
+      Ticket hit = engine.acquire(b);  // a hit returns the same view
+      EXPECT_EQ(hit.data().data(), ticket.data().data());
+      engine.release(b);
+    }
+  }
+  ::posix_fadvise(store_->data_fd(), 0, 0, POSIX_FADV_DONTNEED);
+  if (page_cache_fraction(store_->data_fd(), 0, store_->manifest().data_size) >= 0.5) {
+    GTEST_SKIP() << "this file system keeps the file cached after POSIX_FADV_DONTNEED (tmpfs?)";
+  }
+  if (!direct_io_supported(store_->data_path().c_str())) GTEST_SKIP() << "no O_DIRECT on this file system";
+  c.direct_io = DirectIoMode::kOn;  // buffered reads would let readahead warm the next blocks
+  Engine engine(store_, arena.span(), c);
+  for (size_t b = 0; b < 4; ++b) {
+    Ticket ticket = engine.acquire(b);
+    ticket.wait();
+    expect_block_bytes(b, ticket.data());
+    EXPECT_TRUE(inside_arena(ticket)) << "cold block " << b << " should be read into its slot";
+    engine.release(b);
+  }
 }
 
 TEST_F(EngineTest, BadConfigAndBlockIndexAreConfigErrors) {
