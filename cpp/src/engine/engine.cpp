@@ -668,6 +668,7 @@ struct Engine::Impl {
     const uint64_t elapsed = now_ns() - load->start_ns;
     // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
     if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);
+    if (ok && load->mapped) stats.add_io_busy_ns(elapsed);  // its bytes came in by page faults during the load
     std::vector<size_t> evicted;
     {
       std::lock_guard lock(mutex);

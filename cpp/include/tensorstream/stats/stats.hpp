@@ -57,6 +57,8 @@ class Stats {
   // I/O busy time: the engine reports when the number of reads in flight goes 0 -> 1 and 1 -> 0.
   void on_io_started(uint64_t now_ns) noexcept;
   void on_io_idle(uint64_t now_ns) noexcept;
+  // I/O time that happened outside submitted reads (page faults of a mapped block while it was verified).
+  void add_io_busy_ns(uint64_t ns) noexcept { add(io_busy_ns_, ns); }
 
   [[nodiscard]] StatsSnapshot snapshot() const;
   void reset() noexcept;  // counters to zero
