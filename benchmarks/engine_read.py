@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as _dt
+import fcntl
 import json
 import mmap
 import os
@@ -125,6 +126,34 @@ def block_device_of(source: str) -> dict:
     return out
 
 
+def disk_stat_path(source: str):
+    """/sys/class/block/<dev>/stat of a mount source such as /dev/vda or /dev/nvme0n1p2 (None if there is none)."""
+    if not source.startswith("/dev/"):
+        return None
+    path = Path("/sys/class/block") / os.path.basename(os.path.realpath(source)) / "stat"
+    return path if path.is_file() else None
+
+
+def disk_reads(stat_path):
+    """(read requests completed, sectors read) of the device, or None."""
+    if stat_path is None:
+        return None
+    try:
+        fields = stat_path.read_text().split()
+        return int(fields[0]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thp_setting() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        match = re.search(r"\[(\w+)\]", text)
+        return match.group(1) if match else text.strip()
+    except OSError:
+        return "?"
+
+
 def machine_description(bench_dir: Path) -> dict:
     mem_kib = read_first("/proc/meminfo", "MemTotal")
     mount = mount_of(bench_dir)
@@ -156,6 +185,7 @@ def machine_description(bench_dir: Path) -> dict:
         "filesystem_options": mount["options"],
         "filesystem_free_gib": round(usage.free / GIB, 1),
         "block_device": block_device_of(mount["source"]),
+        "transparent_hugepage": thp_setting(),
         "load_average_at_start": load,
     }
 
@@ -167,6 +197,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -289,13 +320,25 @@ def cpu_children() -> float:
     return r.children_user + r.children_system
 
 
-class Arena:
-    """A 4 KiB aligned uint8 tensor (what O_DIRECT needs), pre-faulted so no arm pays for first-touch faults."""
+MADV_HUGEPAGE = 14
 
-    def __init__(self, nbytes: int) -> None:
-        self._raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
-        offset = (-self._raw.data_ptr()) % 4096
+
+class Arena:
+    """A 4 KiB aligned uint8 tensor (what O_DIRECT needs), pre-faulted so no arm pays for first-touch faults.
+
+    With huge=True it is 2 MiB aligned and advised MADV_HUGEPAGE before the pre-faulting, so (where transparent
+    huge pages are "madvise" or "always") it is backed by 2 MiB pages: a 4 MiB O_DIRECT read into it then needs
+    2 physically contiguous segments instead of up to 1024 scattered 4 KiB ones."""
+
+    def __init__(self, nbytes: int, huge: bool = False) -> None:
+        align = 2 * MIB if huge else 4096
+        self._raw = torch.empty(nbytes + align, dtype=torch.uint8)
+        offset = (-self._raw.data_ptr()) % align
         self.tensor = self._raw[offset:offset + nbytes]
+        self.huge = False
+        if huge:
+            self.huge = _libc.madvise(ctypes.c_void_p(self.tensor.data_ptr()), ctypes.c_size_t(nbytes),
+                                      MADV_HUGEPAGE) == 0
         self.tensor.fill_(0)
         self.address = self.tensor.data_ptr()
         self.nbytes = nbytes
@@ -311,11 +354,15 @@ def engine_arm(storage, model_id: str, nblocks: int, arena: Arena, options: dict
     backend = engine.backend_name
     fallback = engine.backend_fallback_reason
     try:
+        mapped = 0
+        arena_end = arena.address + arena.nbytes
         c0 = cpu_self()
         t0 = time.perf_counter()
         for b in range(nblocks):
             ticket = engine.acquire(b)
             ticket.wait()
+            # A block outside the arena is a zero-copy view of the file (mmap backend, or AUTO on cached data).
+            mapped += not arena.address <= ticket.address < arena_end
             engine.release(b)
         seconds = time.perf_counter() - t0
         stats = engine.stats()
@@ -324,11 +371,11 @@ def engine_arm(storage, model_id: str, nblocks: int, arena: Arena, options: dict
         engine.close()
         close_seconds = time.perf_counter() - t1
     cpu = cpu_self() - c0
-    # The mmap backend reads nothing itself: its blocks are views of the file, faulted in by verification, so
-    # bytes_read stays 0 and bytes_delivered counts what reached the caller.
+    # Mapped blocks are views of the file, faulted in by verification; builds that leave them out of bytes_read
+    # still count them in bytes_delivered (what reached the caller).
     nbytes = stats["bytes_read"] if stats["bytes_read"] else stats["bytes_delivered"]
     out = {"seconds": seconds, "bytes": nbytes, "cpu_s": cpu, "close_s": close_seconds,
-           "backend": backend, "stats": {k: stats[k] for k in STAT_KEYS}}
+           "backend": backend, "blocks_mapped": mapped, "stats": {k: stats[k] for k in STAT_KEYS}}
     if fallback:
         out["backend_fallback_reason"] = fallback
     load_ns = sorted(b["load_ns"] for b in stats["blocks"] if b["loads"])
@@ -422,7 +469,7 @@ def pread_arm(path: Path, arena: Arena, threads: int, block: int) -> dict:
 # ---- rounds ------------------------------------------------------------------------------------------------------
 
 def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: int, budget_s: float,
-               expected_bytes: int, data_path: Path) -> list:
+               expected_bytes: int, data_path: Path, stat_path) -> list:
     """Runs the arms interleaved (A B C … A B C …). `prepare` puts the page cache in the section's state before
     each arm and returns the residency it checked. Stops adding rounds past `min_rounds` when another would end
     after `budget_s`."""
@@ -433,7 +480,13 @@ def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: 
         results = {}
         for name, fn in arms:
             before = prepare()
+            disk0 = disk_reads(stat_path)
             result = fn()
+            disk1 = disk_reads(stat_path)
+            if disk0 is not None and disk1 is not None:
+                # Whole-device counts: anything else reading the disk meanwhile shows up here too.
+                result["device_read_requests"] = disk1[0] - disk0[0]
+                result["device_read_bytes"] = (disk1[1] - disk0[1]) * 512
             result["residency_before"] = before
             result["residency_after"] = residency(data_path)
             result["gb_s"] = result["bytes"] / result["seconds"] / GB
@@ -460,6 +513,12 @@ def summarize(rounds: list, name: str) -> dict:
     for key in ("io_busy_fraction", "wait_fraction"):
         if key in rounds[0][name]:
             out[key + "_median"] = statistics.median(x[name][key] for x in rounds)
+    out["blocks_mapped_max"] = max(x[name].get("blocks_mapped", 0) for x in rounds)
+    # Average device read request, over the arms whose bytes came mostly from the device (not the page cache).
+    sizes = [x[name]["device_read_bytes"] / x[name]["device_read_requests"] for x in rounds
+             if x[name].get("device_read_requests") and x[name]["device_read_bytes"] >= 0.5 * x[name]["bytes"]]
+    if sizes:
+        out["device_request_bytes_median"] = statistics.median(sizes)
     return out
 
 
@@ -490,15 +549,24 @@ def main(argv=None) -> int:
     p.add_argument("--cold-budget-s", type=float, default=240.0,
                    help="stop adding cold rounds beyond --min-rounds when the next would end after this")
     p.add_argument("--warm-budget-s", type=float, default=120.0, help="the same for the warm rounds")
+    p.add_argument("--no-huge-arena", action="store_true",
+                   help="use a plain 4 KiB-page arena for every engine arm (the product advises huge pages)")
     p.add_argument("--skip-cold", action="store_true", help="skip the cold section")
     p.add_argument("--skip-warm", action="store_true", help="skip the warm section")
     p.add_argument("--remove-store", action="store_true", help="delete the store at the end (default: keep it)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = p.parse_args(argv)
 
-    started = time.monotonic()
     base = args.dir
     base.mkdir(parents=True, exist_ok=True)
+    # Two runs on one store would evict and warm each other's page cache mid-arm: the second one waits.
+    lock = open(base / ".engine_read.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"engine_read: another run holds {base / '.engine_read.lock'}; waiting for it", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    started = time.monotonic()
     fstype = mount_of(base)["fstype"]
     if fstype in MEMORY_FILE_SYSTEMS:
         print(f"warning: {base} is on {fstype}: cold reads there measure memory, not storage", file=sys.stderr)
@@ -541,19 +609,29 @@ def main(argv=None) -> int:
           f"load {machine['load_average_at_start']}", flush=True)
 
     arena = Arena(args.arena_mib * MIB)
+    huge_arena = Arena(args.arena_mib * MIB, huge=True) if not args.no_huge_arena else None
+    stat_path = disk_stat_path(machine["filesystem_source"])
     common = dict(num_io_threads=args.io_threads, queue_depth=args.queue_depth, prefetch_strategy=args.prefetch,
                   memory_pressure_mode=args.memory_pressure)
 
-    def engine(backend: str, direct_io: str, checksums: bool, prefetch: str = args.prefetch):
+    # Engine arms use the arena tensorstream.offload allocates (python/tensorstream/torch/arena.py: 2 MiB aligned,
+    # MADV_HUGEPAGE); one cold arm repeats io_uring on a plain 4 KiB-page arena to show what that buys.
+    product_arena = huge_arena if huge_arena is not None else arena
+
+    def engine(backend: str, direct_io: str, checksums: bool, prefetch: str = args.prefetch, on=None):
         options = dict(common, backend=backend, direct_io=direct_io, verify_checksums=checksums,
                        prefetch_strategy=prefetch)
-        return lambda: engine_arm(storage, model_id, nblocks, arena, options)
+        target = product_arena if on is None else on
+        return lambda: engine_arm(storage, model_id, nblocks, target, options)
 
-    # Each engine arm is a fresh engine making one pass, so "adaptive" is in its learning pass: it prefetches
-    # nothing until it has seen a transition, and every block loads on demand. The next_layer arm prefetches by
+    # Each engine arm is a fresh engine making one pass, so "adaptive" is in its learning pass: it guesses storage
+    # order until it has seen transitions (cpp/src/residency/prefetcher.cpp). The next_layer arm prefetches by
     # index from the first access: the difference is what prefetching buys a single pass.
     # The mmap backend is only run with checksums on: verification is what touches (reads) its pages; without
     # it the arm would read nothing.
+    # The huge-page arena arm: an O_DIRECT read is split by the device's segment limit (max_segments, often 128
+    # or 254 entries), so into a 4 KiB-page arena a 4 MiB read may become several device requests, into 2 MiB pages
+    # one. The "req KiB" column shows the average device request of each arm.
 
     cold_arms = [
         ("engine pread", engine("pread", "auto", True)),
@@ -561,6 +639,7 @@ def main(argv=None) -> int:
         ("engine mmap", engine("mmap", "auto", True)),
         ("engine auto, xxh3 off", engine("auto", "auto", False)),
         ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
+        *([("engine io_uring, 4k arena", engine("io_uring", "auto", True, on=arena))] if huge_arena else []),
         ("fio", lambda: fio_arm(data_path, fio_engine, args.queue_depth, block)),
         ("dd", lambda: dd_arm(data_path, block)),
     ]
@@ -577,6 +656,7 @@ def main(argv=None) -> int:
         "engine mmap": "engine mmap (zero-copy views), xxh3",
         "engine auto, xxh3 off": "engine auto, direct auto, no checksums",
         "engine auto, next_layer": "engine auto, direct auto, xxh3, next_layer",
+        "engine io_uring, 4k arena": "engine io_uring, as above, 4 KiB-page arena",
         "fio": f"fio {fio_engine} qd{args.queue_depth} bs=4M direct",
         "dd": "dd bs=4M iflag=direct",
         "engine auto": "engine auto, direct auto, xxh3",
@@ -600,16 +680,17 @@ def main(argv=None) -> int:
     cold = warm = []
     if not args.skip_cold:
         cold = run_rounds("cold", cold_arms, cold_prepare, wanted, args.min_rounds, args.cold_budget_s, data_size,
-                          data_path)
+                          data_path, stat_path)
     if not args.skip_warm:
         warm = run_rounds("warm", warm_arms, warm_prepare, wanted, args.min_rounds, args.warm_budget_s, data_size,
-                          data_path)
+                          data_path, stat_path)
     if args.remove_store:
         storage.remove_model(model_id)
     elapsed = time.monotonic() - started
 
     # ---- table ----
-    header = f"  {'arm':<44} {'GB/s':>6} {'min':>6} {'max':>6} {'CPU s/GB':>8} {'io busy':>7} {'wait':>5}  {'ratio':>22}"
+    header = (f"  {'arm':<44} {'GB/s':>6} {'min':>6} {'max':>6} {'CPU s/GB':>8} {'io busy':>7} {'wait':>5} "
+              f"{'req KiB':>7}  ratio")
     lines = ["", f"Engine arms: a fresh engine per arm, one pass acquire/wait/release over all {nblocks} blocks; arena "
                  f"{arena.nbytes // MIB} MiB, prefetch {args.prefetch}, memory pressure {args.memory_pressure}, "
                  f"{args.io_threads} io threads, queue depth {args.queue_depth}; xxh3 = chunk checksums verified."]
@@ -618,7 +699,7 @@ def main(argv=None) -> int:
     def section(title: str, rounds: list, arms: list, ratios: list) -> None:
         summary = {name: summarize(rounds, name) for name, _ in arms}
         by_arm = {}
-        results = [ratio(rounds, summary, a, b, t) for a, b, t in ratios]
+        results = [ratio(rounds, summary, a, b, t) for a, b, t in ratios if a in summary and b in summary]
         for r in results:
             by_arm.setdefault(r["arm"], []).append(r)
         lines.extend(["", title, header])
@@ -626,9 +707,11 @@ def main(argv=None) -> int:
             s = summary[name]
             busy = f"{s['io_busy_fraction_median']:.0%}" if "io_busy_fraction_median" in s else ""
             wait = f"{s['wait_fraction_median']:.0%}" if "wait_fraction_median" in s else ""
+            req = f"{s['device_request_bytes_median'] / KIB:.0f}" if "device_request_bytes_median" in s else ""
             rat = "; ".join(f"{x['ratio_of_medians']:.2f} of {x['baseline']}" for x in by_arm.get(name, []))
-            lines.append(f"  {labels[name]:<44} {s['gb_s_median']:>6.2f} {s['gb_s_min']:>6.2f} {s['gb_s_max']:>6.2f} "
-                         f"{s['cpu_s_per_gb_median']:>8.3f} {busy:>7} {wait:>5}  {rat}")
+            label = labels[name] + (" *" if s["blocks_mapped_max"] else "")
+            lines.append(f"  {label:<44} {s['gb_s_median']:>6.2f} {s['gb_s_min']:>6.2f} {s['gb_s_max']:>6.2f} "
+                         f"{s['cpu_s_per_gb_median']:>8.3f} {busy:>7} {wait:>5} {req:>7}  {rat}")
         for r in results:
             if r["target"]:
                 verdict = "meets" if r["ratio_of_medians"] >= r["target"] else "BELOW"
@@ -641,17 +724,23 @@ def main(argv=None) -> int:
                 "interleaved rounds, medians",
                 cold, cold_arms,
                 [("engine pread", "fio", 0.9), ("engine io_uring", "fio", 0.9), ("engine mmap", "fio", 0.9),
-                 ("engine auto, xxh3 off", "fio", 0), ("engine auto, next_layer", "fio", 0), ("dd", "fio", 0),
+                 ("engine auto, xxh3 off", "fio", 0), ("engine auto, next_layer", "fio", 0),
+                 ("engine io_uring, 4k arena", "fio", 0), ("dd", "fio", 0),
                  ("engine pread", "dd", 0), ("engine io_uring", "dd", 0), ("engine mmap", "dd", 0)])
     if warm:
         section(f"Warm read (file in the page cache, mincore-checked before each arm): {data_size / GIB:.2f} GiB, "
                 f"{len(warm)} interleaved rounds, medians",
                 warm, warm_arms,
-                [("engine auto", "pread x2", 0.9), ("engine auto, xxh3 off", "pread x2", 0.9),
+                [("engine auto", "pread x2", 0.9), ("engine auto, xxh3 off", "pread x2", 0),
                  ("engine auto, next_layer", "pread x2", 0),
                  ("engine auto", "engine direct_io=on", 1.3), ("engine direct_io=on", "pread x2", 0)])
+    if any(arm["blocks_mapped_max"] for sec in sections.values() for arm in sec["summary"].values()):
+        lines.append("\n* blocks delivered as zero-copy views of the file (page cache), not copied into the arena: the "
+                     "checksum pass is what reads their bytes; with checksums off no byte is read, so that figure "
+                     "is the cost of mapping and prefaulting, not of reading.")
     lines.append(f"\n(GB = 1e9 bytes. io busy: share of the arm's time with engine reads in flight; wait: share the "
-                 f"caller spent in Ticket.wait. {elapsed:.0f} s"
+                 f"caller spent in Ticket.wait (mapped loads add their whole duration to io busy, so overlapping ones can "
+                 f"pass 100 %); req KiB: average read request the device completed. {elapsed:.0f} s"
                  + (f", of which {store_seconds:.0f} s writing the store" if store_seconds else "")
                  + f"; {machine['filesystem']} at {data_path.parent})")
     print("\n".join(lines))
@@ -666,7 +755,8 @@ def main(argv=None) -> int:
         "parameters": {"model_id": model_id, "data_path": str(data_path), "data_bytes": data_size,
                        "blocks": nblocks, "block_bytes": block_bytes, "tensors_per_block": 3, "dtype": "bfloat16",
                        "chunk_size": chunk_size, "compression_level": 0, "checksums": "xxh3-64",
-                       "arena_bytes": arena.nbytes, "engine": dict(common), "tool_block_bytes": block,
+                       "arena_bytes": arena.nbytes, "engine": dict(common),
+                       "huge_arena_advised": huge_arena.huge if huge_arena else None, "tool_block_bytes": block,
                        "fio_ioengine": fio_engine, "rounds_wanted": wanted, "min_rounds": args.min_rounds,
                        "store_written_this_run": store_seconds is not None, "store_write_seconds": store_seconds,
                        "arm_labels": labels},

@@ -116,7 +116,7 @@ std::vector<size_t> Prefetcher::on_access(size_t block) {
 
 // Successor chain: at the first step every successor seen at least half as often as the most frequent one (the
 // alternatives of a conditional block, e.g. MoE experts); then the most frequent successor of each block in turn,
-// `lookahead` steps deep in all. Nothing until a transition from `block` was seen.
+// `lookahead` steps deep in all. Before a transition from `block` was seen: the next unused indices (first pass only).
 std::vector<size_t> Prefetcher::predict_locked(size_t block) const {
   std::vector<size_t> ahead;
   const uint32_t depth = lookahead_locked();
@@ -129,12 +129,22 @@ std::vector<size_t> Prefetcher::predict_locked(size_t block) const {
     return best;
   };
   const Successor* first = top(block);
-  if (first == nullptr) return ahead;
   const auto add = [&](size_t candidate) {
     if (candidate != block && std::find(ahead.begin(), ahead.end(), candidate) == ahead.end()) {
       ahead.push_back(candidate);
     }
   };
+  if (first == nullptr) {
+    // Nothing learned from this block yet. During the first pass guess storage order (blocks are written in module
+    // order, which is usually execution order), skipping blocks this pass already used: otherwise a model's first
+    // forward pass, often its only one, would load every block on demand.
+    if (!order_known_) {
+      for (size_t next = block + 1; next < num_blocks_ && ahead.size() < depth; ++next) {
+        if (std::find(current_pass_.begin(), current_pass_.end(), next) == current_pass_.end()) add(next);
+      }
+    }
+    return ahead;
+  }
   add(first->block);
   std::vector<Successor> alternatives;
   for (const Successor& s : successors_[block]) {

@@ -70,10 +70,13 @@ TEST(Prefetcher, NextLayerFollowsTheLearnedOrderAndWraps) {
   EXPECT_EQ(pf.on_access(0), (Blocks{1, 3, 2}));  // never the accessed block, never twice
 }
 
-TEST(Prefetcher, AdaptiveWaitsForATransitionThenPredictsTheChain) {
+TEST(Prefetcher, AdaptiveGuessesStorageOrderInTheFirstPassThenPredictsTheChain) {
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 3);
-  // First pass, starting at block 2: no transition from any block seen yet.
-  for (size_t b : {2, 0, 1, 3}) EXPECT_TRUE(pf.on_access(b).empty()) << b;
+  // First pass, starting at block 2: no transition seen yet, so the next indices this pass has not used.
+  EXPECT_EQ(pf.on_access(2), (Blocks{3}));
+  EXPECT_EQ(pf.on_access(0), (Blocks{1, 3}));
+  EXPECT_EQ(pf.on_access(1), (Blocks{3}));
+  EXPECT_TRUE(pf.on_access(3).empty());
   EXPECT_FALSE(pf.order_known());
   EXPECT_EQ(pf.lookahead(), 2u);  // no measurements: half of 3, rounded up
   const Blocks at2 = pf.on_access(2);
