@@ -60,6 +60,12 @@ UniqueFd open_file(const std::filesystem::path& path, int flags, unsigned mode) 
   return UniqueFd(fd);
 }
 
+void write_file_durably(const std::filesystem::path& path, std::span<const std::byte> bytes, bool replace_existing) {
+  const UniqueFd fd = open_file(path, O_WRONLY | O_CREAT | (replace_existing ? O_TRUNC : O_EXCL), 0644);
+  pwrite_all(fd.get(), bytes, 0, path.string());
+  if (::fsync(fd.get()) != 0) throw_errno(path.string(), "fsync");
+}
+
 void fsync_path(const std::filesystem::path& path) {
   const UniqueFd fd = open_file(path, O_RDONLY);
   // A failed fsync means the data may not be durable; it is reported, never retried into "success".

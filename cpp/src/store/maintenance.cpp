@@ -182,12 +182,7 @@ void rewrite_model(const StorageDirectory& storage, const StoreReader& reader, c
   if (::fsync(data_fd.get()) != 0) throw_errno(data_path, "fsync");
   data_fd.reset();
   compute_derived_fields(manifest);
-  const std::string manifest_path = (temp.path() / "manifest").string();
-  {
-    const UniqueFd fd = open_file(manifest_path, O_WRONLY | O_CREAT | O_EXCL, 0644);
-    pwrite_all(fd.get(), serialize_manifest(manifest), 0, manifest_path);
-    if (::fsync(fd.get()) != 0) throw_errno(manifest_path, "fsync");
-  }
+  write_file_durably(temp.path() / "manifest", serialize_manifest(manifest));
   // The recorded order stays valid for the rewritten model.
   const fs::path order_file = storage.model_dir(manifest.model_id) / kExecutionOrderFile;
   std::error_code ec;
@@ -315,11 +310,7 @@ void write_execution_order(const fs::path& root, const std::string& model,
   }
   // Written beside the model and renamed over the old file: a reader sees the old order or the new one.
   const fs::path temp = dir / (std::string(kExecutionOrderFile) + ".tmp." + std::to_string(::getpid()));
-  {
-    const UniqueFd fd = open_file(temp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pwrite_all(fd.get(), std::as_bytes(std::span(text.data(), text.size())), 0, temp.string());
-    if (::fsync(fd.get()) != 0) throw_errno(temp.string(), "fsync");
-  }
+  write_file_durably(temp, std::as_bytes(std::span(text.data(), text.size())), /*replace_existing=*/true);
   if (::rename(temp.c_str(), (dir / kExecutionOrderFile).c_str()) != 0) throw_errno(temp.string(), "rename");
   fsync_path(dir);
 }

@@ -166,11 +166,7 @@ StorageDirectory StorageDirectory::open_or_create(const fs::path& root) {
     std::memcpy(id.data(), &a, 8);
     std::memcpy(id.data() + 8, &b, 8);
     const fs::path candidate = root / "tmp" / ("STORE." + unique_suffix());
-    {
-      const UniqueFd fd = open_file(candidate, O_WRONLY | O_CREAT | O_EXCL, 0644);
-      pwrite_all(fd.get(), serialize_store_file(id), 0, candidate.string());
-      if (::fsync(fd.get()) != 0) throw_errno(candidate.string(), "fsync");
-    }
+    write_file_durably(candidate, serialize_store_file(id));
     const int linked = ::link(candidate.c_str(), store_file.c_str());
     const int link_errno = errno;
     ::unlink(candidate.c_str());

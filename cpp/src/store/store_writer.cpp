@@ -185,13 +185,7 @@ struct StoreWriter::Impl {
     const std::string final_id = model_id.empty() ? "fp-" + manifest.fingerprint : model_id;
     manifest.model_id = final_id;
     compute_derived_fields(manifest);
-    const std::vector<std::byte> manifest_file = serialize_manifest(manifest);
-    const std::string manifest_path = (temp.path() / "manifest").string();
-    {
-      const UniqueFd fd = open_file(manifest_path, O_WRONLY | O_CREAT | O_EXCL, 0644);
-      pwrite_all(fd.get(), manifest_file, 0, manifest_path);
-      if (::fsync(fd.get()) != 0) throw_errno(manifest_path, "fsync");
-    }
+    write_file_durably(temp.path() / "manifest", serialize_manifest(manifest));
     StoreWriteResult result;
     result.model_id = final_id;
     result.fingerprint = manifest.fingerprint;

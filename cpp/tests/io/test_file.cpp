@@ -76,6 +76,23 @@ TEST(File, FsyncWorksOnFilesAndDirectories) {
   EXPECT_THROW(fsync_path(dir.path() / "nope"), IoError);
 }
 
+TEST(File, WriteFileDurablyRefusesToOverwriteUnlessAsked) {
+  TempDir dir;
+  const auto path = dir.path() / "d";
+  const auto first = testing::random_bytes(5000, 1);
+  write_file_durably(path, first);
+  EXPECT_EQ(testing::read_file_bytes(path), first);
+  try {
+    write_file_durably(path, testing::random_bytes(10, 2));
+    FAIL() << "expected IoError";
+  } catch (const IoError& error) {
+    EXPECT_EQ(error.errno_value(), EEXIST);
+  }
+  const auto second = testing::random_bytes(10, 3);
+  write_file_durably(path, second, /*replace_existing=*/true);
+  EXPECT_EQ(testing::read_file_bytes(path), second);
+}
+
 TEST(File, UniqueFdClosesOnceAndMoves) {
   TempDir dir;
   UniqueFd a = open_file(dir.path() / "m", O_WRONLY | O_CREAT);

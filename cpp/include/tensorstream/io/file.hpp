@@ -38,6 +38,11 @@ void pwrite_all(int fd, std::span<const std::byte> bytes, uint64_t offset, const
 void pread_all(int fd, std::span<std::byte> bytes, uint64_t offset, const std::string& path);
 void fsync_path(const std::filesystem::path& path);  // opens read-only and fsyncs (files and directories)
 
+// Creates `path` (which must not exist; with replace_existing it is truncated instead), writes all of `bytes` and
+// fsyncs it. The caller makes it visible (rename / link) and fsyncs the directory. Throws IoError naming the path.
+void write_file_durably(const std::filesystem::path& path, std::span<const std::byte> bytes,
+                        bool replace_existing = false);
+
 // Opens `path` with `flags` (O_CLOEXEC added); throws IoError naming the path.
 [[nodiscard]] UniqueFd open_file(const std::filesystem::path& path, int flags, unsigned mode = 0644);
 // Size of an open file; throws IoError.
