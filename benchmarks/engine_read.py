@@ -28,9 +28,7 @@ import ctypes
 import datetime as _dt
 import fcntl
 import json
-import mmap
 import os
-import platform
 import re
 import shutil
 import socket
@@ -41,13 +39,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-KIB = 1 << 10
-MIB = 1 << 20
-GIB = 1 << 30
-GB = 1e9  # throughput is reported in decimal GB/s, as fio and dd do
-MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "overlay-tmpfs"}
+import bench_common as common
+from bench_common import GB, GIB, KIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, evict, mount_of, residency, warm_up
+
 STORE_MARK = "engine_read"  # metadata "benchmark" of the stores this script writes (and may replace)
 
 try:
@@ -64,42 +58,6 @@ except ImportError as error:  # pragma: no cover
 
 
 # ---- machine and file system -------------------------------------------------------------------------------------
-
-def mount_of(path: Path) -> dict:
-    """The /proc/mounts entry holding `path` (longest mount point that is a prefix of it)."""
-    path = Path(os.path.realpath(path))
-    best = {"mount_point": "/", "fstype": "?", "source": "?", "options": ""}
-    best_len = -1
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, point, fstype, options = line.split()[:4]
-            point = point.replace("\\040", " ")
-            if (path == Path(point) or Path(point) in path.parents) and len(point) > best_len:
-                best, best_len = {"mount_point": point, "fstype": fstype, "source": source, "options": options}, len(point)
-    return best
-
-
-def read_first(path: str, prefix: str) -> str:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
 
 def tool_version(command: list) -> str:
     try:
@@ -155,39 +113,11 @@ def thp_setting() -> str:
 
 
 def machine_description(bench_dir: Path) -> dict:
-    mem_kib = read_first("/proc/meminfo", "MemTotal")
-    mount = mount_of(bench_dir)
-    usage = shutil.disk_usage(bench_dir)
     uring, uring_reason = _core.io_uring_available()
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": read_first("/proc/cpuinfo", "model name"),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": round(int(mem_kib.split()[0]) / (1 << 20), 1) if mem_kib != "?" else None,
-        "kernel": platform.release(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "tensorstream_revision": git_revision(),
-        "io_uring_available": bool(uring),
-        "io_uring_unavailable_reason": uring_reason,
-        "fio": tool_version(["fio", "--version"]),
-        "dd": tool_version(["dd", "--version"]),
-        "bench_dir": str(bench_dir),
-        "filesystem": mount["fstype"],
-        "filesystem_source": mount["source"],
-        "filesystem_mount_point": mount["mount_point"],
-        "filesystem_options": mount["options"],
-        "filesystem_free_gib": round(usage.free / GIB, 1),
-        "block_device": block_device_of(mount["source"]),
-        "transparent_hugepage": thp_setting(),
-        "load_average_at_start": load,
-    }
+    return {**common.machine_description(bench_dir), "io_uring_available": bool(uring),
+            "io_uring_unavailable_reason": uring_reason, "fio": tool_version(["fio", "--version"]),
+            "dd": tool_version(["dd", "--version"]), "block_device": block_device_of(common.mount_of(bench_dir)["source"]),
+            "transparent_hugepage": thp_setting()}
 
 
 # ---- page cache --------------------------------------------------------------------------------------------------
@@ -199,58 +129,6 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def residency(path: Path) -> float:
-    """Fraction of the file's pages in the page cache (mincore over a read-only shared mapping: touches nothing)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 1.0
-        base = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if base in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), f"mmap of {path} for mincore failed")
-        try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(base, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
-            resident = torch.frombuffer(vec, dtype=torch.uint8).bitwise_and(1).sum().item()
-        finally:
-            _libc.munmap(base, size)
-        return resident / pages
-    finally:
-        os.close(fd)
-
-
-def evict(path: Path, tries: int = 3) -> float:
-    """Drops the file from the page cache (sync, then POSIX_FADV_DONTNEED); returns the residency left."""
-    left = 1.0
-    for _ in range(tries):
-        os.sync()
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        left = residency(path)
-        if left <= 0.001:
-            break
-        time.sleep(0.2)
-    return left
-
-
-def warm_up(path: Path, tries: int = 3) -> float:
-    """Reads the whole file into the page cache (`cat FILE > /dev/null`); returns the residency reached."""
-    reached = residency(path)
-    for _ in range(tries):
-        if reached >= 0.999:
-            break
-        with open(os.devnull, "wb") as null:
-            subprocess.run(["cat", str(path)], stdout=null, check=True)
-        reached = residency(path)
-    return reached
 
 
 # ---- the store ---------------------------------------------------------------------------------------------------

@@ -38,23 +38,18 @@ import gc
 import json
 import mmap
 import os
-import platform
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-MIB = 1 << 20
-GIB = 1 << 30
-GB = 1e9
+import bench_common as common
+from bench_common import GB, GIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, default_base_dir, evict, mount_of, warm_up
+
 READ_BLOCK = 4 * MIB
-MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "overlay-tmpfs"}
 
 try:
     import torch
@@ -90,137 +85,15 @@ def offload_api():
 
 # ---- machine and file system -------------------------------------------------------------------------------------
 
-def mount_of(path: Path) -> dict:
-    """The /proc/mounts entry holding `path` (longest mount point that is a prefix of it)."""
-    path = Path(os.path.realpath(path))
-    best = {"mount_point": "/", "fstype": "?", "source": "?", "options": ""}
-    best_len = -1
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, point, fstype, options = line.split()[:4]
-            point = point.replace("\\040", " ")
-            if (path == Path(point) or Path(point) in path.parents) and len(point) > best_len:
-                best = {"mount_point": point, "fstype": fstype, "source": source, "options": options}
-                best_len = len(point)
-    return best
-
-
-def default_base_dir() -> Path:
-    """/var/tmp, else the repo's build directory, else /tmp: the first that is not a memory file system."""
-    for candidate in (Path("/var/tmp"), REPO / "build", Path(tempfile.gettempdir())):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(candidate, os.W_OK) and mount_of(candidate)["fstype"] not in MEMORY_FILE_SYSTEMS:
-            return candidate
-    sys.exit("no disk-backed directory found (/var/tmp, build/, /tmp are all memory file systems); pass --dir")
-
-
-def read_first(path: str, prefix: str) -> str:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def machine_description(bench_dir: Path) -> dict:
-    mem_kib = read_first("/proc/meminfo", "MemTotal")
-    mount = mount_of(bench_dir)
-    usage = shutil.disk_usage(bench_dir)
     uring, uring_reason = _core.io_uring_available()
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": read_first("/proc/cpuinfo", "model name"),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": round(int(mem_kib.split()[0]) / (1 << 20), 1) if mem_kib != "?" else None,
-        "kernel": platform.release(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tensorstream_revision": git_revision(),
-        "io_uring": uring,
-        "io_uring_reason": uring_reason,
-        "load_average_at_start": load,
-        "bench_dir": str(bench_dir),
-        "filesystem": mount["fstype"],
-        "filesystem_source": mount["source"],
-        "filesystem_mount_point": mount["mount_point"],
-        "filesystem_options": mount["options"],
-        "filesystem_free_gib": round(usage.free / GIB, 1),
-    }
+    return {**common.machine_description(bench_dir), "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "io_uring": uring, "io_uring_reason": uring_reason}
 
 
 # ---- page cache --------------------------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def residency(path: Path) -> float:
-    """The share of the file's pages in the page cache (mincore)."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0.0
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    try:
-        first = ctypes.c_char.from_buffer(mapped)
-        vec = (ctypes.c_ubyte * pages)()
-        rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size), vec)
-        del first
-        if rc != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed", str(path))
-        return sum(v & 1 for v in vec) / pages
-    finally:
-        mapped.close()
-
-
-def evict(path: Path, tries: int = 3) -> float:
-    """posix_fadvise(DONTNEED) until mincore says at most 1% is cached; returns the cached share left."""
-    left = 1.0
-    for _ in range(tries):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        left = residency(path)
-        if left <= 0.01:
-            break
-        time.sleep(0.1)
-    return left
-
-
-def warm_up(path: Path) -> float:
-    """Reads the file through the page cache (if it is not all there) and returns the cached share."""
-    if residency(path) < 0.99:
-        with open(path, "rb", buffering=0) as f:
-            while f.read(READ_BLOCK):
-                pass
-    return residency(path)
 
 
 def raw_read(path: Path, direct: bool) -> dict:
@@ -366,7 +239,7 @@ def main(argv=None) -> int:
         def model_arm(name: str, model, cache: str = None) -> dict:
             cached = None
             if cache == "cold":
-                cached = evict(data)
+                cached = evict(data, max_left=0.01)
             elif cache == "warm":
                 cached = warm_up(data)
             before = get_stats(model) if model is not plain else None
@@ -388,7 +261,7 @@ def main(argv=None) -> int:
             if cache == "cold":
                 arms = {}
                 for direct in (False, True):
-                    left = evict(data)
+                    left = evict(data, max_left=0.01)
                     arms["direct" if direct else "buffered"] = dict(raw_read(data, direct), cached_before=left)
                 valid = [a for a in arms.values() if a["bytes"]]
                 best = max(valid, key=lambda a: a["gb_s"])

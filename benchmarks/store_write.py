@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -35,12 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-MIB = 1 << 20
-GIB = 1 << 30
-GB = 1e9  # throughput is reported in decimal GB/s, as dd does
-MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "overlay-tmpfs"}
+from bench_common import GB, GIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, machine_description, default_base_dir, mount_of
+
 
 try:
     import torch
@@ -56,79 +51,6 @@ except ImportError as error:  # pragma: no cover
 
 
 # ---- machine and file system -------------------------------------------------------------------------------------
-
-def mount_of(path: Path) -> dict:
-    """The /proc/mounts entry holding `path` (longest mount point that is a prefix of it)."""
-    path = Path(os.path.realpath(path))
-    best = {"mount_point": "/", "fstype": "?", "source": "?", "options": ""}
-    best_len = -1
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, point, fstype, options = line.split()[:4]
-            point = point.replace("\\040", " ")
-            if (path == Path(point) or Path(point) in path.parents) and len(point) > best_len:
-                best, best_len = {"mount_point": point, "fstype": fstype, "source": source, "options": options}, len(point)
-    return best
-
-
-def default_base_dir() -> Path:
-    """/var/tmp, else the repo's build directory, else /tmp: the first that is not a memory file system (a write
-    benchmark on tmpfs measures memcpy, not storage)."""
-    for candidate in (Path("/var/tmp"), REPO / "build", Path(tempfile.gettempdir())):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(candidate, os.W_OK) and mount_of(candidate)["fstype"] not in MEMORY_FILE_SYSTEMS:
-            return candidate
-    sys.exit("no disk-backed directory found (/var/tmp, build/, /tmp are all memory file systems); pass --dir")
-
-
-def read_first(path: str, prefix: str) -> str:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def machine_description(bench_dir: Path) -> dict:
-    mem_kib = read_first("/proc/meminfo", "MemTotal")
-    mount = mount_of(bench_dir)
-    usage = shutil.disk_usage(bench_dir)
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": read_first("/proc/cpuinfo", "model name"),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": round(int(mem_kib.split()[0]) / (1 << 20), 1) if mem_kib != "?" else None,
-        "kernel": platform.release(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "tensorstream_revision": git_revision(),
-        "bench_dir": str(bench_dir),
-        "filesystem": mount["fstype"],
-        "filesystem_source": mount["source"],
-        "filesystem_mount_point": mount["mount_point"],
-        "filesystem_options": mount["options"],
-        "filesystem_free_gib": round(usage.free / GIB, 1),
-    }
-
 
 # ---- arms --------------------------------------------------------------------------------------------------------
 
