@@ -174,3 +174,21 @@ def warm_up(path: Path, tries: int = 3, block: int = 4 * MIB) -> float:
                 pass
         reached = residency(path)
     return reached
+
+
+# ---- the summary every suite reports -----------------------------------------------------------------------------
+
+def summary_row(suite: str, metric: str, arm: str, value: float, unit: str, *, baseline: str = None,
+                baseline_value: float = None, target: float = None, higher_is_better: bool = True,
+                note: str = "") -> dict:
+    """One line of the `make bench` table (benchmarks/run_all.py): `arm` measured `value` (a median over rounds);
+    `ratio` = value / baseline_value when there is a baseline; `met` says whether the ratio reaches `target`
+    (>= when higher is better, <= otherwise), None when there is no target. Every suite's JSON carries a list of
+    these under "summary", so the runner can build one table and one plot from all of them."""
+    ratio = value / baseline_value if baseline_value else None
+    met = None
+    if target is not None and ratio is not None:
+        met = ratio >= target if higher_is_better else ratio <= target
+    return {"suite": suite, "metric": metric, "arm": arm, "value": value, "unit": unit, "baseline": baseline,
+            "baseline_value": baseline_value, "ratio": ratio, "target": target,
+            "higher_is_better": higher_is_better, "met": met, "note": note}
