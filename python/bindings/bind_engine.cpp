@@ -2,10 +2,12 @@
 // (acquire, wait, engine construction and destruction) release the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/function.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
+#include <optional>
 
 #include "bindings.hpp"
 #include "tensorstream/config.hpp"
@@ -141,18 +143,20 @@ void bind_engine(nb::module_& m) {
           [](PyEngine* self, const StorageDirectory& storage, const std::string& model_id, uintptr_t arena_address,
              size_t arena_bytes, const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
              uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
-             const std::string& memory_pressure, bool verify_checksums) {
+             const std::string& memory_pressure, bool verify_checksums, std::optional<std::vector<size_t>> blocks) {
             const Config config = make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
                                               memory_pressure, verify_checksums);
             if (arena_address == 0) throw ConfigError("arena", "null arena address");
             nb::gil_scoped_release release;
             auto reader = std::make_shared<const StoreReader>(StoreReader::open(storage, model_id));
             new (self) PyEngine{std::make_unique<Engine>(
-                std::move(reader), std::span(reinterpret_cast<std::byte*>(arena_address), arena_bytes), config)};
+                std::move(reader), std::span(reinterpret_cast<std::byte*>(arena_address), arena_bytes), config,
+                nullptr, nullptr, std::move(blocks))};
           },
           "storage"_a, "model_id"_a, "arena_address"_a, "arena_bytes"_a, "backend"_a = "auto",
           "direct_io"_a = "auto", "num_io_threads"_a = 4, "queue_depth"_a = 32, "budget_bytes"_a = 0,
-          "prefetch_strategy"_a = "adaptive", "memory_pressure_mode"_a = "balanced", "verify_checksums"_a = true)
+          "prefetch_strategy"_a = "adaptive", "memory_pressure_mode"_a = "balanced", "verify_checksums"_a = true,
+          "blocks"_a = nb::none())
       .def("close",
            [](PyEngine& e) {
              nb::gil_scoped_release release;

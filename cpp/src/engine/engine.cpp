@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -113,6 +114,11 @@ struct Engine::Impl {
   std::unique_ptr<IoBackend> backend;
   std::string fallback_reason;
   std::unique_ptr<Transfer> transfer;
+  // The blocks this engine streams. The residency manager and the prefetcher number them 0..n-1 ("positions");
+  // everything else, the API included, uses store block indices. Translated where the two meet.
+  static constexpr size_t kNotStreamed = SIZE_MAX;
+  std::vector<size_t> streamed;  // position -> store block index
+  std::vector<size_t> position;  // store block index -> position, or kNotStreamed
   Stats stats;
   ResidencyManager residency;
   Prefetcher prefetcher;
@@ -151,18 +157,21 @@ struct Engine::Impl {
   std::vector<std::thread> workers;
 
   Impl(std::shared_ptr<const StoreReader> store_in, std::span<std::byte> arena_in, Config config_in,
-       std::unique_ptr<IoBackend> backend_in, std::unique_ptr<Transfer> transfer_in)
+       std::unique_ptr<IoBackend> backend_in, std::unique_ptr<Transfer> transfer_in,
+       std::optional<std::vector<size_t>> blocks_in)
       : store(std::move(store_in)),
         manifest(store->manifest()),
         arena(arena_in),
         config(validated(config_in)),
         backend(std::move(backend_in)),
         transfer(transfer_in ? std::move(transfer_in) : make_host_transfer()),
+        streamed(streamed_blocks(manifest, std::move(blocks_in))),
+        position(positions(manifest, streamed)),
         stats(manifest.blocks.size()),
-        residency(block_sizes(manifest), arena.size(),
+        residency(block_sizes(manifest, streamed), arena.size(),
                   config.budget_bytes == 0 ? arena.size() : std::min<uint64_t>(config.budget_bytes, arena.size()),
                   plan_for(config.memory_pressure)),
-        prefetcher(config.prefetch, manifest.blocks.size(), plan_for(config.memory_pressure).max_lookahead),
+        prefetcher(config.prefetch, streamed.size(), plan_for(config.memory_pressure).max_lookahead),
         loads(manifest.blocks.size()),
         acquired_at_ns(manifest.blocks.size(), 0),
         prefetched_pending(manifest.blocks.size(), 0) {
@@ -212,11 +221,43 @@ struct Engine::Impl {
     return config;
   }
 
-  static std::vector<uint64_t> block_sizes(const Manifest& manifest) {
+  static std::vector<size_t> streamed_blocks(const Manifest& manifest, std::optional<std::vector<size_t>> blocks) {
+    if (!blocks) {
+      std::vector<size_t> all(manifest.blocks.size());
+      for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+      return all;
+    }
+    std::vector<bool> seen(manifest.blocks.size(), false);
+    for (size_t block : *blocks) {
+      if (block >= manifest.blocks.size()) {
+        throw ConfigError("blocks", "index " + std::to_string(block) + " out of range (" +
+                                        std::to_string(manifest.blocks.size()) + " blocks)");
+      }
+      if (seen[block]) throw ConfigError("blocks", "block '" + manifest.blocks[block].name + "' listed twice");
+      seen[block] = true;
+    }
+    return std::move(*blocks);
+  }
+
+  static std::vector<size_t> positions(const Manifest& manifest, const std::vector<size_t>& streamed) {
+    std::vector<size_t> out(manifest.blocks.size(), kNotStreamed);
+    for (size_t i = 0; i < streamed.size(); ++i) out[streamed[i]] = i;
+    return out;
+  }
+
+  static std::vector<uint64_t> block_sizes(const Manifest& manifest, const std::vector<size_t>& streamed) {
     std::vector<uint64_t> sizes;
-    sizes.reserve(manifest.blocks.size());
-    for (const BlockRecord& block : manifest.blocks) sizes.push_back(std::max<uint64_t>(block.slot_size, kBlockAlignment));
+    sizes.reserve(streamed.size());
+    for (size_t block : streamed) {
+      sizes.push_back(std::max<uint64_t>(manifest.blocks[block].slot_size, kBlockAlignment));
+    }
     return sizes;
+  }
+
+  // Positions (residency manager, prefetcher) -> store block indices, in place.
+  std::vector<size_t> to_store(std::vector<size_t> at) const {
+    for (size_t& block : at) block = streamed[block];
+    return at;
   }
 
   void open_direct_fd() {
@@ -239,7 +280,7 @@ struct Engine::Impl {
     std::unique_lock lock(mutex);
     const auto deadline = std::chrono::steady_clock::now() + kNoRoomTimeout;
     for (;;) {
-      ResidencyManager::Decision decision = residency.acquire(block);
+      ResidencyManager::Decision decision = residency.acquire(position[block]);
       const bool prefetched = prefetched_pending[block] != 0;
       if (decision.action == ResidencyManager::Action::kNoRoom) {
         const uint64_t seen = progress;
@@ -251,7 +292,7 @@ struct Engine::Impl {
       }
       acquired_at_ns[block] = now_ns();
       prefetched_pending[block] = 0;
-      std::vector<size_t> evicted = std::move(decision.evicted);
+      std::vector<size_t> evicted = to_store(std::move(decision.evicted));
       switch (decision.action) {
         case ResidencyManager::Action::kHit:
           ticket.data_ = block_data[block];
@@ -285,12 +326,12 @@ struct Engine::Impl {
     {
       std::lock_guard lock(mutex);
       started = acquired_at_ns[block];
-      evicted = residency.release(block);
+      evicted = to_store(residency.release(position[block]));
       ++progress;
     }
     room_cv.notify_all();
     handle_evictions(evicted);
-    if (started != 0) prefetcher.on_compute_time(block, now_ns() - started);
+    if (started != 0) prefetcher.on_compute_time(position[block], now_ns() - started);
   }
 
   void prefetch(size_t block) {
@@ -299,26 +340,26 @@ struct Engine::Impl {
     std::vector<Piece*> to_submit;
     {
       std::lock_guard lock(mutex);
-      ResidencyManager::Decision decision = residency.prefetch(block);
+      ResidencyManager::Decision decision = residency.prefetch(position[block]);
       if (decision.action == ResidencyManager::Action::kLoad) {
         prefetched_pending[block] = 1;
         (void)start_load(block, decision.slot_offset, /*prefetched=*/true, to_submit);
         stats.on_prefetch_issued();
       }
-      evicted = std::move(decision.evicted);
+      evicted = to_store(std::move(decision.evicted));
     }
     if (!to_submit.empty()) submit(to_submit);
     handle_evictions(evicted);
   }
 
   void run_prefetcher(size_t block) {
-    const std::vector<size_t> ahead = prefetcher.on_access(block);
+    const std::vector<size_t> ahead = prefetcher.on_access(position[block]);  // positions
     if (!order_given.load() && prefetcher.order_known() && !order_given.exchange(true)) {
       residency.set_order(prefetcher.learned_order());
     }
     for (size_t next : ahead) {
       if (residency.state(next) != BlockState::kOnDisk) continue;
-      prefetch(next);
+      prefetch(streamed[next]);
       if (residency.state(next) == BlockState::kOnDisk) break;  // no room: further blocks would not fit either
     }
   }
@@ -361,6 +402,10 @@ struct Engine::Impl {
     if (block >= manifest.blocks.size()) {
       throw ConfigError("block", "index " + std::to_string(block) + " out of range (" +
                                      std::to_string(manifest.blocks.size()) + " blocks)");
+    }
+    if (position[block] == kNotStreamed) {
+      throw ConfigError("block", "block '" + manifest.blocks[block].name + "' (index " + std::to_string(block) +
+                                     ") is not one of the blocks this engine streams");
     }
   }
 
@@ -672,12 +717,12 @@ struct Engine::Impl {
     std::vector<size_t> evicted;
     {
       std::lock_guard lock(mutex);
-      evicted = residency.load_finished(load->block, ok);
+      evicted = to_store(residency.load_finished(position[load->block], ok));
       if (loads[load->block] == load) loads[load->block] = nullptr;
       if (!ok) prefetched_pending[load->block] = 0;
       ++progress;
     }
-    if (ok) prefetcher.on_load_time(load->block, elapsed);
+    if (ok) prefetcher.on_load_time(position[load->block], elapsed);
     {
       std::lock_guard lock(load->mutex);
       load->done = true;
@@ -734,8 +779,10 @@ bool Ticket::ready() const {
 // ---- Engine -------------------------------------------------------------------------------------------------------
 
 Engine::Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> arena, Config config,
-               std::unique_ptr<IoBackend> backend, std::unique_ptr<Transfer> transfer)
-    : impl_(std::make_unique<Impl>(std::move(store), arena, config, std::move(backend), std::move(transfer))) {}
+               std::unique_ptr<IoBackend> backend, std::unique_ptr<Transfer> transfer,
+               std::optional<std::vector<size_t>> blocks)
+    : impl_(std::make_unique<Impl>(std::move(store), arena, config, std::move(backend), std::move(transfer),
+                                   std::move(blocks))) {}
 
 Engine::~Engine() = default;
 
@@ -747,7 +794,7 @@ void Engine::set_budget(uint64_t budget_bytes) {
   std::vector<size_t> evicted;
   {
     std::lock_guard lock(impl_->mutex);
-    evicted = impl_->residency.set_budget(std::min<uint64_t>(budget_bytes, impl_->arena.size()));
+    evicted = impl_->to_store(impl_->residency.set_budget(std::min<uint64_t>(budget_bytes, impl_->arena.size())));
     ++impl_->progress;
   }
   impl_->room_cv.notify_all();
@@ -774,7 +821,7 @@ const StoreReader& Engine::store() const noexcept { return *impl_->store; }
 const Config& Engine::config() const noexcept { return impl_->config; }
 std::string Engine::backend_name() const { return impl_->backend->caps().name; }
 const std::string& Engine::backend_fallback_reason() const noexcept { return impl_->fallback_reason; }
-std::vector<size_t> Engine::learned_order() const { return impl_->prefetcher.learned_order(); }
+std::vector<size_t> Engine::learned_order() const { return impl_->to_store(impl_->prefetcher.learned_order()); }
 uint32_t Engine::lookahead() const { return impl_->prefetcher.lookahead(); }
 uint64_t Engine::static_bytes() const { return impl_->residency.static_bytes(); }
 

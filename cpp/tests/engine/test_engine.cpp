@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -449,6 +450,57 @@ TEST_F(EngineTest, AutoMapsWarmBlocksAndReadsColdOnes) {
     expect_block_bytes(b, ticket.data());
     EXPECT_TRUE(inside_arena(ticket)) << "cold block " << b << " should be read into its slot";
     engine.release(b);
+  }
+}
+
+// A store block outside the engine's list (offload's "(resident)" block, here the first and larger than the whole
+// arena) is invisible: the budget is sized without it, no prefetch strategy ever loads it, acquiring it is refused,
+// and every index the engine reports is still a store index.
+TEST_F(EngineTest, StreamsOnlyTheBlocksItIsGiven) {
+  std::vector<TestBlock> blocks = equal_blocks(4, 41);
+  blocks.insert(blocks.begin(), TestBlock{"(resident)", {{"big", Dtype::kBfloat16, {200000},
+                                                          testing::normal_bf16_bytes(200000, 40)}}});
+  write(blocks, 0, 16384);
+  const uint64_t slot = store_->manifest().blocks[1].slot_size;
+  ASSERT_GT(store_->manifest().blocks[0].slot_size, 4 * slot);
+  const std::vector<size_t> layers = {1, 2, 3, 4};
+  Arena arena(slot * 3);
+  EXPECT_THROW(Engine(store_, arena.span(), config()), ConfigError);  // with it, not even one block fits
+  EXPECT_THROW(Engine(store_, arena.span(), config(), nullptr, nullptr, std::vector<size_t>{1, 5}), ConfigError);
+  EXPECT_THROW(Engine(store_, arena.span(), config(), nullptr, nullptr, std::vector<size_t>{1, 1}), ConfigError);
+  for (const PrefetchStrategy prefetch :
+       {PrefetchStrategy::kNone, PrefetchStrategy::kNextLayer, PrefetchStrategy::kAdaptive}) {
+    Engine engine(store_, arena.span(), config(prefetch), nullptr, nullptr, layers);
+    std::vector<size_t> evicted;
+    std::mutex evicted_mutex;
+    engine.set_eviction_callback([&](size_t block) {
+      std::lock_guard lock(evicted_mutex);
+      evicted.push_back(block);
+    });
+    for (int pass = 0; pass < 4; ++pass) {
+      for (size_t b : layers) {
+        Ticket ticket = engine.acquire(b);
+        ticket.wait();
+        EXPECT_EQ(ticket.block(), b);
+        expect_block_bytes(b, ticket.data());
+        engine.release(b);
+      }
+    }
+    while (engine.stats().in_flight_bytes > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const std::string where = std::string(prefetch_name(prefetch));
+    const StatsSnapshot stats = engine.stats();
+    EXPECT_EQ(stats.blocks[0].loads, 0u) << where;
+    EXPECT_EQ(stats.blocks[0].bytes_read, 0u) << where;
+    EXPECT_GT(stats.blocks[4].loads, 0u) << where;
+    EXPECT_LE(stats.resident_bytes + stats.in_flight_bytes, slot * 3) << where;
+    EXPECT_THROW((void)engine.acquire(0), ConfigError) << where;
+    EXPECT_THROW(engine.prefetch(0), ConfigError) << where;
+    {
+      std::lock_guard lock(evicted_mutex);
+      EXPECT_FALSE(evicted.empty()) << where;
+      for (size_t block : evicted) EXPECT_TRUE(block >= 1 && block <= 4) << where << ": evicted " << block;
+    }
+    if (prefetch == PrefetchStrategy::kAdaptive) EXPECT_EQ(engine.learned_order(), layers);
   }
 }
 

@@ -10,6 +10,13 @@
 // the first error (path, offset, errno or corruption site) in its ticket and frees the slot; the engine stays
 // usable and the next acquire of that block retries. Destruction waits for reads in flight, then stops.
 //
+// Streamed blocks: by default every block of the store. Given a list of block indices, the engine streams only
+// those: the residency manager sizes its budget, ring and static set from them alone and the prefetcher orders,
+// guesses and learns over them alone, so a block outside the list is never loaded, never prefetched and never
+// counted (a store's "(resident)" block, which offload reads once with the store reader, is such a block).
+// Every index in the API (acquire, release, prefetch, eviction callback, learned_order, per-block stats) stays
+// the block's index in the store; acquiring or prefetching a block outside the list is a ConfigError.
+//
 // Thread-safety: every public method may be called from any thread, concurrently.
 #pragma once
 
@@ -17,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -55,9 +63,11 @@ class Ticket {
 class Engine {
  public:
   // `arena` is memory the caller owns (a PyTorch tensor, for instance) and keeps alive longer than the engine.
-  // backend / transfer default to make_backend(config) and make_host_transfer().
+  // backend / transfer default to make_backend(config) and make_host_transfer(). `blocks`: the store's block
+  // indices this engine streams (std::nullopt: all), each at most once, in any order; ConfigError otherwise.
   Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> arena, Config config,
-         std::unique_ptr<IoBackend> backend = nullptr, std::unique_ptr<Transfer> transfer = nullptr);
+         std::unique_ptr<IoBackend> backend = nullptr, std::unique_ptr<Transfer> transfer = nullptr,
+         std::optional<std::vector<size_t>> blocks = std::nullopt);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
