@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
-"""Engine read throughput, cold and warm, against plain tools reading the same file.
+"""Engine read throughput, cold (S1) and warm (S2), against plain tools reading the same file.
 
-Four figures (DESIGN.md §8; see benchmarks/README.md). Every arm reads every byte of one store's data file
-(--size-gib of bf16 weights, blocks of ~64 MiB, chunks of 4 MiB, uncompressed). The engine arms acquire, wait
-for and release every block in order, with a 512 MiB arena, prefetch "adaptive" and checksums on (one arm off).
+DESIGN.md §8; see benchmarks/README.md. Every arm reads every byte of one store's data file (--size-gib of bf16
+weights, blocks of ~64 MiB, chunks of 4 MiB, uncompressed). The engine arms acquire, wait for and release every
+block in order, with a 512 MiB arena (2 MiB aligned, MADV_HUGEPAGE, as tensorstream.offload allocates it), prefetch
+"adaptive" and checksums on.
 
-1. Cold (page cache evicted with posix_fadvise(DONTNEED) and checked with mincore before each arm): the engine
-   with backend pread, io_uring and mmap (direct_io auto) against `fio --rw=read --bs=4M --direct=1
-   --iodepth=32` and `dd bs=4M iflag=direct` on the same file. Target: engine / fio >= 0.9.
-2. Warm (the file fully in the page cache, checked with mincore before each arm): the engine (backend auto,
-   direct_io auto) against two threads doing buffered 4 MiB preads into the same arena. Target: >= 0.9.
-3. Warm: the engine with direct_io auto against the same engine with direct_io forced on. Target: >= 1.3.
-4. CPU seconds (user + sys) per GB read for every arm (getrusage; fio's own usr/sys for fio).
+S1. Cold (page cache evicted with posix_fadvise(DONTNEED) and checked with mincore before each arm): the engine
+    with backend io_uring, pread, mmap and auto (direct_io auto) against `fio --rw=read --bs=4M --direct=1
+    --iodepth=32` and against `dd bs=4M iflag=direct` (O_DIRECT) on the same file. Target per backend and
+    baseline: >= 0.9.
+S2. Warm (the file fully in the page cache, checked with mincore before each arm): the engine with backend auto,
+    io_uring, pread and mmap against two threads doing buffered 4 MiB preads of the file into the same arena, and
+    against two threads memcpy-ing the same number of bytes from anonymous memory into it. Target: >= 0.9.
+Plus CPU seconds (user + sys) per GB for every arm. --extra-arms adds diagnostic arms (checksums off,
+next_layer prefetch, a 4 KiB-page arena, warm direct_io=on) that have no S1/S2 target.
 
-Arms are interleaved (A B C … A B C …), at least 3 rounds (5 when the time budget allows), medians. It prints a
-table and writes benchmarks/results/engine_read-<date>-<hostname>.json with the machine description. It is not
-a test: it never fails on a timing.
+Arms are interleaved, the order rotating by one each round; at least 3 rounds (5 while the time budget allows),
+medians. It prints a table and writes JSON (benchmarks/results/engine_read-<date>-<hostname>.json, or --json) with
+the machine description and a "summary" list of bench_common.summary_row dicts, which `make bench` collects
+(benchmarks/run_all.py). It is not a test: it never fails on a timing.
 
-    make bench                                  # runs this after store_write.py
-    python3 benchmarks/engine_read.py --dir /mnt/nvme/scratch --size-gib 8 --rounds 5
+    make bench                                  # runs this as S1/S2
+    python3 benchmarks/engine_read.py --dir /mnt/nvme/scratch --size-gib 8 --rounds 7
+    python3 benchmarks/engine_read.py --smoke --json /tmp/er.json    # a few seconds, tiny store, 1 round
 """
 
 from __future__ import annotations
@@ -344,6 +349,61 @@ def pread_arm(path: Path, arena: Arena, threads: int, block: int) -> dict:
     return {"seconds": seconds, "bytes": sum(done), "cpu_s": cpu}
 
 
+_libc.memcpy.restype = ctypes.c_void_p
+_libc.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+
+
+def memcpy_arm(source, arena: Arena, threads: int, block: int) -> dict:
+    """The memory-to-memory ceiling of a warm read: `threads` Python threads, each copying every `threads`-th
+    4 MiB piece of `source` (a tensor in anonymous memory as large as the data file, pre-faulted) into the arena
+    with libc memcpy, the piece's place cycling through the arena exactly as in pread_arm. A ctypes call releases
+    the GIL, so the threads copy in parallel; at 4 MiB per call the interpreter's share is negligible."""
+    base = source.data_ptr()
+    size = source.numel()
+    pieces = (size + block - 1) // block
+    slots = arena.nbytes // block
+    done = [0] * threads
+
+    def copier(t: int) -> None:
+        for i in range(t, pieces, threads):
+            length = min(block, size - i * block)
+            _libc.memcpy(arena.address + (i % slots) * block, base + i * block, length)
+            done[t] += length
+
+    workers = [threading.Thread(target=copier, args=(t,)) for t in range(threads)]
+    c0 = cpu_self()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - t0
+    cpu = cpu_self() - c0
+    if sum(done) != size:
+        raise RuntimeError(f"memcpy arm copied {sum(done)} of {size} bytes")
+    return {"seconds": seconds, "bytes": size, "cpu_s": cpu}
+
+
+def tool_unavailable(name: str, path: Path, fio_engine: str) -> str:
+    """'' when the plain tool runs here with O_DIRECT on `path` (a 4 MiB trial read), else why not: the arm is then
+    left out (a missing fio, or a file system without O_DIRECT such as tmpfs), and so are its summary rows."""
+    if shutil.which(name) is None:
+        return f"{name} not found"
+    if name == "fio":
+        command = ["fio", "--name=probe", f"--filename={path}", "--readonly", "--rw=read", "--bs=4096", "--size=4M",
+                   "--direct=1", f"--ioengine={fio_engine}", "--iodepth=1", "--output-format=json"]
+    else:
+        command = ["dd", f"if={path}", "of=/dev/null", "bs=4096", "count=1024", "iflag=direct"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"{name} failed to run ({error})"
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        return f"{name} with O_DIRECT failed: {lines[-1] if lines else proc.returncode}"
+    return ""
+
+
 # ---- rounds ------------------------------------------------------------------------------------------------------
 
 def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: int, budget_s: float,
@@ -356,7 +416,10 @@ def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: 
     for r in range(rounds_wanted):
         round_start = time.monotonic()
         results = {}
-        for name, fn in arms:
+        # The order rotates by one arm per round (A B C, B C A, C A B, ...): no arm always runs first, or always
+        # right after the same neighbour.
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        for name, fn in order:
             before = prepare()
             disk0 = disk_reads(stat_path)
             result = fn()
@@ -372,8 +435,9 @@ def run_rounds(title: str, arms: list, prepare, rounds_wanted: int, min_rounds: 
             if result["bytes"] < expected_bytes:
                 print(f"  warning: {name} read {result['bytes']} bytes of {expected_bytes}", file=sys.stderr)
             results[name] = result
+        results["order"] = [name for name, _ in order]
         rounds.append(results)
-        print(f"  {title} round {r + 1}: " + ", ".join(f"{n} {x['gb_s']:.2f}" for n, x in results.items())
+        print(f"  {title} round {r + 1}: " + ", ".join(f"{n} {results[n]['gb_s']:.2f}" for n, _ in arms)
               + " GB/s", flush=True)
         round_seconds = time.monotonic() - round_start
         if (r + 1 >= min_rounds and r + 1 < rounds_wanted
@@ -416,24 +480,36 @@ def main(argv=None) -> int:
     p.add_argument("--size-gib", type=float, default=4.0, help="size of the store (at least 4 GiB for the targets)")
     p.add_argument("--block-mib", type=int, default=64, help="bytes per block (a layer: three bf16 tensors)")
     p.add_argument("--chunk-mib", type=int, default=4, help="store chunk size (unit of checksums and reads)")
-    p.add_argument("--arena-mib", type=int, default=512, help="engine arena (4 KiB aligned uint8 tensor)")
+    p.add_argument("--arena-mib", type=int, default=512, help="engine arena (uint8 tensor, 2 MiB aligned)")
     p.add_argument("--io-threads", type=int, default=4, help="engine num_io_threads")
     p.add_argument("--queue-depth", type=int, default=32, help="engine queue_depth and fio --iodepth")
+    p.add_argument("--baseline-threads", type=int, default=2, help="threads of the warm pread and memcpy baselines")
     p.add_argument("--memory-pressure", default="balanced", choices=("conservative", "balanced", "aggressive"))
     p.add_argument("--prefetch", default="adaptive", choices=("none", "next_layer", "adaptive"),
-                   help="prefetch_strategy of the engine arms (one arm per section always uses next_layer)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds wanted per section (at least 3 run)")
-    p.add_argument("--min-rounds", type=int, default=3, help="rounds always run")
-    p.add_argument("--cold-budget-s", type=float, default=240.0,
-                   help="stop adding cold rounds beyond --min-rounds when the next would end after this")
-    p.add_argument("--warm-budget-s", type=float, default=120.0, help="the same for the warm rounds")
-    p.add_argument("--no-huge-arena", action="store_true",
-                   help="use a plain 4 KiB-page arena for every engine arm (the product advises huge pages)")
-    p.add_argument("--skip-cold", action="store_true", help="skip the cold section")
-    p.add_argument("--skip-warm", action="store_true", help="skip the warm section")
+                   help="prefetch_strategy of the engine arms (the extra next_layer arms always use next_layer)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds wanted per section")
+    p.add_argument("--min-rounds", type=int, default=3, help="rounds always run, whatever the budget")
+    p.add_argument("--cold-budget-s", type=float, default=150.0,
+                   help="cold rounds beyond --min-rounds are only started while they fit in this")
+    p.add_argument("--warm-budget-s", type=float, default=40.0, help="the same for the warm rounds")
+    p.add_argument("--time-budget-s", type=float, default=210.0,
+                   help="the whole run, writing the store included: the cold budget shrinks to what is left of it "
+                        "after writing the store and keeping --warm-budget-s for the warm rounds")
+    p.add_argument("--extra-arms", action="store_true",
+                   help="add the diagnostic arms: checksums off, next_layer, 4 KiB-page arena (cold), direct_io=on "
+                        "(warm); they report no S1/S2 summary row except warm auto / direct_io=on (target 1.3)")
+    p.add_argument("--skip-cold", action="store_true", help="skip the cold section (S1)")
+    p.add_argument("--skip-warm", action="store_true", help="skip the warm section (S2)")
     p.add_argument("--remove-store", action="store_true", help="delete the store at the end (default: keep it)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds: a 64 MiB store of 16 MiB blocks, 64 MiB arena, 1 round, store removed at "
+                        "the end (checks that the script runs, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.size_gib, args.block_mib, args.arena_mib = 1 / 16, 16, 64
+        args.rounds = args.min_rounds = 1
+        args.remove_store = True
 
     base = args.dir
     base.mkdir(parents=True, exist_ok=True)
@@ -485,61 +561,65 @@ def main(argv=None) -> int:
           f"{machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM, kernel "
           f"{machine['kernel']}, io_uring {'yes' if uring else 'no: ' + machine['io_uring_unavailable_reason']}, "
           f"load {machine['load_average_at_start']}", flush=True)
+    skipped = {name: why for name in ("fio", "dd") if (why := tool_unavailable(name, data_path, fio_engine))}
+    for name, why in skipped.items():
+        print(f"  note: the {name} arm is left out: {why}", file=sys.stderr)
 
-    arena = Arena(args.arena_mib * MIB)
-    huge_arena = Arena(args.arena_mib * MIB, huge=True) if not args.no_huge_arena else None
+    # Engine arms and baselines use the arena tensorstream.offload allocates (python/tensorstream/torch/arena.py:
+    # 2 MiB aligned, MADV_HUGEPAGE). With --extra-arms one cold arm repeats io_uring on a plain 4 KiB-page arena.
+    product_arena = Arena(args.arena_mib * MIB, huge=True)
+    small_arena = Arena(args.arena_mib * MIB) if args.extra_arms else None
     stat_path = disk_stat_path(machine["filesystem_source"])
-    common = dict(num_io_threads=args.io_threads, queue_depth=args.queue_depth, prefetch_strategy=args.prefetch,
-                  memory_pressure_mode=args.memory_pressure)
-
-    # Engine arms use the arena tensorstream.offload allocates (python/tensorstream/torch/arena.py: 2 MiB aligned,
-    # MADV_HUGEPAGE); one cold arm repeats io_uring on a plain 4 KiB-page arena to show what that buys.
-    product_arena = huge_arena if huge_arena is not None else arena
+    engine_options = dict(num_io_threads=args.io_threads, queue_depth=args.queue_depth,
+                          prefetch_strategy=args.prefetch, memory_pressure_mode=args.memory_pressure)
 
     def engine(backend: str, direct_io: str, checksums: bool, prefetch: str = args.prefetch, on=None):
-        options = dict(common, backend=backend, direct_io=direct_io, verify_checksums=checksums,
+        options = dict(engine_options, backend=backend, direct_io=direct_io, verify_checksums=checksums,
                        prefetch_strategy=prefetch)
         target = product_arena if on is None else on
         return lambda: engine_arm(storage, model_id, nblocks, target, options)
 
     # Each engine arm is a fresh engine making one pass, so "adaptive" is in its learning pass: it guesses storage
-    # order until it has seen transitions (cpp/src/residency/prefetcher.cpp). The next_layer arm prefetches by
+    # order until it has seen transitions (cpp/src/residency/prefetcher.cpp). The extra next_layer arm prefetches by
     # index from the first access: the difference is what prefetching buys a single pass.
     # The mmap backend is only run with checksums on: verification is what touches (reads) its pages; without
-    # it the arm would read nothing.
-    # The huge-page arena arm: an O_DIRECT read is split by the device's segment limit (max_segments, often 128
-    # or 254 entries), so into a 4 KiB-page arena a 4 MiB read may become several device requests, into 2 MiB pages
-    # one. The "req KiB" column shows the average device request of each arm.
-
-    cold_arms = [
-        ("engine pread", engine("pread", "auto", True)),
-        ("engine io_uring", engine("io_uring", "auto", True)),
-        ("engine mmap", engine("mmap", "auto", True)),
-        ("engine auto, xxh3 off", engine("auto", "auto", False)),
-        ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
-        *([("engine io_uring, 4k arena", engine("io_uring", "auto", True, on=arena))] if huge_arena else []),
-        ("fio", lambda: fio_arm(data_path, fio_engine, args.queue_depth, block)),
-        ("dd", lambda: dd_arm(data_path, block)),
-    ]
-    warm_arms = [
-        ("engine auto", engine("auto", "auto", True)),
-        ("engine auto, xxh3 off", engine("auto", "auto", False)),
-        ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
-        ("engine direct_io=on", engine("auto", "on", True)),
-        ("pread x2", lambda: pread_arm(data_path, arena, 2, block)),
-    ]
+    # it the arm would read nothing. Warm, backend auto (direct_io auto) and mmap deliver blocks as views of the
+    # page cache; io_uring and pread copy them into the arena with buffered reads.
+    # The 4 KiB arena arm: an O_DIRECT read is split by the device's segment limit (max_segments, often 128 or 254
+    # entries), so into 4 KiB pages a 4 MiB read may become several device requests, into 2 MiB pages one. The
+    # "req KiB" column shows the average device request of each arm.
+    backends = ("io_uring", "pread", "mmap", "auto")
+    cold_arms = [(f"engine {b}", engine(b, "auto", True)) for b in backends]
+    if args.extra_arms:
+        cold_arms += [("engine auto, xxh3 off", engine("auto", "auto", False)),
+                      ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
+                      ("engine io_uring, 4k arena", engine("io_uring", "auto", True, on=small_arena))]
+    if "fio" not in skipped:
+        cold_arms.append(("fio", lambda: fio_arm(data_path, fio_engine, args.queue_depth, block)))
+    if "dd" not in skipped:
+        cold_arms.append(("dd", lambda: dd_arm(data_path, block)))
+    memcpy_source = []  # allocated when the warm section starts
+    threads = args.baseline_threads
+    warm_arms = [(f"engine {b}", engine(b, "auto", True)) for b in ("auto", "io_uring", "pread", "mmap")]
+    if args.extra_arms:
+        warm_arms += [("engine auto, xxh3 off", engine("auto", "auto", False)),
+                      ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
+                      ("engine direct_io=on", engine("auto", "on", True))]
+    warm_arms += [(f"pread x{threads}", lambda: pread_arm(data_path, product_arena, threads, block)),
+                  (f"memcpy x{threads}", lambda: memcpy_arm(memcpy_source[0], product_arena, threads, block))]
     labels = {
-        "engine pread": f"engine pread x{args.io_threads}, direct auto, xxh3",
-        "engine io_uring": f"engine io_uring qd{args.queue_depth}, direct auto, xxh3",
+        "engine io_uring": f"engine io_uring qd{args.queue_depth}, xxh3",
+        "engine pread": f"engine pread x{args.io_threads}, xxh3",
         "engine mmap": "engine mmap (zero-copy views), xxh3",
-        "engine auto, xxh3 off": "engine auto, direct auto, no checksums",
-        "engine auto, next_layer": "engine auto, direct auto, xxh3, next_layer",
-        "engine io_uring, 4k arena": "engine io_uring, as above, 4 KiB-page arena",
+        "engine auto": "engine auto, xxh3",
+        "engine auto, xxh3 off": "engine auto, no checksums",
+        "engine auto, next_layer": "engine auto, xxh3, next_layer",
+        "engine io_uring, 4k arena": "engine io_uring, xxh3, 4 KiB-page arena",
         "fio": f"fio {fio_engine} qd{args.queue_depth} bs=4M direct",
         "dd": "dd bs=4M iflag=direct",
-        "engine auto": "engine auto, direct auto, xxh3",
         "engine direct_io=on": "engine auto, direct_io=on (forced), xxh3",
-        "pread x2": "2 threads, buffered pread 4 MiB",
+        f"pread x{threads}": f"{threads} threads, buffered pread 4 MiB",
+        f"memcpy x{threads}": f"{threads} threads, memcpy 4 MiB from RAM",
     }
 
     def cold_prepare() -> float:
@@ -556,12 +636,21 @@ def main(argv=None) -> int:
 
     wanted = max(args.rounds, args.min_rounds)
     cold = warm = []
+    budgets = {}
     if not args.skip_cold:
-        cold = run_rounds("cold", cold_arms, cold_prepare, wanted, args.min_rounds, args.cold_budget_s, data_size,
+        # At most what is left of the whole budget after writing the store and setting up, less the warm share.
+        left = args.time_budget_s - (time.monotonic() - started) - (0 if args.skip_warm else args.warm_budget_s)
+        budgets["cold"] = max(0.0, min(args.cold_budget_s, left))
+        cold = run_rounds("cold", cold_arms, cold_prepare, wanted, args.min_rounds, budgets["cold"], data_size,
                           data_path, stat_path)
     if not args.skip_warm:
-        warm = run_rounds("warm", warm_arms, warm_prepare, wanted, args.min_rounds, args.warm_budget_s, data_size,
+        # The memcpy source: anonymous memory of the data file's size (the same size class as the page cache the
+        # pread arm copies from, far beyond any CPU cache), pre-faulted so the arm pays no first-touch faults.
+        memcpy_source.append(torch.empty(data_size, dtype=torch.uint8).fill_(0x5A))
+        budgets["warm"] = args.warm_budget_s
+        warm = run_rounds("warm", warm_arms, warm_prepare, wanted, args.min_rounds, budgets["warm"], data_size,
                           data_path, stat_path)
+        memcpy_source.clear()
     if args.remove_store:
         storage.remove_model(model_id)
     elapsed = time.monotonic() - started
@@ -570,11 +659,15 @@ def main(argv=None) -> int:
     header = (f"  {'arm':<44} {'GB/s':>6} {'min':>6} {'max':>6} {'CPU s/GB':>8} {'io busy':>7} {'wait':>5} "
               f"{'req KiB':>7}  ratio")
     lines = ["", f"Engine arms: a fresh engine per arm, one pass acquire/wait/release over all {nblocks} blocks; arena "
-                 f"{arena.nbytes // MIB} MiB, prefetch {args.prefetch}, memory pressure {args.memory_pressure}, "
-                 f"{args.io_threads} io threads, queue depth {args.queue_depth}; xxh3 = chunk checksums verified."]
+                 f"{product_arena.nbytes // MIB} MiB (2 MiB aligned, huge pages advised: "
+                 f"{'yes' if product_arena.huge else 'no'}), prefetch {args.prefetch}, memory pressure "
+                 f"{args.memory_pressure}, {args.io_threads} io threads, queue depth {args.queue_depth}; "
+                 "xxh3 = chunk checksums verified."]
     sections = {}
+    summary_rows = []
+    size_note = f"{data_size / GIB:.2f} GiB"
 
-    def section(title: str, rounds: list, arms: list, ratios: list) -> None:
+    def section(key: str, title: str, rounds: list, arms: list, ratios: list) -> None:
         summary = {name: summarize(rounds, name) for name, _ in arms}
         by_arm = {}
         results = [ratio(rounds, summary, a, b, t) for a, b, t in ratios if a in summary and b in summary]
@@ -595,23 +688,39 @@ def main(argv=None) -> int:
                 verdict = "meets" if r["ratio_of_medians"] >= r["target"] else "BELOW"
                 lines.append(f"  target {r['arm']} / {r['baseline']} >= {r['target']:.2f}: {r['ratio_of_medians']:.3f} "
                              f"({verdict}; median of round ratios {r['median_of_round_ratios']:.3f})")
-        sections[title.split()[0].lower()] = {"summary": summary, "ratios": results, "rounds": rounds}
+                metric = "S1 cold read" if key == "cold" else "S2 warm read"
+                a, b = summary[r["arm"]], summary[r["baseline"]]
+                note = f"{size_note}, {len(rounds)} rounds; median of round ratios {r['median_of_round_ratios']:.3f}"
+                if a["blocks_mapped_max"]:
+                    note += "; blocks are zero-copy views of the file mapping: the checksum pass reads every byte"
+                if "device_request_bytes_median" in a and "device_request_bytes_median" in b:
+                    note += (f"; device request {a['device_request_bytes_median'] / KIB:.0f} KiB vs "
+                             f"{b['device_request_bytes_median'] / KIB:.0f} KiB")
+                summary_rows.append(common.summary_row(
+                    "engine_read", metric, r["arm"], a["gb_s_median"], "GB/s", baseline=r["baseline"],
+                    baseline_value=b["gb_s_median"], target=r["target"], note=note))
+        sections[key] = {"summary": summary, "ratios": results, "rounds": rounds, "budget_s": budgets[key]}
 
     if cold:
-        section(f"Cold read (evicted + mincore-checked before each arm): {data_size / GIB:.2f} GiB, {len(cold)} "
+        baselines = [x for x in ("fio", "dd") if x not in skipped]
+        section("cold", f"S1 cold read (evicted + mincore-checked before each arm): {size_note}, {len(cold)} "
                 "interleaved rounds, medians",
                 cold, cold_arms,
-                [("engine pread", "fio", 0.9), ("engine io_uring", "fio", 0.9), ("engine mmap", "fio", 0.9),
-                 ("engine auto, xxh3 off", "fio", 0), ("engine auto, next_layer", "fio", 0),
-                 ("engine io_uring, 4k arena", "fio", 0), ("dd", "fio", 0),
-                 ("engine pread", "dd", 0), ("engine io_uring", "dd", 0), ("engine mmap", "dd", 0)])
+                [(f"engine {b}", base_arm, 0.9) for b in backends for base_arm in baselines]
+                + [("engine auto, xxh3 off", "fio", 0), ("engine auto, next_layer", "fio", 0),
+                   ("engine io_uring, 4k arena", "fio", 0), ("dd", "fio", 0)])
     if warm:
-        section(f"Warm read (file in the page cache, mincore-checked before each arm): {data_size / GIB:.2f} GiB, "
+        section("warm", f"S2 warm read (file in the page cache, mincore-checked before each arm): {size_note}, "
                 f"{len(warm)} interleaved rounds, medians",
                 warm, warm_arms,
-                [("engine auto", "pread x2", 0.9), ("engine auto, xxh3 off", "pread x2", 0),
-                 ("engine auto, next_layer", "pread x2", 0),
-                 ("engine auto", "engine direct_io=on", 1.3), ("engine direct_io=on", "pread x2", 0)])
+                [(f"engine {b}", base_arm, 0.9) for b in ("auto", "io_uring", "pread", "mmap")
+                 for base_arm in (f"pread x{threads}", f"memcpy x{threads}")]
+                + [("engine auto, xxh3 off", f"pread x{threads}", 0),
+                   ("engine auto, next_layer", f"pread x{threads}", 0),
+                   ("engine auto", "engine direct_io=on", 1.3), ("engine direct_io=on", f"pread x{threads}", 0),
+                   (f"pread x{threads}", f"memcpy x{threads}", 0)])
+    for name, why in skipped.items():
+        lines.append(f"  ({name} left out: {why})")
     if any(arm["blocks_mapped_max"] for sec in sections.values() for arm in sec["summary"].values()):
         lines.append("\n* blocks delivered as zero-copy views of the file (page cache), not copied into the arena: the "
                      "checksum pass is what reads their bytes; with checksums off no byte is read, so that figure "
@@ -619,7 +728,7 @@ def main(argv=None) -> int:
     lines.append(f"\n(GB = 1e9 bytes. io busy: share of the arm's time with engine reads in flight; wait: share the "
                  f"caller spent in Ticket.wait (mapped loads add their whole duration to io busy, so overlapping ones can "
                  f"pass 100 %); req KiB: average read request the device completed. {elapsed:.0f} s"
-                 + (f", of which {store_seconds:.0f} s writing the store" if store_seconds else "")
+                 + (f", of which {store_seconds:.1f} s writing the store" if store_seconds else "")
                  + f"; {machine['filesystem']} at {data_path.parent})")
     print("\n".join(lines))
 
@@ -633,11 +742,14 @@ def main(argv=None) -> int:
         "parameters": {"model_id": model_id, "data_path": str(data_path), "data_bytes": data_size,
                        "blocks": nblocks, "block_bytes": block_bytes, "tensors_per_block": 3, "dtype": "bfloat16",
                        "chunk_size": chunk_size, "compression_level": 0, "checksums": "xxh3-64",
-                       "arena_bytes": arena.nbytes, "engine": dict(common),
-                       "huge_arena_advised": huge_arena.huge if huge_arena else None, "tool_block_bytes": block,
-                       "fio_ioengine": fio_engine, "rounds_wanted": wanted, "min_rounds": args.min_rounds,
+                       "arena_bytes": product_arena.nbytes, "engine": dict(engine_options),
+                       "huge_arena_advised": product_arena.huge, "tool_block_bytes": block,
+                       "baseline_threads": threads, "fio_ioengine": fio_engine, "rounds_wanted": wanted,
+                       "min_rounds": args.min_rounds, "time_budget_s": args.time_budget_s,
+                       "cold_budget_s": args.cold_budget_s, "warm_budget_s": args.warm_budget_s, "extra_arms": args.extra_arms, "smoke": args.smoke,
                        "store_written_this_run": store_seconds is not None, "store_write_seconds": store_seconds,
-                       "arm_labels": labels},
+                       "arms_left_out": skipped, "arm_labels": labels},
+        "summary": summary_rows,
         "cold": sections.get("cold"),
         "warm": sections.get("warm"),
         "elapsed_s": elapsed,

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import GB, GIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, machine_description, default_base_dir, mount_of
+from bench_common import (GB, GIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, default_base_dir, machine_description,
+                          mount_of, summary_row)
 
 
 try:
@@ -80,12 +81,23 @@ class WeightPool:
             del writer
 
 
-def store_arm(storage, pool: WeightPool, model_id: str, nblocks: int, chunk_size: int) -> dict:
+LEVELS = {"store raw": (0, "raw"), "store zstd-5": (5, "zstd 3"), "store lz4-1": (1, "lz4")}
+
+
+def cpu_self() -> float:
+    r = os.times()
+    return r.user + r.system
+
+
+def store_arm(storage, pool: WeightPool, model_id: str, nblocks: int, chunk_size: int, level: int) -> dict:
+    """Writes and commits the model at `level`; the throughput divides the input (raw) bytes by the time."""
+    c0 = cpu_self()
     t0 = time.perf_counter()
-    out = pool.write(storage, model_id, nblocks, chunk_size)  # includes commit: fsync, manifest, rename, fsync
+    out = pool.write(storage, model_id, nblocks, chunk_size, level)  # includes commit: fsync, manifest, rename, fsync
     seconds = time.perf_counter() - t0
+    cpu = cpu_self() - c0  # the writer's encode threads are in-process
     storage.remove_model(model_id)
-    return {"seconds": seconds, "bytes": out["raw_bytes"], "stored_bytes": out["stored_bytes"]}
+    return {"seconds": seconds, "bytes": out["raw_bytes"], "stored_bytes": out["stored_bytes"], "cpu_s": cpu}
 
 
 def dd_arm(path: Path, nbytes: int, block: int = 4 * MIB) -> dict:
@@ -100,38 +112,33 @@ def dd_arm(path: Path, nbytes: int, block: int = 4 * MIB) -> dict:
     return {"seconds": seconds, "bytes": count * block, "dd_says": proc.stderr.strip().splitlines()[-1]}
 
 
-def settle() -> None:
+def settle(pause_s: float = 0.5) -> None:
     """Lets write-back of the previous arm (and the deletion of its output) finish before the next one starts."""
     os.sync()
-    time.sleep(0.5)
+    time.sleep(pause_s)
 
 
 # ---- compression ratio -------------------------------------------------------------------------------------------
 
-def compression_ratios(storage, ratio_bytes: int, best_sample_bytes: int, chunk_size: int) -> list:
+def best_level_ratio(storage, sample_bytes: int, chunk_size: int) -> dict:
+    """compression_level 9 (zstd 19, byte grouping) on `sample_bytes` of the same bf16 randn weights (seed 0):
+    zstd 19 runs at a few MB/s per core, so it is measured once on a sample, outside the timed rounds. The weights
+    are i.i.d., so a prefix gives the ratio of the whole."""
     gen = torch.Generator().manual_seed(0)
-    weights = torch.randn(ratio_bytes // 2, generator=gen, dtype=torch.bfloat16)
-    rows = []
-    for level, codec in ((1, "lz4"), (5, "zstd 3"), (9, "zstd 19")):
-        nbytes = ratio_bytes if level != 9 or best_sample_bytes <= 0 else min(ratio_bytes, best_sample_bytes)
-        block_bytes = 64 * MIB
-        model_id = f"ratio-level{level}"
-        writer = _core.StoreWriter(storage, model_id, chunk_size=chunk_size, compression_level=level, replace=False)
-        t0 = time.perf_counter()
-        try:
-            for b, start in enumerate(range(0, nbytes, block_bytes)):
-                size = min(block_bytes, nbytes - start)
-                writer.begin_block(f"b{b}")
-                writer.add_tensor(f"b{b}.w", "bfloat16", [size // 2], weights.data_ptr() + start, size)
-            out = writer.commit()
-        finally:
-            del writer
-        seconds = time.perf_counter() - t0
-        storage.remove_model(model_id)
-        rows.append({"compression_level": level, "codec": codec, "byte_grouping": True, "raw_bytes": out["raw_bytes"],
-                     "stored_bytes": out["stored_bytes"], "ratio": out["raw_bytes"] / out["stored_bytes"],
-                     "seconds": seconds, "write_gb_s": out["raw_bytes"] / seconds / GB})
-    return rows
+    weights = torch.randn(sample_bytes // 2, generator=gen, dtype=torch.bfloat16)
+    writer = _core.StoreWriter(storage, "ratio-level9", chunk_size=chunk_size, compression_level=9, replace=False)
+    t0 = time.perf_counter()
+    try:
+        writer.begin_block("b0")
+        writer.add_tensor("b0.w", "bfloat16", [sample_bytes // 2], weights.data_ptr(), sample_bytes)
+        out = writer.commit()
+    finally:
+        del writer
+    seconds = time.perf_counter() - t0
+    storage.remove_model("ratio-level9")
+    return {"compression_level": 9, "codec": "zstd 19", "byte_grouping": True, "raw_bytes": out["raw_bytes"],
+            "stored_bytes": out["stored_bytes"], "ratio": out["raw_bytes"] / out["stored_bytes"],
+            "seconds": seconds, "write_gb_s": out["raw_bytes"] / seconds / GB}
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -141,18 +148,26 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dir", type=Path, default=None,
                    help="directory on the file system to measure (default: /var/tmp, else build/, never a tmpfs)")
-    p.add_argument("--size-gib", type=float, default=2.0, help="bytes each write arm writes")
-    p.add_argument("--rounds", type=int, default=5, help="A B rounds wanted (at least 3 are always run)")
-    p.add_argument("--min-rounds", type=int, default=3)
-    p.add_argument("--time-budget-s", type=float, default=210.0,
-                   help="stop adding rounds beyond --min-rounds when the next would end after this")
+    p.add_argument("--size-gib", type=float, default=1.0, help="bytes each write arm writes (input bytes)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds wanted")
+    p.add_argument("--min-rounds", type=int, default=3, help="rounds always run, whatever the budget")
+    p.add_argument("--time-budget-s", type=float, default=110.0,
+                   help="rounds beyond --min-rounds are only started while they fit in this (the whole run)")
+    p.add_argument("--no-lz4", action="store_true", help="leave out the lz4 (compression_level 1) arm")
     p.add_argument("--chunk-mib", type=int, default=4)
     p.add_argument("--block-mib", type=int, default=64)
-    p.add_argument("--ratio-mib", type=int, default=256, help="bf16 weights for the compression ratios (0: skip)")
-    p.add_argument("--best-sample-mib", type=int, default=32,
-                   help="prefix of those weights used for level 9 (zstd 19 runs at a few MB/s per core; 0: all)")
+    p.add_argument("--best-sample-mib", type=float, default=16,
+                   help="bf16 weights for the level 9 (zstd 19) ratio, measured once outside the rounds (0: skip)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds: 64 MiB per arm in 16 MiB blocks, 1 round, 1 MiB level 9 sample (checks that "
+                        "the script runs, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = p.parse_args(argv)
+    pause_s = 0.5
+    if args.smoke:
+        args.size_gib, args.block_mib, args.best_sample_mib = 1 / 16, 16, 1
+        args.rounds = args.min_rounds = 1
+        pause_s = 0.05
 
     started = time.monotonic()
     base = args.dir if args.dir is not None else default_base_dir()
@@ -164,67 +179,126 @@ def main(argv=None) -> int:
     block_bytes = args.block_mib * MIB
     nblocks = max(1, round(args.size_gib * GIB / block_bytes))
     total = nblocks * block_bytes
-    need = total + args.ratio_mib * MIB + 256 * MIB
+    sample = int(args.best_sample_mib * MIB) // 4096 * 4096
+    need = total + sample + 256 * MIB
     if shutil.disk_usage(base).free < need:
         print(f"error: {base} has {shutil.disk_usage(base).free / GIB:.1f} GiB free, the run needs {need / GIB:.1f} GiB",
               file=sys.stderr)
         return 2
+    arm_names = ["store raw", "store zstd-5"] + ([] if args.no_lz4 else ["store lz4-1"]) + ["dd"]
 
     work = Path(tempfile.mkdtemp(prefix="ts-bench-", dir=base))
     machine = machine_description(work)
+    cores = machine["cpu_cores_usable"] or 1
     print(f"store_write: {total / GIB:.2f} GiB per arm in {work} ({machine['filesystem']} on "
           f"{machine['filesystem_source']}); {machine['cpu_model']}, {machine['cpu_cores']} cores, "
           f"{machine['ram_gib']} GiB RAM, kernel {machine['kernel']}", flush=True)
+    best = None
     try:
         storage = _core.StorageDirectory.open_or_create(str(work / "store"))
         pool = WeightPool(block_bytes, distinct=min(nblocks, 4))
+        arms = {name: (lambda r, level=level: store_arm(storage, pool, f"bench-{r}-{level}", nblocks, chunk_size,
+                                                        level))
+                for name, (level, _codec) in LEVELS.items() if name in arm_names}
+        arms["dd"] = lambda r: dd_arm(work / "dd.out", total)
         rounds = []
         wanted = max(args.rounds, args.min_rounds)
         for r in range(wanted):
             round_start = time.monotonic()
-            settle()
-            store = store_arm(storage, pool, f"bench-{r}", nblocks, chunk_size)
-            settle()
-            dd = dd_arm(work / "dd.out", total)
-            rounds.append({"round": r, "store": store, "dd": dd,
-                           "store_gb_s": store["bytes"] / store["seconds"] / GB,
-                           "dd_gb_s": dd["bytes"] / dd["seconds"] / GB})
-            rounds[-1]["ratio"] = rounds[-1]["store_gb_s"] / rounds[-1]["dd_gb_s"]
-            print(f"  round {r + 1}: store {rounds[-1]['store_gb_s']:.3f} GB/s ({store['seconds']:.2f} s), "
-                  f"dd {rounds[-1]['dd_gb_s']:.3f} GB/s ({dd['seconds']:.2f} s)", flush=True)
+            # Interleaved, the order rotating by one arm per round: no arm always runs first or after the same one.
+            order = arm_names[r % len(arm_names):] + arm_names[:r % len(arm_names)]
+            results = {}
+            for name in order:
+                settle(pause_s)
+                result = arms[name](r)
+                result["gb_s"] = result["bytes"] / result["seconds"] / GB
+                results[name] = result
+            results["order"] = order
+            rounds.append(results)
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {results[n]['gb_s']:.3f}" for n in arm_names) + " GB/s",
+                  flush=True)
             round_seconds = time.monotonic() - round_start
             if (r + 1 >= args.min_rounds and r + 1 < wanted
                     and time.monotonic() - started + round_seconds > args.time_budget_s):
                 print(f"  (stopping after {r + 1} rounds: another would pass the {args.time_budget_s:.0f} s budget)")
                 break
-        store_med = statistics.median(x["store_gb_s"] for x in rounds)
-        dd_med = statistics.median(x["dd_gb_s"] for x in rounds)
-        settle()
-        ratios = (compression_ratios(storage, args.ratio_mib * MIB, args.best_sample_mib * MIB, chunk_size)
-                  if args.ratio_mib > 0 else [])
+        if sample > 0:
+            settle(pause_s)
+            best = best_level_ratio(storage, sample, chunk_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    summary = {}
+    for name in arm_names:
+        values = [x[name]["gb_s"] for x in rounds]
+        summary[name] = {"gb_s_median": statistics.median(values), "gb_s_min": min(values), "gb_s_max": max(values)}
+        if name != "dd":
+            cpu = statistics.median(x[name]["cpu_s"] / x[name]["seconds"] for x in rounds)
+            summary[name]["cores_busy_median"] = cpu
+            summary[name]["stored_bytes"] = rounds[0][name]["stored_bytes"]
+            summary[name]["ratio_to_dd"] = summary[name]["gb_s_median"] / summary["dd"]["gb_s_median"] \
+                if "dd" in summary else None
+    dd_med = statistics.median(x["dd"]["gb_s"] for x in rounds)
+    compression = []
+    for name in arm_names[:-1]:
+        level, codec = LEVELS[name]
+        if level:
+            raw, stored = rounds[0][name]["bytes"], rounds[0][name]["stored_bytes"]
+            compression.append({"compression_level": level, "codec": codec, "byte_grouping": True, "raw_bytes": raw,
+                                "stored_bytes": stored, "ratio": raw / stored,
+                                "write_gb_s": summary[name]["gb_s_median"]})
+    if best:
+        compression.append(best)
+
     elapsed = time.monotonic() - started
+    labels = {"store raw": f"store raw (chunk {args.chunk_mib} MiB, blocks {args.block_mib} MiB, xxh3, commit)",
+              "store zstd-5": "store level 5: zstd 3 + byte grouping, xxh3, commit",
+              "store lz4-1": "store level 1: lz4 + byte grouping, xxh3, commit",
+              "dd": "dd if=/dev/zero bs=4M conv=fsync"}
     lines = [
         "",
-        f"Write throughput: {total / GIB:.2f} GiB of bf16, {len(rounds)} interleaved rounds (A=store, B=dd), medians",
-        f"  {'arm':<58} {'GB/s':>7} {'min':>7} {'max':>7}",
+        f"S3 store write: {total / GIB:.2f} GiB of bf16 randn per arm, {len(rounds)} interleaved rounds, medians "
+        "(GB/s of input bytes; cores busy = process CPU s / wall s)",
+        f"  {'arm':<54} {'GB/s':>7} {'min':>7} {'max':>7} {'cores':>6} {'/ dd':>6}",
     ]
-    for label, key in ((f"store (chunk {args.chunk_mib} MiB, blocks {args.block_mib} MiB, xxh3, raw, commit)",
-                        "store_gb_s"),
-                       ("dd if=/dev/zero bs=4M conv=fsync", "dd_gb_s")):
-        values = [x[key] for x in rounds]
-        lines.append(f"  {label:<58} {statistics.median(values):>7.3f} {min(values):>7.3f} {max(values):>7.3f}")
-    verdict = "meets" if store_med / dd_med >= 0.8 else "below"
-    lines.append(f"  {'store / dd (ratio of medians; target >= 0.80)':<58} {store_med / dd_med:>7.3f}   ({verdict} target)")
-    if ratios:
-        lines += ["", "Compression of bf16 randn weights (seed 0), byte grouping on, chunk "
-                      f"{args.chunk_mib} MiB: raw bytes / stored bytes",
-                  f"  {'level':>5} {'codec':<8} {'sample':>9} {'ratio':>7} {'write GB/s':>11}"]
-        for row in ratios:
+    for name in arm_names:
+        s = summary[name]
+        busy = f"{s['cores_busy_median']:.2f}" if "cores_busy_median" in s else ""
+        rel = f"{s['gb_s_median'] / dd_med:.3f}" if name != "dd" else ""
+        lines.append(f"  {labels[name]:<54} {s['gb_s_median']:>7.3f} {s['gb_s_min']:>7.3f} {s['gb_s_max']:>7.3f} "
+                     f"{busy:>6} {rel:>6}")
+    summary_rows = []
+    for name in arm_names[:-1]:
+        s = summary[name]
+        r = s["gb_s_median"] / dd_med
+        per_round = statistics.median(x[name]["gb_s"] / x["dd"]["gb_s"] for x in rounds)
+        verdict = "meets" if r >= 0.8 else "BELOW"
+        lines.append(f"  target {name} / dd >= 0.80: {r:.3f} ({verdict}; median of round ratios {per_round:.3f})")
+        note = f"{total / GIB:.2f} GiB, {len(rounds)} rounds; median of round ratios {per_round:.3f}"
+        level = LEVELS[name][0]
+        if level:
+            note += f"; {LEVELS[name][1]} with byte grouping, ratio {rounds[0][name]['bytes'] / s['stored_bytes']:.3f}"
+        if r < 0.8:
+            if s["cores_busy_median"] >= 0.8 * cores:
+                note += (f"; CPU-bound: the writer kept {s['cores_busy_median']:.1f} of {cores} cores busy "
+                         f"({'compression and ' if level else ''}checksums)")
+            else:
+                note += (f"; not CPU-bound ({s['cores_busy_median']:.1f} of {cores} cores busy): writes and fsync "
+                         "wait")
+        summary_rows.append(summary_row("store_write", "S3 store write", name, s["gb_s_median"], "GB/s",
+                                        baseline="dd conv=fsync", baseline_value=dd_med, target=0.8, note=note))
+    if compression:
+        lines += ["", f"Compression of bf16 randn weights (seed 0), byte grouping on, chunk {args.chunk_mib} MiB: "
+                      "raw bytes / stored bytes",
+                  f"  {'level':>5} {'codec':<8} {'input':>9} {'ratio':>7} {'write GB/s':>11}"]
+        for row in compression:
             lines.append(f"  {row['compression_level']:>5} {row['codec']:<8} {row['raw_bytes'] / MIB:>5.0f} MiB "
                          f"{row['ratio']:>7.3f} {row['write_gb_s']:>11.3f}")
+            arm = {5: "store zstd-5", 1: "store lz4-1", 9: "store zstd-19 (level 9)"}[row["compression_level"]]
+            summary_rows.append(summary_row(
+                "store_write", "S3 compression ratio", arm, row["ratio"], "x",
+                note=f"raw / stored bytes of bf16 randn, {row['raw_bytes'] / MIB:.0f} MiB, {row['codec']} with byte "
+                     "grouping" + (", measured once on a sample" if row["compression_level"] == 9 else "")))
     lines.append(f"\n({elapsed:.0f} s; {machine['filesystem']} at {machine['bench_dir']})")
     print("\n".join(lines))
 
@@ -236,14 +310,16 @@ def main(argv=None) -> int:
         "date_utc": now.isoformat(timespec="seconds"),
         "machine": machine,
         "parameters": {"size_bytes": total, "chunk_size": chunk_size, "block_bytes": block_bytes, "blocks": nblocks,
-                       "tensors_per_block": 3, "dtype": "bfloat16", "compression_level": 0, "checksums": "xxh3-64",
-                       "rounds": len(rounds), "rounds_wanted": wanted, "dd_command":
+                       "tensors_per_block": 3, "dtype": "bfloat16", "checksums": "xxh3-64",
+                       "arms": {n: labels[n] for n in arm_names},
+                       "compression_levels": {n: LEVELS[n][0] for n in arm_names if n in LEVELS},
+                       "rounds": len(rounds), "rounds_wanted": wanted, "min_rounds": args.min_rounds,
+                       "time_budget_s": args.time_budget_s, "smoke": args.smoke, "dd_command":
                            f"dd if=/dev/zero of=FILE bs=4194304 count={total // (4 * MIB)} conv=fsync",
-                       "ratio_bytes": args.ratio_mib * MIB, "best_sample_bytes": args.best_sample_mib * MIB},
-        "write": {"store_gb_s_median": store_med, "dd_gb_s_median": dd_med, "store_over_dd": store_med / dd_med,
-                  "store_over_dd_median_of_rounds": statistics.median(x["ratio"] for x in rounds),
-                  "target": 0.8, "rounds": rounds},
-        "compression": ratios,
+                       "best_sample_bytes": sample},
+        "summary": summary_rows,
+        "write": {"arms": summary, "dd_gb_s_median": dd_med, "target": 0.8, "rounds": rounds},
+        "compression": compression,
         "elapsed_s": elapsed,
         "table": "\n".join(lines).strip(),
     }

@@ -1,0 +1,95 @@
+"""benchmarks/engine_read.py and benchmarks/store_write.py (the S1/S2/S3 parts of `make bench`) run with --smoke
+and write the JSON that benchmarks/run_all.py reads: a top-level "summary" list of bench_common.summary_row dicts.
+Not a measurement: tiny sizes, one round; only the shape of the results is checked, never a timing."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+pytest.importorskip("tensorstream._core")
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+try:
+    import bench_common
+finally:
+    sys.path.remove(str(BENCH))
+
+ROW_KEYS = {"suite", "metric", "arm", "value", "unit", "baseline", "baseline_value", "ratio", "target",
+            "higher_is_better", "met", "note"}
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A scratch directory on a disk-backed file system (O_DIRECT and fsync mean something there)."""
+    if bench_common.mount_of(tmp_path)["fstype"] not in bench_common.MEMORY_FILE_SYSTEMS:
+        yield tmp_path
+        return
+    base = pathlib.Path(tempfile.mkdtemp(prefix="ts-bench-test-", dir=bench_common.default_base_dir()))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_smoke(script: str, out: pathlib.Path, *extra: str) -> dict:
+    result = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json", str(out), *extra],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    rows = report["summary"]
+    assert rows, report["table"]
+    for row in rows:
+        assert set(row) == ROW_KEYS, row
+        assert row["value"] > 0, row
+        if row["baseline"] is not None:
+            assert row["baseline_value"] > 0 and row["ratio"] > 0, row
+        if row["target"] is not None:
+            assert isinstance(row["met"], bool), row
+    assert report["machine"]["cpu_cores"] and report["table"]
+    return report
+
+
+def pairs(report: dict, metric: str) -> set:
+    return {(row["arm"], row["baseline"]) for row in report["summary"] if row["metric"] == metric}
+
+
+def test_engine_read_smoke(disk_dir, tmp_path):
+    report = run_smoke("engine_read.py", tmp_path / "engine_read.json", "--dir", str(disk_dir / "store"))
+    assert {row["suite"] for row in report["summary"]} == {"engine_read"}
+    left_out = report["parameters"]["arms_left_out"]
+    if shutil.which("fio") is None:
+        assert "not found" in left_out["fio"]
+    baselines = [tool for tool in ("fio", "dd") if tool not in left_out]
+    backends = ("io_uring", "pread", "mmap", "auto")
+    assert pairs(report, "S1 cold read") == {(f"engine {b}", tool) for b in backends for tool in baselines}
+    assert pairs(report, "S2 warm read") == {(f"engine {b}", base) for b in backends
+                                             for base in ("pread x2", "memcpy x2")}
+    assert all(row["target"] == 0.9 and row["unit"] == "GB/s" for row in report["summary"])
+    for section in ("cold", "warm"):
+        for arm_rounds in report[section]["rounds"]:
+            assert all(arm_rounds[name]["bytes"] >= report["parameters"]["data_bytes"]
+                       for name in arm_rounds["order"])
+    assert report["cold"]["rounds"][0]["engine auto"]["residency_before"] <= 0.01
+    assert report["warm"]["rounds"][0]["engine auto"]["residency_before"] >= 0.99
+    assert not (disk_dir / "store" / "models" / report["parameters"]["model_id"]).exists()  # --smoke removes it
+
+
+def test_store_write_smoke(disk_dir, tmp_path):
+    report = run_smoke("store_write.py", tmp_path / "store_write.json", "--dir", str(disk_dir))
+    assert {row["suite"] for row in report["summary"]} == {"store_write"}
+    arms = {"store raw", "store zstd-5", "store lz4-1"}
+    assert pairs(report, "S3 store write") == {(arm, "dd conv=fsync") for arm in arms}
+    assert all(row["target"] == 0.8 for row in report["summary"] if row["metric"] == "S3 store write")
+    ratios = {row["arm"]: row for row in report["summary"] if row["metric"] == "S3 compression ratio"}
+    assert set(ratios) == {"store zstd-5", "store lz4-1", "store zstd-19 (level 9)"}
+    assert all(row["value"] > 1.0 and row["target"] is None and row["unit"] == "x" for row in ratios.values())
+    assert not list(disk_dir.glob("ts-bench-*"))  # the scratch directory is removed
