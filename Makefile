@@ -31,7 +31,8 @@ test-sanitize:
 
 # The concurrent parts (engine, residency, I/O backends, statistics) under ThreadSanitizer (clang).
 TSAN_TESTS = engine_test_engine residency_test_residency_manager residency_test_prefetcher io_test_io_backend \
-             io_test_pread_backend io_test_uring_backend io_test_mmap_backend stats_test_stats store_test_store_reader
+             io_test_pread_backend io_test_uring_backend io_test_mmap_backend stats_test_stats \
+             stats_test_trace store_test_store_reader
 test-tsan:
 	cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DTS_SANITIZE=thread -DTS_BUILD_PYTHON=OFF >/dev/null

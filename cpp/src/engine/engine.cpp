@@ -105,6 +105,8 @@ struct Engine::Impl {
     size_t tensor = 0;
     size_t chunk = 0;
     size_t region_read = 0;  // kRegion: index into LoadState::chunks_of_read
+    int32_t io_lane = -1;    // tracing: the I/O lane this read holds while in flight (-1: not traced)
+    uint64_t submit_ns = 0;  // tracing: when it was handed to the backend
   };
 
   std::shared_ptr<const StoreReader> store;
@@ -120,6 +122,7 @@ struct Engine::Impl {
   std::vector<size_t> streamed;  // position -> store block index
   std::vector<size_t> position;  // store block index -> position, or kNotStreamed
   Stats stats;
+  TraceRecorder trace;  // off until enable_tracing(); every recording site checks trace.enabled() first
   ResidencyManager residency;
   Prefetcher prefetcher;
   UniqueFd direct_fd;  // O_DIRECT descriptor of the data file, when usable
@@ -146,6 +149,7 @@ struct Engine::Impl {
   std::condition_variable io_cv;
   size_t io_in_flight = 0;
   std::deque<Piece*> io_pending;
+  std::vector<uint8_t> io_lane_busy;  // tracing: 1 while a traced read holds the lane (under `io_mutex`)
   bool stopping = false;
   std::thread reaper;
 
@@ -191,7 +195,12 @@ struct Engine::Impl {
     block_mapped.resize(manifest.blocks.size(), 0);
     open_direct_fd();
     reaper = std::thread([this] { reap_loop(); });
-    for (uint32_t i = 0; i < config.num_io_threads; ++i) workers.emplace_back([this] { work_loop(); });
+    for (uint32_t i = 0; i < config.num_io_threads; ++i) {
+      workers.emplace_back([this, i] {
+        set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
+        work_loop();
+      });
+    }
   }
 
   ~Impl() {
@@ -509,6 +518,8 @@ struct Engine::Impl {
     std::vector<Piece*> cancelled;
     {
       std::lock_guard lock(io_mutex);
+      const bool tracing = trace.enabled();
+      const uint64_t submit_ns = tracing ? trace_now_ns() : 0;  // after the lock: see assign_io_lane
       for (Piece* piece : pieces) {
         if (stopping) {
           cancelled.push_back(piece);
@@ -517,6 +528,7 @@ struct Engine::Impl {
         if (io_in_flight < config.queue_depth) {
           if (io_in_flight == 0) stats.on_io_started(now_ns());
           ++io_in_flight;
+          if (tracing) assign_io_lane(*piece, submit_ns);
           batch.push_back(piece->request);
         } else {
           io_pending.push_back(piece);
@@ -543,21 +555,63 @@ struct Engine::Impl {
       for (size_t i = 0; i < count; ++i) {
         Piece* piece = reinterpret_cast<Piece*>(completions[i].user_data);
         std::vector<ReadRequest> next;
+        TraceEvent read_event;
+        bool traced = false;
         {
           std::lock_guard lock(io_mutex);
+          if (piece->io_lane >= 0) {  // read under io_mutex, where the submitter wrote it
+            read_event = read_trace_event(*piece, completions[i].result);
+            io_lane_busy[static_cast<size_t>(piece->io_lane)] = 0;  // after the end time: lanes never overlap
+            traced = true;
+          }
           --io_in_flight;
           if (!io_pending.empty() && !stopping) {
             ++io_in_flight;
-            next.push_back(io_pending.front()->request);
+            Piece* queued = io_pending.front();
             io_pending.pop_front();
+            if (trace.enabled()) assign_io_lane(*queued, trace_now_ns());
+            next.push_back(queued->request);
             backend->submit(next);
           }
           if (io_in_flight == 0) stats.on_io_idle(now_ns());
         }
+        if (traced) trace.record(read_event);
         on_read_complete(piece, completions[i].result);
       }
       if (count > 0) io_cv.notify_all();
     }
+  }
+
+  // Tracing, under io_mutex: gives a read about to be handed to the backend the lowest free I/O lane. A lane is
+  // freed only after its read's end time was taken, and taken again only with a start time read after that (both
+  // under io_mutex), so the reads of one lane never overlap. At most queue_depth reads are in flight, so a lane is
+  // always free; were none, the read would simply go untraced.
+  void assign_io_lane(Piece& piece, uint64_t submit_ns) {
+    if (io_lane_busy.size() < config.queue_depth) io_lane_busy.resize(config.queue_depth, 0);
+    for (size_t lane = 0; lane < io_lane_busy.size(); ++lane) {
+      if (io_lane_busy[lane] == 0) {
+        io_lane_busy[lane] = 1;
+        piece.io_lane = static_cast<int32_t>(lane);
+        piece.submit_ns = submit_ns;
+        return;
+      }
+    }
+  }
+
+  // The read event of a traced piece that just completed (`result`: bytes read or -errno).
+  TraceEvent read_trace_event(const Piece& piece, int64_t result) const {
+    TraceEvent event;
+    event.kind = TraceKind::kRead;
+    event.start_ns = piece.submit_ns;
+    event.end_ns = std::max(trace_now_ns(), piece.submit_ns);
+    event.bytes = result > 0 ? static_cast<uint64_t>(result) : 0;
+    event.block = static_cast<uint32_t>(piece.load->block);
+    if (piece.kind == Piece::Kind::kChunk) {  // a region read covers parts of several chunks: no one tensor/chunk
+      event.tensor = static_cast<int32_t>(piece.tensor);
+      event.chunk = static_cast<int32_t>(piece.chunk);
+    }
+    event.lane = {TraceLaneKind::kIo, static_cast<uint32_t>(piece.io_lane)};
+    return event;
   }
 
   void on_read_complete(Piece* piece, int64_t result) {
@@ -642,8 +696,15 @@ struct Engine::Impl {
     const auto& entry = load->region_chunks[k];
     try {
       if (!load->failed()) {
-        if (load->mapped) prefault(load->data.subspan(entry.begin, entry.size));
+        if (load->mapped) {
+          // A mapped block is not read: its pages come in here, so this is its read in the trace.
+          const TraceSpan span(trace, TraceKind::kRead, load->block, static_cast<int64_t>(entry.tensor),
+                               static_cast<int64_t>(entry.chunk), entry.size);
+          prefault(load->data.subspan(entry.begin, entry.size));
+        }
         if (config.verify_checksums) {
+          const TraceSpan span(trace, TraceKind::kVerify, load->block, static_cast<int64_t>(entry.tensor),
+                               static_cast<int64_t>(entry.chunk), entry.size);
           store->check_chunk(entry.tensor, entry.chunk, load->data.subspan(entry.begin, entry.size));
         }
         load->decoded_bytes += entry.size;  // raw chunks: stored size == raw size
@@ -664,11 +725,17 @@ struct Engine::Impl {
         const TensorRecord& tensor = manifest.tensors[piece->tensor];
         const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + piece->chunk];
         const std::span<const std::byte> stored = piece->request.buffer;
-        if (config.verify_checksums) store->check_chunk(piece->tensor, piece->chunk, stored);
+        const auto tensor_index = static_cast<int64_t>(piece->tensor);
+        const auto chunk_index = static_cast<int64_t>(piece->chunk);
+        if (config.verify_checksums) {
+          const TraceSpan span(trace, TraceKind::kVerify, load->block, tensor_index, chunk_index, stored.size());
+          store->check_chunk(piece->tensor, piece->chunk, stored);
+        }
         const uint64_t slot_offset = tensor.slot_offset + piece->chunk * manifest.chunk_size;
         if (transfer->host_addressable_slots()) {
           if (chunk.codec != Codec::kRaw) {
             thread_local std::vector<std::byte> scratch;
+            const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
             store->decode_chunk(piece->tensor, piece->chunk, stored, load->data.subspan(slot_offset, chunk.raw_size),
                                 scratch);
           }
@@ -678,9 +745,11 @@ struct Engine::Impl {
           std::span<const std::byte> bytes = stored;
           if (chunk.codec != Codec::kRaw) {
             decoded.resize(chunk.raw_size);
+            const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
             store->decode_chunk(piece->tensor, piece->chunk, stored, decoded, scratch);
             bytes = decoded;
           }
+          const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
           transfer->copy_to_slot(bytes, load->data, slot_offset);
         }
         load->decoded_bytes += chunk.raw_size;
@@ -704,6 +773,7 @@ struct Engine::Impl {
     bool ok = !load->failed();
     if (ok && !transfer->host_addressable_slots()) {
       try {
+        const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, 0);  // the block's copies complete
         transfer->finish_slot(load->data);
       } catch (...) {
         load->set_error(std::current_exception());
@@ -765,7 +835,21 @@ void Ticket::wait() const {
   if (!load_->done) {
     const uint64_t start = now_ns();
     load_->done_cv.wait(lock, [&] { return load_->done; });
-    if (engine_ != nullptr) engine_->impl_->stats.on_wait(block_, now_ns() - start);
+    const uint64_t end = now_ns();
+    if (engine_ != nullptr) {
+      engine_->impl_->stats.on_wait(block_, end - start);
+      TraceRecorder& trace = engine_->impl_->trace;
+      if (trace.enabled()) {
+        // The same start and end as the statistics: a trace's stalls add up to stall_time exactly.
+        TraceEvent event;
+        event.kind = TraceKind::kStall;
+        event.start_ns = start;
+        event.end_ns = end;
+        event.block = static_cast<uint32_t>(block_);
+        event.lane = current_thread_lane();
+        trace.record(event);
+      }
+    }
   }
   if (load_->error) std::rethrow_exception(load_->error);
 }
@@ -824,5 +908,10 @@ const std::string& Engine::backend_fallback_reason() const noexcept { return imp
 std::vector<size_t> Engine::learned_order() const { return impl_->to_store(impl_->prefetcher.learned_order()); }
 uint32_t Engine::lookahead() const { return impl_->prefetcher.lookahead(); }
 uint64_t Engine::static_bytes() const { return impl_->residency.static_bytes(); }
+
+void Engine::enable_tracing(size_t max_events) { impl_->trace.enable(max_events); }
+void Engine::disable_tracing() noexcept { impl_->trace.disable(); }
+bool Engine::tracing() const noexcept { return impl_->trace.enabled(); }
+TraceBatch Engine::drain_trace() { return impl_->trace.drain(); }
 
 }  // namespace tensorstream

@@ -33,6 +33,7 @@
 #include "tensorstream/engine/transfer.hpp"
 #include "tensorstream/io/io_backend.hpp"
 #include "tensorstream/stats/stats.hpp"
+#include "tensorstream/stats/trace.hpp"
 #include "tensorstream/store/store_reader.hpp"
 
 namespace tensorstream {
@@ -91,6 +92,15 @@ class Engine {
   [[nodiscard]] std::vector<size_t> learned_order() const;
   [[nodiscard]] uint32_t lookahead() const;
   [[nodiscard]] uint64_t static_bytes() const;
+
+  // Timeline of reads, checksums, decodes, transfers and caller waits (stats/trace.hpp), off until enabled. Off,
+  // each recording site costs one relaxed atomic load; on, at most `max_events` are buffered until drained and
+  // the rest counted as dropped. enable_tracing throws ConfigError for max_events outside 1..kMaxMaxEvents.
+  void enable_tracing(size_t max_events = TraceRecorder::kDefaultMaxEvents);
+  void disable_tracing() noexcept;
+  [[nodiscard]] bool tracing() const noexcept;
+  // Hands over the events buffered so far (and the drop count), leaving the buffer empty.
+  [[nodiscard]] TraceBatch drain_trace();
 
  private:
   friend class Ticket;
