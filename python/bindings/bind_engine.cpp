@@ -1,5 +1,5 @@
 // The streaming engine. The arena is memory Python owns (a torch tensor) passed as (address, size); blocking calls
-// (acquire, wait, engine construction and destruction) release the GIL.
+// (acquire, wait, engine construction and destruction, draining the trace) release the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <optional>
+#include <utility>
 
 #include "bindings.hpp"
 #include "tensorstream/config.hpp"
@@ -97,9 +98,24 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   return out;
 }
 
+// Trace events as Python tuples (kind, block, tensor, chunk, bytes, start_ns, end_ns, lane_kind, lane_index); tuples,
+// not dicts, because a long trace has millions of them. Needs the GIL.
+nb::list trace_events_list(const std::vector<TraceEvent>& events) {
+  nb::list out;
+  for (const TraceEvent& e : events) {
+    out.append(nb::make_tuple(std::string(trace_kind_name(e.kind)), e.block, e.tensor, e.chunk, e.bytes, e.start_ns,
+                              e.end_ns, std::string(trace_lane_kind_name(e.lane.kind)), e.lane.index));
+  }
+  return out;
+}
+
 // Python handle: owns the engine and the reader it streams from.
 struct PyEngine {
   std::unique_ptr<Engine> engine;
+  // Trace events still buffered when the engine closed (accessed with the GIL held): kept so that whoever writes
+  // the trace after close (the model's cleanup, or a finalizer that runs after the engine's) still gets the end of
+  // the timeline.
+  TraceBatch trace_at_close;
 
   ~PyEngine() {
     // Joining engine threads may wait for one that needs the GIL (an eviction callback): never hold it here.
@@ -159,8 +175,16 @@ void bind_engine(nb::module_& m) {
           "blocks"_a = nb::none())
       .def("close",
            [](PyEngine& e) {
-             nb::gil_scoped_release release;
-             e.engine.reset();
+             std::unique_ptr<Engine> engine = std::move(e.engine);
+             TraceBatch last;
+             if (engine) {
+               nb::gil_scoped_release release;
+               engine->disable_tracing();
+               last = engine->drain_trace();
+               engine.reset();
+             }
+             e.trace_at_close.events.insert(e.trace_at_close.events.end(), last.events.begin(), last.events.end());
+             e.trace_at_close.dropped += last.dropped;
            })
       .def("acquire",
            [](PyEngine& e, size_t block) {
@@ -199,7 +223,31 @@ void bind_engine(nb::module_& m) {
       .def("set_eviction_callback", [](PyEngine& e, std::function<void(size_t)> callback) {
         // Called on engine threads without engine locks; nanobind's function caster takes the GIL for the call.
         e.get().set_eviction_callback(std::move(callback));
-      });
+      })
+      .def(
+          "enable_tracing", [](PyEngine& e, size_t max_events) { e.get().enable_tracing(max_events); },
+          "max_events"_a = TraceRecorder::kDefaultMaxEvents,
+          "Records reads, checksums, decodes, transfers and caller waits until disable_tracing(); at most max_events "
+          "are buffered between drains, the rest are counted as dropped.")
+      .def("disable_tracing", [](PyEngine& e) { e.get().disable_tracing(); })
+      .def_prop_ro("tracing", [](const PyEngine& e) { return e.engine != nullptr && e.engine->tracing(); })
+      .def(
+          "drain_trace",
+          [](PyEngine& e) {
+            TraceBatch batch = std::exchange(e.trace_at_close, TraceBatch{});  // with the GIL, like close()
+            Engine* engine = e.engine.get();
+            if (engine != nullptr) {
+              // Collecting takes the recorder's lock, which engine threads take for every event: without the GIL.
+              nb::gil_scoped_release release;
+              TraceBatch more = engine->drain_trace();
+              batch.events.insert(batch.events.end(), more.events.begin(), more.events.end());
+              batch.dropped += more.dropped;
+            }
+            return nb::make_tuple(trace_events_list(batch.events), batch.dropped);
+          },
+          "(events, dropped): the events buffered since the last drain, as tuples (kind, block, tensor, chunk, "
+          "bytes, start_ns, end_ns, lane_kind, lane_index), and how many were dropped. Times are CLOCK_MONOTONIC "
+          "nanoseconds (time.monotonic_ns()). Works after close() too: it then returns what was left at close.");
 }
 
 }  // namespace tensorstream::bindings

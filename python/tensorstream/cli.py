@@ -5,9 +5,10 @@
     tensorstream cleanup PATH [--dry-run]      remove leftovers of dead writers
     tensorstream defrag PATH [--model M]       rewrite models in their recorded execution order
     tensorstream validate [--storage PATH]     the production validation suite (environment, storage, a model)
+    tensorstream trace-plot TRACE.json [-o OUT.png]   draw a Chrome trace (Config.trace_path) as a PNG timeline
 
 PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
-line on stderr). None of these commands imports torch, except validate.
+line on stderr). None of these commands imports torch, except validate; trace-plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -178,6 +179,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if passed(checks) else EXIT_PROBLEMS
 
 
+def _cmd_trace_plot(args: argparse.Namespace) -> int:
+    from .trace_plot import plot_trace
+
+    output = args.output
+    if output is None:
+        stem = args.trace[:-5] if args.trace.endswith(".json") else args.trace
+        output = stem + ".png"
+    try:
+        written = plot_trace(args.trace, output)
+    except (ImportError, ValueError) as error:  # no matplotlib; not a Chrome trace
+        print(f"tensorstream trace-plot: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    print(written)
+    return EXIT_OK
+
+
 # ---- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -218,6 +235,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-test-mib", type=int, default=256, help="size of the read-speed test file (0: skip)")
     p.add_argument("--no-model", action="store_true", help="skip the end-to-end model check")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("trace-plot", help="draw a TensorStream Chrome trace as a PNG timeline",
+                       description="Draws the Chrome trace a model writes with Config.trace_path / "
+                       "TENSORSTREAM_TRACE as a PNG: one lane per thread and kind (compute, stall, read per I/O "
+                       "lane, verify, decompress, transfer), time in ms, totals in the title. Needs matplotlib.")
+    p.add_argument("trace", metavar="TRACE.json", help="the trace file")
+    p.add_argument("--output", "-o", metavar="OUT.png", default=None,
+                   help="where to write the PNG (default: TRACE with .png instead of .json)")
+    p.set_defaults(func=_cmd_trace_plot)
     return parser
 
 

@@ -2,9 +2,9 @@
 
 Every field is validated when the config is created and when it is used (fields may be assigned afterwards, as
 in the guide: ``config.backend = BackendType.MMAP``); an invalid value raises ``ConfigError`` naming the field and
-the allowed values. ``TENSORSTREAM_STORAGE_PATH`` and ``TENSORSTREAM_VRAM_BUDGET`` fill ``storage_path`` and
-``vram_budget_gb`` when they are not given; the engine-level variables (docs/configuration.md) are parsed by the
-C++ core.
+the allowed values. ``TENSORSTREAM_STORAGE_PATH``, ``TENSORSTREAM_VRAM_BUDGET`` and ``TENSORSTREAM_TRACE`` fill
+``storage_path``, ``vram_budget_gb`` and ``trace_path`` when they are not given; the engine-level variables
+(docs/configuration.md) are parsed by the C++ core.
 """
 
 from __future__ import annotations
@@ -63,6 +63,37 @@ def _env_budget() -> Optional[float]:
     return value
 
 
+def check_trace_path(value: Any, field: str) -> str:
+    """``value`` as a str path where a trace file can be written, or ConfigError naming ``field``.
+
+    The parent directory must exist and be writable now (the trace is written when the model is cleaned up, which
+    is a bad moment to learn that it cannot be), and the path must not be a directory.
+    """
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or path == "" or "\0" in path:
+        raise ConfigError(f"invalid {field}: {value!r} must be a file path (str) for the Chrome trace JSON, or None",
+                          field=field)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ConfigError(f"invalid {field}: {path!r} is a directory; give the trace file's path "
+                          "(e.g. /tmp/trace.json)", field=field)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"invalid {field}: the directory {parent!r} of {path!r} does not exist", field=field)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"invalid {field}: the directory {parent!r} of {path!r} is not writable", field=field)
+    return path
+
+
+def _env_trace() -> Optional[str]:
+    text = os.environ.get("TENSORSTREAM_TRACE")
+    if text is None or text == "":
+        return None
+    return check_trace_path(text, "TENSORSTREAM_TRACE")
+
+
 @dataclasses.dataclass
 class Config:
     """TensorStream settings (the deployment guide's fields).
@@ -79,6 +110,9 @@ class Config:
     verify_checksums: verify every chunk's checksum on every load.
     debug_mode: log per-block timings to the ``tensorstream`` logger.
     min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
+    trace_path: write a Chrome trace (trace-event JSON: reads, checksums, decodes, waits and compute per block, on a
+        timeline) to this file when the model is cleaned up, and on ``tensorstream.write_trace(model)``; its
+        directory must exist and be writable. Default: TENSORSTREAM_TRACE, else None (no tracing).
     """
 
     storage_path: Optional[str] = None
@@ -92,12 +126,15 @@ class Config:
     verify_checksums: bool = True
     debug_mode: bool = False
     min_layer_size: int = 1 << 20
+    trace_path: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.storage_path is None:
             self.storage_path = os.environ.get("TENSORSTREAM_STORAGE_PATH") or None
         if self.vram_budget_gb is None:
             self.vram_budget_gb = _env_budget()
+        if self.trace_path is None:
+            self.trace_path = _env_trace()
         self.validate()
 
     def validate(self) -> "Config":
@@ -122,6 +159,8 @@ class Config:
         _bool_field("verify_checksums", self.verify_checksums)
         _bool_field("debug_mode", self.debug_mode)
         _int_field("min_layer_size", self.min_layer_size, 0, 1 << 62)
+        if self.trace_path is not None:
+            self.trace_path = check_trace_path(self.trace_path, "trace_path")
         return self
 
     @property

@@ -69,3 +69,41 @@ def test_storage_path_is_required(monkeypatch):
 def test_to_dict_round_trips(tmp_path):
     config = Config(storage_path=str(tmp_path), backend="mmap")
     assert Config(**config.to_dict()) == config
+
+
+# ---- trace_path / TENSORSTREAM_TRACE -----------------------------------------------------------------------------
+
+
+def test_trace_path_defaults_to_off_and_takes_a_file_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORSTREAM_TRACE", raising=False)
+    assert Config(storage_path=str(tmp_path)).trace_path is None
+    config = Config(storage_path=str(tmp_path), trace_path=tmp_path / "trace.json")  # a PathLike becomes a str
+    assert config.trace_path == str(tmp_path / "trace.json")
+    assert Config(**config.to_dict()) == config
+
+
+@pytest.mark.parametrize("value", [5, b"/tmp/t.json", "", "DIR", "DIR/", "DIR/missing/trace.json", "a\0b"])
+def test_bad_trace_path_names_the_field(tmp_path, value):
+    if isinstance(value, str):
+        value = value.replace("DIR", str(tmp_path))
+    with pytest.raises(ts.ConfigError) as caught:
+        Config(storage_path=str(tmp_path), trace_path=value)
+    assert caught.value.field == "trace_path" and "trace_path" in str(caught.value)
+    config = Config(storage_path=str(tmp_path))
+    config.trace_path = value  # assigned afterwards: checked on validate (offload validates too)
+    with pytest.raises(ts.ConfigError):
+        config.validate()
+
+
+def test_trace_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORSTREAM_TRACE", str(tmp_path / "env.json"))
+    assert Config(storage_path=str(tmp_path)).trace_path == str(tmp_path / "env.json")
+    explicit = str(tmp_path / "explicit.json")
+    assert Config(storage_path=str(tmp_path), trace_path=explicit).trace_path == explicit  # explicit values win
+    monkeypatch.setenv("TENSORSTREAM_TRACE", "")
+    assert Config(storage_path=str(tmp_path)).trace_path is None
+    for bad in (str(tmp_path), str(tmp_path / "no" / "such" / "dir.json")):
+        monkeypatch.setenv("TENSORSTREAM_TRACE", bad)
+        with pytest.raises(ts.ConfigError) as caught:
+            Config(storage_path=str(tmp_path))
+        assert caught.value.field == "TENSORSTREAM_TRACE" and "TENSORSTREAM_TRACE" in str(caught.value)

@@ -84,6 +84,7 @@ class _ThreadState(threading.local):
         self.held: Dict[int, int] = {}        # block index -> nesting depth in this thread
         self.frames: List[Tuple[int, Optional[StreamBlock]]] = []  # (id(module), block or None if the pre-hook failed)
         self.started: Dict[int, float] = {}   # block index -> time the block became usable (debug timings)
+        self.computing: Dict[int, int] = {}   # block index -> time.monotonic_ns() it became usable (tracing)
 
 
 class StreamingRuntime:
@@ -95,6 +96,9 @@ class StreamingRuntime:
         self.blocks = blocks
         self.by_index: Dict[int, StreamBlock] = {b.index: b for b in blocks}
         self.debug = debug
+        # A tensorstream.trace.TraceCollector when Config.trace_path is set: gets one compute span per use of a
+        # block. Set once by offload() before the hooks run.
+        self.tracer: Optional[Any] = None
         self.lock = threading.Lock()
         self.handles: List[Any] = []
         self._tls = _ThreadState()
@@ -183,12 +187,20 @@ class StreamingRuntime:
             if hasattr(error, "add_note"):
                 error.add_note(f"(TensorStream: loading block '{sb.name}' for module '{path}')")
             raise
+        if self.tracer is not None:
+            # Compute starts once the weights are bound: a wait for them is the engine's stall, just before.
+            self._tls.computing[sb.index] = time.monotonic_ns()
         if self.debug:
             now = time.perf_counter()
             self._tls.started[sb.index] = now
             logger.debug("block '%s' (module '%s'): acquired in %.3f ms", sb.name, path, (now - started) * 1e3)
 
     def _release(self, sb: StreamBlock) -> None:
+        tracer = self.tracer
+        if tracer is not None:
+            started = self._tls.computing.pop(sb.index, None)
+            if started is not None:
+                tracer.compute(sb.index, started, time.monotonic_ns())
         with self.lock:
             sb.pins -= 1
         if self.debug:

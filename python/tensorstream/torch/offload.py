@@ -30,6 +30,7 @@ from .. import _core
 from ..config import GPU_BACKENDS, Config
 from ..errors import ConfigError
 from ..store import fingerprint, open_model, write_model
+from ..trace import start_trace, write_trace
 from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
 from .hooks import StreamBlock, StreamingRuntime
 from .partition import Partition, describe, partition_model
@@ -40,7 +41,7 @@ io_logger = logging.getLogger("tensorstream.io")
 STATE_ATTR = "_tensorstream_state"
 CLEANUP_ATTR = "cleanup_tensorstream"
 
-__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState"]
+__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState", "write_trace"]
 
 
 # ---- state -------------------------------------------------------------------------------------------------------
@@ -81,7 +82,10 @@ class OffloadState:
         self.closed = True
         if self.runtime is not None:
             self.runtime.closed = True
+        tracer = self.runtime.tracer if self.runtime is not None else None
         self._finalizer()  # engine.close(), then the arena may be freed
+        if tracer is not None:
+            tracer.close()  # writes Config.trace_path; the closed engine kept its last trace events for this
         self.engine = None
         self.arena = None
 
@@ -217,6 +221,8 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None)
                 tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
             stream_blocks.append(StreamBlock(b, store_index[b.name], block_infos[b.name]["slot_size"], tensors))
         runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
+        if config.trace_path is not None:  # a Chrome trace of this model (tensorstream/trace.py)
+            runtime.tracer = start_trace(engine, config, stored_id, stream_blocks, owner=runtime)
         state = OffloadState(config, partition, stored_id, plan, arena, engine, runtime,
                              {b.name: slot_bytes(block_infos[b.name]["slot_size"]) for b in streamed}, outcome)
     except BaseException:
