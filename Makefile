@@ -57,10 +57,9 @@ fuzz: $(BUILD)-fuzz/cpp/tests/fuzz_manifest
 test-python:
 	$(PYTHON) -m pytest -q python/tests
 
+# S1-S3 and M1-M3 (benchmarks/run_all.py) in about 14 minutes on a 2-core machine; results in benchmarks/results/.
 bench: build
-	$(PYTHON) benchmarks/store_write.py
-	$(PYTHON) benchmarks/offload.py
-	$(PYTHON) benchmarks/engine_read.py
+	$(PYTHON) benchmarks/run_all.py
 
 demo: build
 	$(PYTHON) examples/demo.py
