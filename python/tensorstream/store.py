@@ -9,6 +9,15 @@ engine streams, usually one layer), each a list of named tensors::
     with ts.open_model("/nvme/ts", result.model_id) as model:
         w0_again = model.read("w")
 
+A model bigger than memory is written one block at a time: pass an iterable of ``(block name, tensors)`` pairs, for
+instance a generator that loads each block just before it is written (a named ``model_id`` is then required)::
+
+    def blocks():
+        for i in range(80):
+            yield f"layer{i}", load_layer(i)      # only this block is in memory while it is written
+
+    ts.write_model("/nvme/ts", blocks(), model_id="big")
+
 All byte work (checksums, compression, file I/O, fsync, atomic publish) happens in the C++ engine
 (``tensorstream._core``); this module turns torch tensors into (address, size) pairs and back. ``torch`` is
 imported only inside the functions that need it, so ``import tensorstream`` works without it.
@@ -22,7 +31,7 @@ import mmap
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from . import _core
 from .errors import ConfigError, IoError
@@ -31,7 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
-Blocks = Mapping[str, Mapping[str, "torch.Tensor"]]
+# Tensors of one block: a mapping name -> tensor, or an iterable of (name, tensor) pairs (read one at a time).
+BlockTensors = Union[Mapping[str, "torch.Tensor"], Iterable[Tuple[str, "torch.Tensor"]]]
+# A model: a mapping block name -> tensors, or an iterable of (block name, tensors) pairs (a generator streams the
+# model block by block: each block is produced when the writer reaches it and dropped once it is written).
+Blocks = Union[Mapping[str, BlockTensors], Iterable[Tuple[str, BlockTensors]]]
 
 __all__ = ["SaveResult", "Storage", "ModelStore", "write_model", "open_model", "fingerprint"]
 
@@ -93,26 +106,60 @@ def _as_host_tensor(tensor: Any, block: str, name: str) -> "torch.Tensor":
     return tensor.contiguous()
 
 
+_BLOCKS_SHAPE = ("a mapping of block name -> {tensor name -> tensor}, or an iterable of (block name, tensors) "
+                 "pairs")
+
+
+def _is_streamed(blocks: Any) -> bool:
+    """True for the one-pass form (an iterable of pairs), False for a mapping."""
+    if isinstance(blocks, Mapping):
+        return False
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
+        raise ConfigError(f"blocks must be {_BLOCKS_SHAPE}, got {type(blocks).__name__}", field="blocks")
+    return True
+
+
+def _pairs(items: Any, what: str) -> Iterator[Tuple[Any, Any]]:
+    """(key, value) pairs of a mapping, or of an iterable of 2-tuples, one at a time."""
+    if isinstance(items, Mapping):
+        yield from items.items()
+        return
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ConfigError(f"{what} must be a mapping or an iterable of (name, value) pairs, got "
+                          f"{type(items).__name__}", field="blocks")
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ConfigError(f"{what}: expected (name, value) pairs, got {type(item).__name__}", field="blocks")
+        yield item
+        del item  # the caller may drop the value before the next one is produced
+
+
 def _iter_blocks(blocks: Blocks) -> Iterator[Tuple[str, Iterator[Tuple[str, "torch.Tensor"]]]]:
-    if not isinstance(blocks, Mapping):
-        raise ConfigError(f"blocks must be a mapping of block name -> {{tensor name -> tensor}}, got "
-                          f"{type(blocks).__name__}", field="blocks")
-    for block_name, tensors in blocks.items():
+    _is_streamed(blocks)  # type check
+    seen = set()
+    for block_name, tensors in _pairs(blocks, "blocks"):
         if not isinstance(block_name, str):
             raise ConfigError(f"block names must be strings, got {block_name!r}", field="blocks")
-        if not isinstance(tensors, Mapping):
+        if block_name in seen:
+            # A mapping cannot repeat a name; a stream can. The writer would refuse it too, after writing.
+            raise ConfigError(f"block '{block_name}' appears twice", field="blocks")
+        seen.add(block_name)
+        if not isinstance(tensors, Mapping) and (isinstance(tensors, (str, bytes))
+                                                 or not isinstance(tensors, Iterable)):
             raise ConfigError(f"block '{block_name}' must map tensor names to tensors, got {type(tensors).__name__}",
                               field="blocks")
 
-        def tensors_of(block_name: str = block_name, tensors: Mapping = tensors):
-            for name, tensor in tensors.items():
+        def tensors_of(block_name: str = block_name, tensors: BlockTensors = tensors):
+            for name, tensor in _pairs(tensors, f"block '{block_name}'"):
                 if not isinstance(name, str):
                     raise ConfigError(f"block '{block_name}': tensor names must be strings, got {name!r}",
                                       field="blocks")
                 # Converted one at a time, so at most one host copy of a device tensor exists at once.
                 yield name, _as_host_tensor(tensor, block_name, name)
+                del tensor
 
         yield block_name, tensors_of()
+        del tensors, tensors_of  # this block's tensors may be freed before the next block is produced
 
 
 def _nbytes(tensor: "torch.Tensor") -> int:
@@ -133,6 +180,7 @@ def fingerprint(blocks: Blocks) -> str:
     """The content fingerprint (32 hex digits) a model of these blocks gets (docs/format.md §6).
 
     It depends only on names, dtypes, shapes and bytes: not on chunk size, compression, store or block order.
+    ``blocks`` takes the forms :func:`write_model` takes (an iterable of pairs is consumed).
     """
     return _fingerprint_builder(blocks).finish()
 
@@ -188,6 +236,13 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     The storage directory is created if needed. Tensors may live on any device; each is copied to contiguous
     host memory one at a time (no copy for tensors that already are) and written with its exact bytes.
 
+    Streaming form: ``blocks`` may also be an iterable of ``(block name, tensors)`` pairs, and each block's
+    ``tensors`` an iterable of ``(tensor name, tensor)`` pairs, for instance generators that load each block (or
+    tensor) when the writer reaches it: each is written before the next is asked for, so only about one block needs
+    to be in memory at once, whatever the model's size. Such a stream is read once, so it needs a named
+    ``model_id`` (a fingerprint id would need a second pass over the weights; ConfigError otherwise); when that
+    model already exists (``"already_existed"``) the stream is not read at all.
+
     ``model_id=None`` stores the model under ``fp-<fingerprint>``: when a model with that id exists, nothing is
     written and the outcome is ``"already_existed"`` (the same weights offloaded twice are stored once). A named
     model that exists is kept (``"already_existed"``) unless ``replace=True``, which replaces it atomically.
@@ -207,9 +262,10 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     if model_id is not None and (not isinstance(model_id, str) or not _core.is_valid_model_id(model_id)):
         raise ConfigError(f"{model_id!r} is not a valid model id (1-128 of [A-Za-z0-9._-], not starting with "
                           "'.' or '-')", field="model_id")
-    if not isinstance(blocks, Mapping):
-        raise ConfigError(f"blocks must be a mapping of block name -> {{tensor name -> tensor}}, got "
-                          f"{type(blocks).__name__}", field="blocks")
+    if _is_streamed(blocks) and model_id is None:
+        raise ConfigError("blocks given as a stream of (name, tensors) pairs can be read only once: pass a "
+                          "model_id (a content fingerprint id needs a pass over every weight before writing), or a "
+                          "mapping", field="model_id")
     storage = _open_storage(storage_path, create=True)
 
     def new_writer(target_id: str) -> "_core.StoreWriter":
@@ -238,6 +294,7 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
                     writer.add_tensor(name, _dtype_name(tensor), list(tensor.shape), tensor.data_ptr(),
                                       _nbytes(tensor))
                     del tensor  # a host copy of a device tensor is freed before the next one is made
+                del tensors  # and a streamed block before the next block is produced
             out = writer.commit()
     finally:
         # A failed write's temp directory is removed now, not when the traceback (which holds this frame) dies.

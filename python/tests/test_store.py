@@ -341,6 +341,66 @@ def test_open_reader_survives_replacement(storage_path):
         assert_bitwise_equal(model.map("w"), old)  # maps the file this reader validated, not the new one
 
 
+# ---- streaming form ----------------------------------------------------------------------------------------------
+
+
+def test_blocks_streamed_one_at_a_time(storage_path):
+    """An iterable of (name, tensors) pairs is written block by block: each block is dropped by the writer before
+    the next one is produced, so a generator that loads blocks lazily holds one at a time."""
+    import weakref
+
+    values = {f"layer{i}": random_tensor((3000 + i,), torch.float32, seed=i) for i in range(4)}
+    produced, alive_before = [], []
+
+    def blocks():
+        previous = None
+        for name, value in values.items():
+            alive_before.append(previous is not None and previous() is not None)
+            tensor = value.clone()  # a fresh tensor only this generator and the writer know
+            previous = weakref.ref(tensor)
+            produced.append(name)
+            yield name, {f"{name}.w": tensor}
+            del tensor
+
+    result = ts.write_model(storage_path, blocks(), model_id="streamed")
+    assert produced == list(values) and not any(alive_before)
+    mapping = {name: {f"{name}.w": value} for name, value in values.items()}
+    assert result.outcome == "published" and result.fingerprint == ts.fingerprint(mapping)
+    with ts.open_model(storage_path, "streamed") as model:
+        assert model.block_names() == list(values)
+        for name, value in values.items():
+            assert_bitwise_equal(model.read(f"{name}.w"), value)
+    # Tensors may stream too: (name, tensor) pairs.
+    pairs = ((name, ((f"{name}.w", value) for _ in (0,))) for name, value in values.items())
+    assert ts.write_model(storage_path, pairs, model_id="pairs").fingerprint == result.fingerprint
+    assert ts.write_model(storage_path, [("a", [("x", torch.ones(3))])], model_id="lists").written
+
+
+def test_stream_of_an_existing_model_is_not_read(storage_path):
+    ts.write_model(storage_path, {"b": {"w": torch.ones(4)}}, model_id="m")
+    started = []
+
+    def blocks():
+        started.append(True)
+        yield "b", {"w": torch.zeros(4)}
+
+    assert ts.write_model(storage_path, blocks(), model_id="m").outcome == "already_existed"
+    assert not started
+
+
+def test_stream_needs_a_model_id_and_unique_blocks(storage_path):
+    with pytest.raises(ts.ConfigError, match="read only once") as info:
+        ts.write_model(storage_path, iter([("b", {"w": torch.ones(4)})]))
+    assert info.value.field == "model_id"
+    with pytest.raises(ts.ConfigError, match="appears twice"):
+        ts.write_model(storage_path, [("b", {"w": torch.ones(4)}), ("b", {"v": torch.ones(4)})], model_id="m")
+    for bad in ([("b",)], [("b", 3)], ["b"], 7):
+        with pytest.raises(ts.ConfigError):
+            ts.write_model(storage_path, bad, model_id="m")
+    assert ts.Storage(storage_path).models() == []
+    assert os.listdir(storage_path / "tmp") == []
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
