@@ -7,9 +7,11 @@ evict), offload.py (the steps below, statistics, budget tuning, cleanup).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover
+    import os
+
     from torch import nn
 
     from ..config import Config
@@ -17,8 +19,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["offload", "get_model_statistics", "optimize_memory_usage"]
 
 
-def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None) -> "nn.Module":
+def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None,
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None) -> "nn.Module":
     """Streams ``model``'s weights from ``config.storage_path`` from now on; returns the same model object.
+
+    ``model`` either holds its weights (on the CPU; they are written to the store, then freed) or is built without
+    them, every parameter on the meta device (see *Without the model in RAM* below).
 
     Steps (nothing about the model changes until the last one, so if any step fails, the error propagates and the
     model is left exactly as it was, still usable):
@@ -28,9 +34,12 @@ def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = N
        ``config.min_layer_size`` bytes. Modules that share a parameter (tied embeddings and ``lm_head``) share a
        block. Blocks below ``min_layer_size`` stay *resident* (never streamed); ``min_layer_size=0`` streams every
        module with parameters. Buffers always stay resident.
-    2. **Store** the streamed blocks once in ``config.storage_path`` (``model_id=None``: a content fingerprint, so
-       offloading the same weights again writes nothing), compressed when ``config.compression_enabled``. Store
-       files are a cache: they are kept after ``cleanup_tensorstream()``; ``cleanup_orphaned_files`` and
+    2. **Store** the streamed blocks once in ``config.storage_path``, and with them, in one extra block named
+       ``"(resident)"`` that is never streamed, the resident parameters and the persistent buffers (what a model
+       built on the meta device needs back). ``model_id=None``: the id is ``fp-`` + a content fingerprint, so
+       offloading the same weights again writes nothing; ``model_id="name"``: stored under that name (a name that
+       already holds other weights is a ConfigError). Compressed when ``config.compression_enabled``. Store files
+       are a cache: they are kept after ``cleanup_tensorstream()``; ``cleanup_orphaned_files`` and
        ``Storage(path).remove(model_id)`` remove them.
     3. **Budget**: ``config.vram_budget_gb``, else a quarter of the streamed bytes; raised (with a WARNING on the
        ``tensorstream`` logger) to what the engine needs: the largest block, or the largest set of blocks one
@@ -61,10 +70,44 @@ def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = N
     The model gains ``model.cleanup_tensorstream()``: it reads the streamed weights back from the store into
     ordinary memory, removes every hook and closes the engine; the model is then a plain model again (and may be
     offloaded again). Do not call it while another thread runs the model.
+
+    **Without the model in RAM.** Build the model on the meta device and give the store's model id::
+
+        from accelerate import init_empty_weights
+        with init_empty_weights():                      # parameters on meta, buffers computed on the CPU
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("path/to/model"))
+        model = tensorstream.offload(model, config, model_id="llama-7b", checkpoint="path/to/model")
+
+    * ``model_id`` is required (ConfigError otherwise: a content id cannot be computed without the weights). The
+      store must hold that model, written by an earlier ``offload`` of the real model (with that ``model_id``, or
+      pass the ``fp-...`` id it reported) or by an earlier call with ``checkpoint=``; else
+      ``tensorstream.errors.StoreNotFoundError`` (an IoError and a FileNotFoundError, errno ENOENT) naming the
+      storage path and the id.
+    * ``checkpoint``: a Hugging Face checkpoint directory (``model.safetensors.index.json`` with its shards, or one
+      ``model.safetensors``) or a ``.safetensors`` file. When the store does not hold ``model_id`` yet, it is
+      written from the checkpoint one block at a time (each block's tensors read with ``safetensors.safe_open`` when
+      the writer reaches it), so the process holds about one block of weights, never the whole model; when the
+      store holds it, the checkpoint is not opened. Checkpoint names are the model's ``state_dict()`` keys (tied
+      weights saved once under any of their names, a ``base_model_prefix`` added or missing); a tensor the model
+      needs and the checkpoint lacks, or of another shape, is a ConfigError naming it, before anything is written;
+      other dtypes are cast to the model's. Only safetensors are read (not ``pytorch_model.bin``).
+    * The model is checked against the stored one: the streamed blocks and the resident block, tensor by tensor
+      (block, name, dtype, shape), in the model's order; the first difference is a ConfigError naming the tensor
+      and what differs (another config, dtype or ``min_layer_size`` than the store was written with).
+    * Streamed parameters get placeholders as usual; resident parameters and persistent buffers get their stored
+      values. Parameters become new ``nn.Parameter`` objects (a meta tensor cannot take data in place); tied
+      parameters stay tied (``tie_weights()`` is called first: ``init_empty_weights()`` unties them).
+    * Every parameter must be on meta, or none (ConfigError). A *non-persistent* buffer on meta (rotary
+      ``inv_freq`` when built under ``torch.device("meta")``) is saved nowhere and cannot be recovered: ConfigError
+      asking to build under ``init_empty_weights()``, which keeps buffers on the CPU.
+    * ``checkpoint=`` with a model that holds its weights is a ConfigError.
+
+    ``cleanup_tensorstream()`` on such a model reads every streamed weight into memory: the model then holds all its
+    weights (that needs the RAM this path avoided).
     """
     from .offload import offload as _offload
 
-    return _offload(model, config, model_id=model_id)
+    return _offload(model, config, model_id=model_id, checkpoint=checkpoint)
 
 
 def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, Any]:

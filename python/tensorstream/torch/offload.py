@@ -5,11 +5,15 @@ anywhere leaves it exactly as it was):
 
 1. validates the config (ConfigError naming the field; CUDA / GPUDIRECT are refused: this build executes on the
    CPU only) and partitions the model (partition.py);
-2. writes the streamed blocks to ``config.storage_path`` once (content-addressed: the same weights with the same
-   block layout are never written twice), with ``config``'s compression;
-3. sizes the budget and allocates the arena (arena.py), opens the engine;
-4. installs the hooks (hooks.py) and replaces every streamed parameter's data by a memory-less placeholder, then
-   returns free memory to the OS (``malloc_trim``): the process's RSS drops by about the streamed bytes.
+2. writes the streamed blocks, plus the resident parameters and persistent buffers in the ``"(resident)"`` block,
+   to ``config.storage_path`` once (content-addressed: the same weights with the same block layout are never
+   written twice), with ``config``'s compression. A model on the meta device (meta.py) instead finds its store
+   (or has it written block by block from ``checkpoint=``, checkpoint.py), is checked against it, and reads its
+   resident values from it;
+3. sizes the budget and allocates the arena (arena.py), opens the engine over the streamed blocks only;
+4. (a meta model: swaps in real Parameters and buffers,) installs the hooks (hooks.py) and replaces every streamed
+   parameter's data by a memory-less placeholder, then returns free memory to the OS (``malloc_trim``): the
+   process's RSS drops by about the streamed bytes.
 
 The model object is returned (the same object) and gains ``model.cleanup_tensorstream()``.
 """
@@ -17,23 +21,27 @@ The model object is returned (the same object) and gains ``model.cleanup_tensors
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
+import os
 import threading
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import _core
 from ..config import GPU_BACKENDS, Config
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreNotFoundError
 from ..store import fingerprint, open_model, write_model
 from ..trace import start_trace, write_trace
 from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
 from .hooks import StreamBlock, StreamingRuntime
-from .partition import Partition, describe, partition_model
+from .checkpoint import Checkpoint, iter_blocks, plan_blocks
+from .meta import Materialization, check_against_store, check_meta_model, params_on_meta
+from .partition import RESIDENT_BLOCK, Partition, ResidentTensor, describe, partition_model, resident_tensors
 
 logger = logging.getLogger("tensorstream")
 io_logger = logging.getLogger("tensorstream.io")
@@ -145,6 +153,42 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
     return result.model_id, result.outcome
 
 
+def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, checkpoint: Any, partition: Partition,
+                           resident: List[ResidentTensor]) -> "Tuple[str, str]":
+    """Finds model ``model_id`` of a meta model in the store, or writes it from ``checkpoint`` block by block when
+    it is not there (StoreNotFoundError when it is not there and there is no checkpoint)."""
+    root = config.storage_path
+    if os.path.isdir(root) and os.path.exists(os.path.join(root, "STORE")):
+        if _core.StorageDirectory.open_existing(root).has_model(model_id):
+            return model_id, "already_existed"  # the checkpoint is not even opened
+    if checkpoint is None:
+        raise StoreNotFoundError(
+            errno.ENOENT, f"the store {root} holds no model '{model_id}': a model on the meta device gets its weights "
+            f"from the store. Offload the real model once with model_id='{model_id}' (or pass the fp-... id an "
+            "earlier offload reported), or pass checkpoint='path/to/checkpoint' to write the store from a Hugging "
+            "Face safetensors checkpoint", root)
+    source = Checkpoint(checkpoint)
+    plan = plan_blocks(source, model, partition, resident)  # every tensor found and its shape checked first
+    metadata = _metadata(model, partition)
+    metadata["tensorstream.checkpoint"] = source.path
+    result = write_model(root, iter_blocks(plan), model_id=model_id, compression_level=config.store_compression_level,
+                         metadata=metadata)
+    logger.info("offload: wrote model '%s' to %s from checkpoint %s (%d bytes)", model_id, root, source.path,
+                result.raw_bytes)
+    return result.model_id, result.outcome
+
+
+def _tie_weights(model: nn.Module) -> None:
+    """A Hugging Face model built under init_empty_weights() has its tied weights untied (accelerate re-creates
+    every parameter it registers); ``tie_weights()`` ties them again, as from_pretrained does after loading."""
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        try:
+            tie()
+        except Exception:  # noqa: BLE001 - the store check below reports what differs
+            logger.warning("offload: %s.tie_weights() failed on the meta model", type(model).__name__, exc_info=True)
+
+
 def _malloc_trim() -> None:
     """Returns freed heap memory to the OS (glibc keeps freed chunks otherwise, and RSS would not drop)."""
     try:
@@ -154,7 +198,8 @@ def _malloc_trim() -> None:
         pass
 
 
-def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None) -> nn.Module:
+def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None) -> nn.Module:
     """See :func:`tensorstream.offload`."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}", field="model")
@@ -163,34 +208,68 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None)
     if isinstance(existing, OffloadState) and not existing.closed:
         raise ConfigError("this model is already offloaded (call model.cleanup_tensorstream() before offloading it "
                           "again)", field="model")
+    on_meta = params_on_meta(model)  # ConfigError when meta and real parameters are mixed
     for name, param in model.named_parameters():
-        if param.device.type != "cpu":
+        if param.device.type not in ("cpu", "meta"):
             raise ConfigError(f"parameter '{name}' is on {param.device}: offload() takes a model on the CPU (this "
                               "build executes on the CPU only)", field="model")
         if param.layout != torch.strided:
             raise ConfigError(f"parameter '{name}' has layout {param.layout}: only dense parameters can be streamed",
                               field="model")
+    if checkpoint is not None and not on_meta:
+        raise ConfigError("checkpoint= is for a model built without its weights (on the meta device, e.g. under "
+                          "accelerate.init_empty_weights()); this model holds its weights, and offload() writes them "
+                          "to the store itself", field="checkpoint")
+    if on_meta:
+        check_meta_model(model, model_id)  # model_id given, no non-persistent buffer on meta
+        if not isinstance(model_id, str) or not _core.is_valid_model_id(model_id):
+            raise ConfigError(f"{model_id!r} is not a valid model id (1-128 of [A-Za-z0-9._-], not starting with "
+                              "'.' or '-')", field="model_id")
+        _tie_weights(model)
 
     partition = partition_model(model, config.min_layer_size)
     streamed = partition.streamed
+    resident = resident_tensors(model, partition)
     if config.debug_mode:
         for entry in describe(partition):
             logger.debug("block %s", json.dumps(entry))
     if not streamed:
         logger.warning("offload: no block of %s reaches min_layer_size=%d bytes; every parameter stays resident",
                        type(model).__name__, config.min_layer_size)
-        state = OffloadState(config, partition, None, None, None, None, None, {}, "nothing_to_stream")
-        _attach(model, state)
-        return model
 
     # 2. the store (nothing in the model has changed yet: a failure here leaves it as it was)
-    blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
-    stored_id, outcome = _write_store(config, blocks, model_id, _metadata(model, partition))
-    del blocks
-    with open_model(config.storage_path, stored_id) as store:
-        store_index = {name: i for i, name in enumerate(store.block_names())}
-        block_infos = {b.name: store.block_info(b.name) for b in streamed}
-        tensor_infos = {e.name: store.info(e.name) for b in streamed for e in b.params}
+    if on_meta:
+        stored_id, outcome = _store_for_meta_model(model, config, model_id, checkpoint, partition, resident)
+    elif streamed or resident:
+        blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
+        if resident:
+            blocks[RESIDENT_BLOCK] = {r.name: r.tensor.detach() for r in resident}
+        stored_id, outcome = _write_store(config, blocks, model_id, _metadata(model, partition))
+        del blocks
+    else:
+        stored_id, outcome = None, "nothing_to_stream"  # no parameter, no persistent buffer
+    values: Dict[str, torch.Tensor] = {}
+    store_index: Dict[str, int] = {}
+    block_infos: Dict[str, Dict[str, Any]] = {}
+    tensor_infos: Dict[str, Dict[str, Any]] = {}
+    if stored_id is not None:
+        with open_model(config.storage_path, stored_id) as store:
+            if on_meta:
+                check_against_store(store, partition, resident, config.storage_path)
+                with torch.inference_mode(False):
+                    values = {r.name: store.read(r.name) for r in resident}  # verified: read once, kept
+            store_index = {name: i for i, name in enumerate(store.block_names())}
+            block_infos = {b.name: store.block_info(b.name) for b in streamed}
+            tensor_infos = {e.name: store.info(e.name) for b in streamed for e in b.params}
+    # A meta model's real tensors, swapped in at the commit; the partition now names the new Parameters.
+    materialization = Materialization(partition, resident, values) if on_meta else None
+    del values
+    if not streamed:
+        if materialization is not None:
+            materialization.apply(model)
+        state = OffloadState(config, partition, stored_id, None, None, None, None, {}, "nothing_to_stream")
+        _attach(model, state)
+        return model
 
     # 3. budget, arena, engine
     slots = [block_infos[b.name]["slot_size"] for b in streamed]
@@ -207,7 +286,8 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None)
     engine = _core.Engine(storage, stored_id, arena.address, arena.nbytes, backend=config.backend.value,
                           num_io_threads=config.num_io_threads, budget_bytes=plan.budget_bytes,
                           prefetch_strategy=config.prefetch_strategy.value,
-                          memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums)
+                          memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums,
+                          blocks=[store_index[b.name] for b in streamed])  # never the "(resident)" block
     try:
         reason = engine.backend_fallback_reason
         if reason:
@@ -228,10 +308,14 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None)
     except BaseException:
         engine.close()
         raise
-    # 4. commit: hooks, placeholders (the original tensors are freed here)
+    # 4. commit: real tensors for a meta model, hooks, placeholders (the original tensors are freed here)
     try:
+        if materialization is not None:
+            materialization.apply(model)
         runtime.install()
     except BaseException:
+        if materialization is not None:
+            materialization.undo()
         state.close()
         raise
     _attach(model, state)

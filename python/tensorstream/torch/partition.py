@@ -22,6 +22,12 @@ Rules (DESIGN.md §2, §7):
 
 Buffers are never part of a block: they stay where they are.
 
+6. **Resident tensors** (:func:`resident_tensors`): the parameters of resident blocks, then every *persistent* buffer
+   (those ``state_dict()`` saves), each once under its first qualified name. They stay in memory, and offload()
+   also stores them, in one extra block named :data:`RESIDENT_BLOCK` that the engine never streams, so that a model
+   built without its weights (on the meta device) gets their values back from the store. Non-persistent buffers
+   (rotary ``inv_freq``, BERT's ``position_ids``) are not stored: a model computes them when it is built.
+
 Hooks: a block is pinned while any of its *hooked modules* runs. Those are the roots of a layer block (the list
 child) and every module that owns one of the block's parameters directly.
 """
@@ -35,8 +41,11 @@ import torch
 from torch import nn
 
 ROOT_NAME = "(root)"
+# The store block that holds the resident tensors (module paths never contain parentheses: no clash with a layer).
+RESIDENT_BLOCK = "(resident)"
 
-__all__ = ["ParamEntry", "Block", "Partition", "partition_model", "ROOT_NAME"]
+__all__ = ["ParamEntry", "Block", "Partition", "partition_model", "ROOT_NAME", "RESIDENT_BLOCK", "ResidentTensor",
+           "resident_tensors", "qualified_names", "buffer_registrations"]
 
 
 @dataclasses.dataclass
@@ -269,3 +278,56 @@ def describe(partition: Partition) -> List[Dict[str, object]]:
     """A JSON-friendly summary (stored in the store's metadata and logged in debug mode)."""
     return [{"name": b.name, "kind": b.kind, "streamed": b.streamed, "nbytes": b.nbytes,
              "tensors": [e.name for e in b.params], "modules": list(b.module_names)} for b in partition.blocks]
+
+
+# ---- resident tensors ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ResidentTensor:
+    """A tensor that stays in memory and goes into the store's :data:`RESIDENT_BLOCK`."""
+
+    name: str            # first qualified name (the store's tensor name, a ``state_dict()`` key)
+    tensor: torch.Tensor  # the Parameter or buffer itself
+    kind: str            # "parameter" | "buffer"
+
+
+def buffer_registrations(model: nn.Module) -> List[Tuple[str, nn.Module, str, torch.Tensor, bool]]:
+    """Every buffer registration: (qualified name, owning module, attribute, tensor, persistent), in
+    ``named_modules`` order; a buffer shared by several modules appears once per registration."""
+    out: List[Tuple[str, nn.Module, str, torch.Tensor, bool]] = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                out.append((_join(prefix, key), module, key, buf, key not in module._non_persistent_buffers_set))
+    return out
+
+
+def qualified_names(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter or buffer) -> every qualified name it is registered under, first name first."""
+    out: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    for name, _module, _key, buf, _persistent in buffer_registrations(model):
+        names = out.setdefault(id(buf), [])
+        if name not in names:
+            names.append(name)
+    return out
+
+
+def resident_tensors(model: nn.Module, partition: Partition) -> List[ResidentTensor]:
+    """The parameters of the resident blocks (in block order), then the persistent buffers (first registration
+    order), each tensor once (rule 6)."""
+    out: List[ResidentTensor] = []
+    seen: Set[int] = set()
+    for block in partition.resident:
+        for e in block.params:
+            if id(e.param) not in seen:
+                seen.add(id(e.param))
+                out.append(ResidentTensor(e.name, e.param, "parameter"))
+    persistent = {id(buf) for _n, _m, _k, buf, keep in buffer_registrations(model) if keep}
+    for name, _module, _key, buf, _keep in buffer_registrations(model):
+        if id(buf) in persistent and id(buf) not in seen:
+            seen.add(id(buf))
+            out.append(ResidentTensor(name, buf, "buffer"))
+    return out

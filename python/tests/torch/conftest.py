@@ -120,6 +120,22 @@ def assert_equal(actual: "torch.Tensor", expected: "torch.Tensor", what: str = "
                                           f"{(actual.float() - expected.float()).abs().max().item()})"
 
 
+def meta_model(plain: "torch.nn.Module", how: str = "init_empty_weights") -> "torch.nn.Module":
+    """A model of ``plain``'s class and config built without weights: under accelerate's ``init_empty_weights()``
+    (parameters on meta, buffers on the CPU) or under ``torch.device("meta")`` (buffers on meta too)."""
+    config = copy.deepcopy(plain.config)
+    if how == "init_empty_weights":
+        accelerate = pytest.importorskip("accelerate")
+        with accelerate.init_empty_weights():
+            model = type(plain)(config)
+    elif how == "meta_device":
+        with torch.device("meta"):
+            model = type(plain)(config)
+    else:
+        raise ValueError(how)
+    return model.eval()
+
+
 def make_config(storage, **overrides: Any) -> "ts.Config":
     options = dict(storage_path=str(storage), min_layer_size=0, num_io_threads=2)
     options.update(overrides)
@@ -176,6 +192,7 @@ def ts_models():
         cache=_CACHE, plain=_CACHE.plain, copy=_CACHE.copy, offload=_CACHE.offload, track=_CACHE.track,
         forward=forward, generate=generate, input_ids=input_ids, assert_equal=assert_equal,
         make_config=make_config, param_bytes=param_bytes, builders=BUILDERS, generative=GENERATIVE, vocab=VOCAB,
+        meta_model=meta_model,
         build_gpt2=build_gpt2, build_llama=build_llama, build_bert=build_bert, build_t5=build_t5)
     yield helpers
     _CACHE.close_all()

@@ -238,6 +238,54 @@ def test_cleanup_restores_a_plain_model_and_keeps_the_store(ts_models, tmp_path)
     assert ts.Storage(tmp_path).models() == [model_id]
 
 
+class ManySmallLayers(torch.nn.Module):
+    """Twenty small layers that stay resident (22 KB together) around two streamed ones (17 KB each): the store's
+    resident block is larger than any streamed block."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(20)])
+        self.big = torch.nn.ModuleList([torch.nn.Linear(16, 256), torch.nn.Linear(256, 16)])
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 16))
+
+    def forward(self, x):
+        for layer in self.small[:10]:
+            x = torch.tanh(layer(x))
+        x = self.big[1](torch.relu(self.big[0](x)))
+        for layer in self.small[10:]:
+            x = torch.tanh(layer(x))
+        return x * self.scale
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next_layer", "adaptive"])
+def test_resident_tensors_are_stored_in_a_block_the_engine_never_loads(tmp_path, prefetch):
+    torch.manual_seed(0)
+    plain = ManySmallLayers().eval()
+    model = ManySmallLayers().eval()
+    model.load_state_dict(plain.state_dict())
+    config = ts.Config(storage_path=str(tmp_path), min_layer_size=10000, num_io_threads=2,
+                       prefetch_strategy=ts.PrefetchStrategy(prefetch))
+    ts.offload(model, config, model_id="m")
+    with ts.open_model(tmp_path, "m") as store:
+        assert store.block_names() == ["big.0", "big.1", "(resident)"]
+        names = store.block_tensor_names("(resident)")
+        assert names == [f"small.{i}.{w}" for i in range(20) for w in ("weight", "bias")] + ["scale"]
+        resident_slot = store.block_info("(resident)")["slot_size"]
+        assert resident_slot > max(store.block_info(b)["slot_size"] for b in ("big.0", "big.1"))
+        for name in names:
+            assert torch.equal(store.read(name), plain.state_dict()[name]), name
+    stats = ts.get_model_statistics(model)
+    assert stats["budget_bytes"] < resident_slot  # the engine's budget never had to hold the resident block
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), plain(x))
+    engine_stats = state_of(model).engine.stats()
+    assert engine_stats["blocks"][2]["loads"] == 0 and engine_stats["blocks"][2]["bytes_read"] == 0
+    assert set(ts.get_model_statistics(model)["blocks"]) == {"big.0", "big.1"}
+    model.cleanup_tensorstream()
+
+
 def test_offloading_twice_is_refused(ts_models, tmp_path):
     _plain, model = ts_models.offload("gpt2", tmp_path)
     with pytest.raises(ts.ConfigError) as caught:

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tensorstream.torch.arena import ALIGNMENT, Arena, plan_budget  # noqa: E402
-from tensorstream.torch.partition import ROOT_NAME, partition_model  # noqa: E402
+from tensorstream.torch.partition import (ROOT_NAME, qualified_names, partition_model,  # noqa: E402
+                                          resident_tensors)
 
 
 def names(partition, streamed=None):
@@ -101,6 +102,32 @@ def test_zero_sized_parameters_are_resident():
     model = nn.Sequential(nn.Linear(0, 4, bias=False), nn.Linear(4, 4))
     partition = partition_model(model, 0)
     assert [(b.name, b.streamed) for b in partition.blocks] == [("0", False), ("1", True)]
+
+
+def test_resident_tensors_are_resident_parameters_then_persistent_buffers():
+    class Buffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = nn.LayerNorm(4)                       # 32 bytes: resident at min_layer_size=1000
+            self.big = nn.Linear(32, 32)                      # streamed
+            self.tied = nn.Linear(4, 4)                       # resident
+            self.alias = self.tied                            # the same module (and parameters) twice
+            self.register_buffer("table", torch.arange(6))
+            self.register_buffer("cache", torch.ones(2), persistent=False)  # computed, never stored
+            self.inner = nn.Module()
+            self.inner.register_buffer("shared", self.table)  # the same tensor under a second name
+
+    model = Buffers()
+    partition = partition_model(model, 1000)
+    resident = resident_tensors(model, partition)
+    assert [(r.name, r.kind) for r in resident] == [
+        ("small.weight", "parameter"), ("small.bias", "parameter"), ("tied.weight", "parameter"),
+        ("tied.bias", "parameter"), ("table", "buffer")]
+    assert resident[-1].tensor is model.table and resident[0].tensor is model.small.weight
+    names = qualified_names(model)
+    assert names[id(model.tied.weight)] == ["tied.weight", "alias.weight"]
+    assert names[id(model.table)] == ["table", "inner.shared"] and names[id(model.cache)] == ["cache"]
+    assert [r.name for r in resident_tensors(model, partition_model(model, 0))] == ["table"]
 
 
 def test_names_are_deterministic_for_hugging_face_models(ts_models):
