@@ -353,13 +353,13 @@ _libc.memcpy.restype = ctypes.c_void_p
 _libc.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
-def memcpy_arm(source, arena: Arena, threads: int, block: int) -> dict:
+def memcpy_arm(source: Arena, arena: Arena, threads: int, block: int) -> dict:
     """The memory-to-memory ceiling of a warm read: `threads` Python threads, each copying every `threads`-th
-    4 MiB piece of `source` (a tensor in anonymous memory as large as the data file, pre-faulted) into the arena
-    with libc memcpy, the piece's place cycling through the arena exactly as in pread_arm. A ctypes call releases
-    the GIL, so the threads copy in parallel; at 4 MiB per call the interpreter's share is negligible."""
-    base = source.data_ptr()
-    size = source.numel()
+    4 MiB piece of `source` (anonymous memory as large as the data file, pre-faulted) into the arena with libc
+    memcpy, the piece's place cycling through the arena exactly as in pread_arm. A ctypes call releases the GIL,
+    so the threads copy in parallel; at 4 MiB per call the interpreter's share is negligible."""
+    base = source.address
+    size = source.nbytes
     pieces = (size + block - 1) // block
     slots = arena.nbytes // block
     done = [0] * threads
@@ -645,8 +645,10 @@ def main(argv=None) -> int:
                           data_path, stat_path)
     if not args.skip_warm:
         # The memcpy source: anonymous memory of the data file's size (the same size class as the page cache the
-        # pread arm copies from, far beyond any CPU cache), pre-faulted so the arm pays no first-touch faults.
-        memcpy_source.append(torch.empty(data_size, dtype=torch.uint8).fill_(0x5A))
+        # pread arm copies from, far beyond any CPU cache), pre-faulted so the arm pays no first-touch faults, and
+        # advised for huge pages like the arena: the kernel reads the page cache through its huge-page direct
+        # map, so a 4 KiB-page source would handicap the ceiling with TLB misses the pread arm does not have.
+        memcpy_source.append(Arena(data_size, huge=True))
         budgets["warm"] = args.warm_budget_s
         warm = run_rounds("warm", warm_arms, warm_prepare, wanted, args.min_rounds, budgets["warm"], data_size,
                           data_path, stat_path)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from bench_common import (GB, GIB, MEMORY_FILE_SYSTEMS, MIB, REPO, RESULTS, default_base_dir, machine_description,
-                          mount_of, summary_row)
+                          mount_of, summary_row, warm_up)
 
 
 try:
@@ -100,11 +100,33 @@ def store_arm(storage, pool: WeightPool, model_id: str, nblocks: int, chunk_size
     return {"seconds": seconds, "bytes": out["raw_bytes"], "stored_bytes": out["stored_bytes"], "cpu_s": cpu}
 
 
-def dd_arm(path: Path, nbytes: int, block: int = 4 * MIB) -> dict:
+def write_dd_source(pool: WeightPool, path: Path, nblocks: int) -> None:
+    """The bytes dd copies: the same weights the store arms write, in the same order, in a file that is fsynced
+    (so its write-back cannot spill into an arm) and stays in the page cache (checked before each dd arm).
+    Not /dev/zero: on thin-provisioned or deduplicating virtual disks a block of zeros is not an ordinary write
+    (on the 2-core VM, dd from /dev/zero reached 0.54-0.60 GB/s while the same dd of random bytes reached
+    0.57-1.8 GB/s), so zeros would measure the host's zero handling, not the writes the store makes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        for b in range(nblocks):
+            data = memoryview(pool.blocks[b % len(pool.blocks)].view(torch.uint8).numpy())
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dd_arm(path: Path, nbytes: int, source: Path = None, block: int = 4 * MIB) -> dict:
     count = nbytes // block
+    if source is not None:
+        cached = warm_up(source)
+        if cached < 0.99:
+            print(f"  warning: only {cached:.1%} of the dd source is cached", file=sys.stderr)
     t0 = time.perf_counter()
-    proc = subprocess.run(["dd", "if=/dev/zero", f"of={path}", f"bs={block}", f"count={count}", "conv=fsync"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["dd", f"if={source or '/dev/zero'}", f"of={path}", f"bs={block}", f"count={count}",
+                           "conv=fsync"], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"dd failed: {proc.stderr.strip()}")
@@ -112,8 +134,11 @@ def dd_arm(path: Path, nbytes: int, block: int = 4 * MIB) -> dict:
     return {"seconds": seconds, "bytes": count * block, "dd_says": proc.stderr.strip().splitlines()[-1]}
 
 
-def settle(pause_s: float = 0.5) -> None:
-    """Lets write-back of the previous arm (and the deletion of its output) finish before the next one starts."""
+def settle(pause_s: float) -> None:
+    """Lets write-back of the previous arm (and the deletion of its output) finish before the next one starts.
+    On a virtual disk `sync` returns when the host has taken the writes, not when it has stored them: with 0.5 s
+    pauses the 2-core VM's arms fell into a fast (1.5-2 GB/s) and a slow (0.4-0.6 GB/s) mode almost at random,
+    store and dd alike, so the ratio of medians swung from 0.7 to 2.9; with 2 s the modes mostly disappear."""
     os.sync()
     time.sleep(pause_s)
 
@@ -151,9 +176,13 @@ def main(argv=None) -> int:
     p.add_argument("--size-gib", type=float, default=1.0, help="bytes each write arm writes (input bytes)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds wanted")
     p.add_argument("--min-rounds", type=int, default=3, help="rounds always run, whatever the budget")
-    p.add_argument("--time-budget-s", type=float, default=110.0,
+    p.add_argument("--time-budget-s", type=float, default=120.0,
                    help="rounds beyond --min-rounds are only started while they fit in this (the whole run)")
     p.add_argument("--no-lz4", action="store_true", help="leave out the lz4 (compression_level 1) arm")
+    p.add_argument("--dd-zero", action="store_true",
+                   help="dd copies /dev/zero instead of a cached file of the store arms' weights")
+    p.add_argument("--settle-s", type=float, default=2.0,
+                   help="pause after `sync` before every arm, so the previous arm's write-back does not spill into it")
     p.add_argument("--chunk-mib", type=int, default=4)
     p.add_argument("--block-mib", type=int, default=64)
     p.add_argument("--best-sample-mib", type=float, default=16,
@@ -163,7 +192,7 @@ def main(argv=None) -> int:
                         "the script runs, not a measurement)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = p.parse_args(argv)
-    pause_s = 0.5
+    pause_s = args.settle_s
     if args.smoke:
         args.size_gib, args.block_mib, args.best_sample_mib = 1 / 16, 16, 1
         args.rounds = args.min_rounds = 1
@@ -180,7 +209,7 @@ def main(argv=None) -> int:
     nblocks = max(1, round(args.size_gib * GIB / block_bytes))
     total = nblocks * block_bytes
     sample = int(args.best_sample_mib * MIB) // 4096 * 4096
-    need = total + sample + 256 * MIB
+    need = total * (1 if args.dd_zero else 2) + sample + 256 * MIB
     if shutil.disk_usage(base).free < need:
         print(f"error: {base} has {shutil.disk_usage(base).free / GIB:.1f} GiB free, the run needs {need / GIB:.1f} GiB",
               file=sys.stderr)
@@ -200,7 +229,11 @@ def main(argv=None) -> int:
         arms = {name: (lambda r, level=level: store_arm(storage, pool, f"bench-{r}-{level}", nblocks, chunk_size,
                                                         level))
                 for name, (level, _codec) in LEVELS.items() if name in arm_names}
-        arms["dd"] = lambda r: dd_arm(work / "dd.out", total)
+        dd_source = None
+        if not args.dd_zero:
+            dd_source = work / "dd.src"
+            write_dd_source(pool, dd_source, nblocks)
+        arms["dd"] = lambda r: dd_arm(work / "dd.out", total, dd_source)
         rounds = []
         wanted = max(args.rounds, args.min_rounds)
         for r in range(wanted):
@@ -236,6 +269,7 @@ def main(argv=None) -> int:
             cpu = statistics.median(x[name]["cpu_s"] / x[name]["seconds"] for x in rounds)
             summary[name]["cores_busy_median"] = cpu
             summary[name]["stored_bytes"] = rounds[0][name]["stored_bytes"]
+            summary[name]["bytes_in"] = rounds[0][name]["bytes"]
             summary[name]["ratio_to_dd"] = summary[name]["gb_s_median"] / summary["dd"]["gb_s_median"] \
                 if "dd" in summary else None
     dd_med = statistics.median(x["dd"]["gb_s"] for x in rounds)
@@ -254,7 +288,7 @@ def main(argv=None) -> int:
     labels = {"store raw": f"store raw (chunk {args.chunk_mib} MiB, blocks {args.block_mib} MiB, xxh3, commit)",
               "store zstd-5": "store level 5: zstd 3 + byte grouping, xxh3, commit",
               "store lz4-1": "store level 1: lz4 + byte grouping, xxh3, commit",
-              "dd": "dd if=/dev/zero bs=4M conv=fsync"}
+              "dd": f"dd if={'/dev/zero' if args.dd_zero else 'WEIGHTS'} bs=4M conv=fsync"}
     lines = [
         "",
         f"S3 store write: {total / GIB:.2f} GiB of bf16 randn per arm, {len(rounds)} interleaved rounds, medians "
@@ -279,12 +313,21 @@ def main(argv=None) -> int:
         if level:
             note += f"; {LEVELS[name][1]} with byte grouping, ratio {rounds[0][name]['bytes'] / s['stored_bytes']:.3f}"
         if r < 0.8:
-            if s["cores_busy_median"] >= 0.8 * cores:
-                note += (f"; CPU-bound: the writer kept {s['cores_busy_median']:.1f} of {cores} cores busy "
-                         f"({'compression and ' if level else ''}checksums)")
+            # Split the arm's median time: writing its stored bytes at dd's rate (dd writes and fsyncs the same file
+            # system), and the rest, which is the writer's CPU work (the encoder compresses a batch of one chunk per
+            # core, then writes it: encoding and writing do not overlap).
+            seconds = statistics.median(x[name]["seconds"] for x in rounds)
+            writing = s["stored_bytes"] / (dd_med * GB)
+            work = max(0.0, seconds - writing)
+            what = "compression and checksums" if level else "checksums and per-chunk writes"
+            if work >= 0.5 * seconds:
+                note += (f"; bounded by CPU: of {seconds:.1f} s, {writing:.1f} s would write the stored bytes at dd's "
+                         f"rate and {work:.1f} s is {what} ({s['bytes_in'] / work / GB:.2f} GB/s, not overlapped with "
+                         f"writing; this process kept {s['cores_busy_median']:.1f} of {cores} cores busy, other jobs "
+                         "share them)")
             else:
-                note += (f"; not CPU-bound ({s['cores_busy_median']:.1f} of {cores} cores busy): writes and fsync "
-                         "wait")
+                note += (f"; bounded by writes: of {seconds:.1f} s, {writing:.1f} s would write the stored bytes at "
+                         f"dd's rate ({s['cores_busy_median']:.1f} of {cores} cores busy)")
         summary_rows.append(summary_row("store_write", "S3 store write", name, s["gb_s_median"], "GB/s",
                                         baseline="dd conv=fsync", baseline_value=dd_med, target=0.8, note=note))
     if compression:
@@ -314,8 +357,11 @@ def main(argv=None) -> int:
                        "arms": {n: labels[n] for n in arm_names},
                        "compression_levels": {n: LEVELS[n][0] for n in arm_names if n in LEVELS},
                        "rounds": len(rounds), "rounds_wanted": wanted, "min_rounds": args.min_rounds,
-                       "time_budget_s": args.time_budget_s, "smoke": args.smoke, "dd_command":
-                           f"dd if=/dev/zero of=FILE bs=4194304 count={total // (4 * MIB)} conv=fsync",
+                       "time_budget_s": args.time_budget_s, "settle_s": pause_s, "smoke": args.smoke, "dd_command":
+                           f"dd if={'/dev/zero' if args.dd_zero else 'WEIGHTS'} of=FILE bs=4194304 "
+                           f"count={total // (4 * MIB)} conv=fsync",
+                       "dd_source": "/dev/zero" if args.dd_zero else
+                           "WEIGHTS: a cached, fsynced file of the store arms' weights in their order",
                        "best_sample_bytes": sample},
         "summary": summary_rows,
         "write": {"arms": summary, "dd_gb_s_median": dd_med, "target": 0.8, "rounds": rounds},
