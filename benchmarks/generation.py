@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""M1-M3: offloaded generation of a model twice its memory budget, TensorStream against accelerate and the plain model.
+
+One Llama-architecture model (seeded random float32 weights, --size-gib, saved once with ``save_pretrained``) and a
+budget of --budget-gib. Every arm runs in a fresh process, started with the model's files evicted from the page cache
+(mincore-checked), and -- where the machine lets us create a memory cgroup -- inside a cgroup whose limit is the budget
+plus --overhead-gib for the interpreter, torch and the KV cache. The limit counts page cache as well as process
+memory, so no arm can keep the model in RAM: this is the situation of a user whose machine has less memory than the
+model. The arms:
+
+  ts-none, ts-next_layer, ts-adaptive
+            tensorstream.offload of the model built on the meta device (no weights in RAM) onto a store written once
+            (checksums verified on every read), budget = --budget-gib, one arm per prefetch strategy
+  accelerate-disk
+            accelerate.disk_offload of the model built on the meta device onto an offload folder written once
+            (accelerate's own format: one numpy memmap per tensor), execution device the CPU; accelerate has no
+            budget, the memory limit is the only one
+  accelerate-auto
+            transformers' from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...), i.e.
+            accelerate keeps what fits the budget in RAM and reads the rest from the checkpoint on every use
+  plain     from_pretrained of the whole model, no memory limit (it does not fit in one): the compute time and the
+            reference tokens
+
+accelerate's cpu_offload does not apply: it keeps every weight in RAM and moves it to the execution device, which is
+the CPU here. Each process measures from its own start (imports included) to the first generated token (M2: time to
+first token, cold page cache), then the time of each further token (M1: tokens/s and bytes read per token), and
+reports its peak RSS and the cgroup's peak usage (RSS plus page cache: M3). The lower bound of a token's time is
+max(plain compute time per token, bytes read per token / raw read rate), where the raw read rate is the fastest of fio
+runs (io_uring, O_DIRECT, queue depth 32, 4 MiB and 64 MiB requests) reading the store's data file cold in the same
+round. Every arm's tokens must equal the plain model's.
+
+    python3 benchmarks/generation.py                         # part of make bench
+    python3 benchmarks/generation.py --size-gib 2 --budget-gib 1 --rounds 5 --tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bench_common as common
+from bench_common import GB, GIB, MIB, REPO, RESULTS, default_base_dir, evict, residency, summary_row
+
+ARMS = ("ts-none", "ts-next_layer", "ts-adaptive", "accelerate-disk", "accelerate-auto", "plain")
+TS_ARMS = ARMS[:3]
+MODEL_ID = "bench-llama"
+SEED = 0
+
+
+# ---- memory cgroup -----------------------------------------------------------------------------------------------
+
+class MemoryCgroup:
+    """A child memory cgroup (v1 or v2) with a limit that covers process memory and page cache alike.
+
+    `available()` is false when this process cannot create one (not root, no memory controller, read-only cgroupfs);
+    the arms then run without a limit and the results say so."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        self.path, self.version = path, version
+
+    @staticmethod
+    def parent() -> "tuple[Path, int] | None":
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            _, controllers, rel = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+                if (base / "memory.limit_in_bytes").exists():
+                    return base, 1
+        for line in lines:
+            if line.startswith("0::"):
+                base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+                if "memory" in (base / "cgroup.subtree_control").read_text(errors="ignore") if \
+                        (base / "cgroup.subtree_control").exists() else False:
+                    return base, 2
+        return None
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "tuple[MemoryCgroup | None, str]":
+        found = cls.parent()
+        if found is None:
+            return None, "no writable memory cgroup controller found in /proc/self/cgroup"
+        base, version = found
+        path = base / name
+        try:
+            path.mkdir(exist_ok=True)
+            group = cls(path, version)
+            group._write("memory.limit_in_bytes" if version == 1 else "memory.max", str(limit_bytes))
+            if version == 1 and (path / "memory.memsw.limit_in_bytes").exists():
+                try:  # no swap here, but where there is, the limit must not leak into it
+                    group._write("memory.memsw.limit_in_bytes", str(limit_bytes))
+                except OSError:
+                    pass
+            return group, ""
+        except OSError as error:
+            return None, f"cannot create a memory cgroup under {base}: {error.strerror or error}"
+
+    def _write(self, name: str, text: str) -> None:
+        with open(self.path / name, "w") as f:
+            f.write(text)
+
+    def _read_int(self, name: str) -> int:
+        try:
+            return int((self.path / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def join(self) -> None:
+        """Moves the calling process into the group (used as preexec_fn, before the child's exec)."""
+        self._write("cgroup.procs", str(os.getpid()))
+
+    def reset_peak(self) -> None:
+        try:
+            self._write("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak", "0")
+        except OSError:
+            pass
+
+    def peak_bytes(self) -> int:
+        return self._read_int("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
+
+    def limit_hits(self) -> int:
+        """How often usage reached the limit (v1 failcnt; v2 'max' events): reclaim at work, not an error."""
+        if self.version == 1:
+            return self._read_int("memory.failcnt")
+        try:
+            for line in (self.path / "memory.events").read_text().splitlines():
+                if line.startswith("max "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return -1
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def drop_page_cache(self) -> None:
+        """Uncharges what the last arm left in the page cache (v1 force_empty), so the next one starts at zero."""
+        if self.version == 1:
+            try:
+                self._write("memory.force_empty", "0")
+            except OSError:
+                pass
+
+    def remove(self) -> None:
+        for _ in range(20):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+# ---- the child: one arm in one process ---------------------------------------------------------------------------
+
+def read_proc_io() -> int:
+    """Bytes this process caused to be fetched from storage (page-cache hits excluded): /proc/self/io read_bytes."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def vm_hwm_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def child(args) -> int:
+    """Runs one arm and prints one JSON line. Timestamps are CLOCK_MONOTONIC (shared with the parent)."""
+    started = time.monotonic()
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if str(REPO / "python") not in sys.path:
+        sys.path.insert(0, str(REPO / "python"))
+    work = Path(args.work)
+    spec = json.loads((work / "model.json").read_text())
+    prompt = torch.tensor([spec["prompt"]], dtype=torch.long)
+    arm = args.child
+    stats_fn = None
+    imported = time.monotonic()
+
+    if arm == "plain":
+        model = AutoModelForCausalLM.from_pretrained(work / "checkpoint", dtype=torch.float32)
+    elif arm == "accelerate-auto":
+        model = AutoModelForCausalLM.from_pretrained(
+            work / "checkpoint", dtype=torch.float32, device_map="auto",
+            max_memory={"cpu": int(args.budget_bytes)}, offload_folder=str(work / "accelerate-auto-offload"))
+    else:
+        from accelerate import init_empty_weights
+
+        config = LlamaConfig.from_pretrained(work / "checkpoint")
+        with init_empty_weights():
+            model = LlamaForCausalLM(config)
+        if arm == "accelerate-disk":
+            from accelerate import disk_offload
+
+            disk_offload(model, str(work / "accelerate-offload"), execution_device="cpu")
+        else:
+            import tensorstream
+            from tensorstream import torch as ts_torch
+
+            strategy = arm.split("-", 1)[1].upper()
+            options = {"trace_path": args.trace} if args.trace else {}
+            config_ts = tensorstream.Config(storage_path=str(work / "store"), vram_budget_gb=args.budget_bytes / GB,
+                                            prefetch_strategy=tensorstream.PrefetchStrategy[strategy], **options)
+            model = ts_torch.offload(model, config_ts, model_id=MODEL_ID) or model
+            stats_fn = ts_torch.get_model_statistics
+    model.eval()
+    loaded = time.monotonic()
+
+    tokens, step_s, step_read = [], [], []
+    io0 = read_proc_io()
+    ts0 = stats_fn(model) if stats_fn else None
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        tokens.append(int(token))
+        first = time.monotonic()
+        io_first = read_proc_io()
+        ts_first = stats_fn(model) if stats_fn else None
+        for _ in range(args.tokens - 1):
+            t0 = time.monotonic()
+            io_before = read_proc_io()
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            tokens.append(int(token))
+            step_s.append(time.monotonic() - t0)
+            step_read.append(read_proc_io() - io_before)
+    done = time.monotonic()
+    result = {"arm": arm, "started": started, "imported": imported, "loaded": loaded, "first_token": first,
+              "done": done, "tokens": tokens, "step_s": step_s, "step_read_bytes": step_read,
+              "first_read_bytes": io_first - io0, "vm_hwm_bytes": vm_hwm_bytes(),
+              "torch_threads": torch.get_num_threads()}
+    if stats_fn:
+        s_end = stats_fn(model)
+        result["ts"] = {
+            "backend": s_end["backend"], "budget_bytes": s_end["budget_bytes"], "static_bytes": s_end["static_bytes"],
+            "streamed_bytes": s_end["streamed_bytes"], "resident_bytes": s_end["resident_bytes"],
+            "first_bytes_read": ts_first["bytes_read"] - ts0["bytes_read"],
+            "decode_bytes_read": s_end["bytes_read"] - ts_first["bytes_read"],
+            "decode_stall_s": s_end["stall_time_s"] - ts_first["stall_time_s"],
+            "prefetch_hit_rate": s_end["prefetch_hit_rate"], "lookahead": s_end["lookahead"],
+            "io_throughput_mbps": s_end["io_throughput_mbps"], "checksum_failures": s_end["checksum_failures"]}
+        if args.trace:
+            result["trace"] = tensorstream.write_trace(model, args.trace)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ---- setup: the model's files, written once and reused ------------------------------------------------------------
+
+def plan_model(size_gib: float) -> dict:
+    sys.path.insert(0, str(REPO / "examples"))
+    from demo import plan_llama
+
+    return plan_llama(size_gib * GIB, 4)
+
+
+def model_files(work: Path) -> list:
+    files = sorted((work / "checkpoint").glob("*.safetensors"))
+    files += sorted((work / "accelerate-offload").glob("*.dat"))
+    files += sorted((work / "store" / "models").glob("*/data"))
+    return files
+
+
+def setup(work: Path, plan: dict, prompt_len: int) -> dict:
+    """Writes the checkpoint, the TensorStream store and accelerate's offload folder, unless model.json says they
+    were written for this plan; returns model.json's contents."""
+    spec_path = work / "model.json"
+    wanted = {"plan": plan, "seed": SEED, "prompt_len": prompt_len, "layout": 2}
+    if spec_path.exists():
+        spec = json.loads(spec_path.read_text())
+        if {k: spec.get(k) for k in wanted} == wanted and all(p.exists() for p in model_files(work)):
+            return spec
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    code = f"""
+import json, sys, time, torch
+sys.path.insert(0, {str(REPO / 'examples')!r}); sys.path.insert(0, {str(REPO / 'python')!r})
+from demo import build_model
+from accelerate.utils import offload_state_dict
+import tensorstream
+from tensorstream import torch as ts_torch
+t = time.monotonic()
+model = build_model({plan!r}, torch.float32, {SEED})
+model.save_pretrained({str(work / 'checkpoint')!r})
+offload_state_dict({str(work / 'accelerate-offload')!r}, model.state_dict())
+g = torch.Generator().manual_seed({SEED} + 1)
+prompt = torch.randint(0, {plan['vocab_size']}, ({prompt_len},), generator=g).tolist()
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+ts_torch.offload(model, tensorstream.Config(storage_path={str(work / 'store')!r}), model_id={MODEL_ID!r})
+model.cleanup_tensorstream()
+print(json.dumps({{"prompt": prompt, "weight_bytes": weight_bytes, "setup_s": time.monotonic() - t}}))
+"""
+    print(f"  writing the model's checkpoint, store and accelerate offload folder into {work} ...", flush=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"setup failed:\n{done.stderr[-4000:]}")
+    spec = {**wanted, **json.loads(done.stdout.strip().splitlines()[-1])}
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    return spec
+
+
+# ---- the parent: rounds of arms ----------------------------------------------------------------------------------
+
+def evict_all(work: Path) -> float:
+    """Evicts every file of the model; returns the largest residency left."""
+    worst = 0.0
+    for path in model_files(work):
+        worst = max(worst, evict(path, max_left=0.01))
+    return worst
+
+
+def run_arm(arm: str, args, work: Path, budget_bytes: int, limit_bytes: int, trace: str = "") -> dict:
+    left = evict_all(work)
+    group, why = (None, "no limit asked") if arm == "plain" or args.no_cgroup else \
+        MemoryCgroup.create(f"tensorstream-bench-{os.getpid()}", limit_bytes)
+    if group is not None:
+        group.drop_page_cache()
+        group.reset_peak()
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--work", str(work),
+               "--tokens", str(args.tokens), "--budget-bytes", str(budget_bytes)]
+    if trace:
+        command += ["--trace", trace]
+    launched = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=group.join if group else None,
+                          timeout=args.arm_timeout_s)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        oom = group.oom_kills() if group else 0
+        if group:
+            group.remove()
+        return {"arm": arm, "error": f"exit {done.returncode}" + (f", {oom} OOM kills" if oom else "")
+                + f": {done.stderr.strip()[-1500:]}"}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["launched"] = launched
+    result["residency_before"] = left
+    result["ttft_s"] = result["first_token"] - launched
+    result["decode_s_per_token"] = statistics.median(result["step_s"]) if result["step_s"] else None
+    result["decode_tokens_per_s"] = (len(result["step_s"]) / sum(result["step_s"])) if result["step_s"] else None
+    result["decode_read_bytes_per_token"] = (sum(result["step_read_bytes"]) / len(result["step_read_bytes"])
+                                             if result["step_read_bytes"] else None)
+    result["cgroup"] = {"limit_bytes": limit_bytes if group else None, "why_none": why if not group else "",
+                        "peak_bytes": group.peak_bytes() if group else None,
+                        "limit_hits": group.limit_hits() if group else None}
+    if group:
+        group.remove()
+    return result
+
+
+def raw_read_rate(data: Path) -> dict:
+    """What plain tools read the store's data file at, cold, with O_DIRECT: fio (io_uring, queue depth 32) with 4 MiB
+    and with 64 MiB requests (this kind of disk is faster with larger requests), else dd; the fastest, in GB/s."""
+    out = {}
+    if shutil.which("fio"):
+        for bs in ("4M", "64M"):
+            evict(data, max_left=0.01)
+            done = subprocess.run(["fio", "--name=raw", f"--filename={data}", "--rw=read", f"--bs={bs}", "--direct=1",
+                                   "--ioengine=io_uring", "--iodepth=32", "--numjobs=1", "--readonly",
+                                   "--output-format=json"], capture_output=True, text=True)
+            if done.returncode == 0:
+                job = json.loads(done.stdout)["jobs"][0]["read"]
+                if job["runtime"]:
+                    out[f"fio_{bs}_gb_s"] = job["io_bytes"] / (job["runtime"] / 1e3) / GB
+    if not out:
+        evict(data, max_left=0.01)
+        t0 = time.monotonic()
+        done = subprocess.run(["dd", f"if={data}", "of=/dev/null", "bs=64M", "iflag=direct"], capture_output=True)
+        if done.returncode == 0:
+            out["dd_gb_s"] = data.stat().st_size / (time.monotonic() - t0) / GB
+    out["gb_s"] = max(out.values()) if out else float("nan")
+    return out
+
+
+def median_of(rounds: list, arm: str, key: str):
+    values = [r[arm][key] for r in rounds if arm in r and "error" not in r[arm] and r[arm].get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where the model's files live (created once, reused; default /var/tmp/tensorstream-bench)")
+    p.add_argument("--size-gib", type=float, default=3.0, help="weights of the model (float32)")
+    p.add_argument("--budget-gib", type=float, default=1.5, help="TensorStream's budget and accelerate's max_memory")
+    p.add_argument("--overhead-gib", type=float, default=0.75,
+                   help="memory limit = budget + this (interpreter, torch, transformers, activations, KV cache)")
+    p.add_argument("--tokens", type=int, default=6, help="tokens generated per arm (the first one is M2's)")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-rounds", type=int, default=3)
+    p.add_argument("--time-budget-s", type=float, default=420.0,
+                   help="stop adding rounds beyond --min-rounds when the next would end after this")
+    p.add_argument("--arm-timeout-s", type=float, default=300.0)
+    p.add_argument("--no-cgroup", action="store_true", help="run every arm without a memory limit")
+    p.add_argument("--trace-png", action="store_true", help="also draw the trace as a PNG (needs matplotlib)")
+    p.add_argument("--trace-out", type=Path, default=None,
+                   help="Chrome trace of one extra ts-adaptive generation (default: results/generation-<date>-trace.json)")
+    p.add_argument("--no-trace", action="store_true", help="skip the traced generation")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--budget-bytes", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--trace", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    return parent(args)
+
+
+def parent(args) -> int:
+    started = time.monotonic()
+    base = args.dir or (default_base_dir() / "tensorstream-bench")
+    plan = plan_model(args.size_gib)
+    work = base / f"generation-{args.size_gib:g}gib"
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        sys.exit(f"unknown arms: {sorted(unknown)}")
+    spec = setup(work, plan, args.prompt_len)
+    setup_s = time.monotonic() - started
+    budget = int(args.budget_gib * GIB)
+    limit = budget + int(args.overhead_gib * GIB)
+    data = next((work / "store" / "models").glob("*/data"))
+    machine = {**common.machine_description(work)}
+    print(f"generation: Llama {plan['num_hidden_layers']} layers, hidden {plan['hidden_size']}, float32, "
+          f"{spec['weight_bytes'] / GB:.2f} GB; budget {budget / GB:.2f} GB, memory limit {limit / GB:.2f} GB; prompt "
+          f"{args.prompt_len} tokens, {args.tokens} generated per arm; arms {', '.join(arms)} (setup {setup_s:.0f} s)",
+          flush=True)
+
+    rounds = []
+    for r in range(args.rounds):
+        round_start = time.monotonic()
+        results = {"raw": raw_read_rate(data)}
+        order = arms[r % len(arms):] + arms[:r % len(arms)]  # rotate so no arm always follows the same one
+        for arm in order:
+            results[arm] = run_arm(arm, args, work, budget, limit)
+            x = results[arm]
+            if "error" in x:
+                print(f"  round {r + 1} {arm}: ERROR {x['error']}", flush=True)
+            else:
+                print(f"  round {r + 1} {arm:<16} first token {x['ttft_s']:6.2f} s, then "
+                      f"{x['decode_tokens_per_s'] or 0:6.3f} tok/s, read {(x['decode_read_bytes_per_token'] or 0) / GB:.2f}"
+                      f" GB/token, peak RSS {x['vm_hwm_bytes'] / GB:.2f} GB, cgroup peak "
+                      f"{(x['cgroup']['peak_bytes'] or 0) / GB:.2f} GB", flush=True)
+        rounds.append(results)
+        round_s = time.monotonic() - round_start
+        if r + 1 >= args.min_rounds and time.monotonic() - started + round_s > args.time_budget_s:
+            break
+
+    trace = None
+    if not args.no_trace and "ts-adaptive" in arms:
+        trace_path = (args.trace_out or RESULTS / f"generation-{_dt.datetime.now():%Y%m%d-%H%M%S}-trace.json").resolve()
+        x = run_arm("ts-adaptive", args, work, budget, limit, trace=str(trace_path))
+        trace = {"path": str(trace_path), "error": x.get("error")}
+        if args.trace_png and "error" not in x:
+            png = trace_path.with_suffix(".png")
+            done = subprocess.run([sys.executable, "-m", "tensorstream", "trace-plot", str(trace_path), "-o", str(png)],
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+            trace["png"] = str(png) if done.returncode == 0 else None
+            trace["png_error"] = done.stderr.strip()[-500:] if done.returncode else None
+
+    report = summarize(args, plan, spec, rounds, arms, budget, limit, machine, trace, time.monotonic() - started)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    out_path = args.json or RESULTS / f"generation-{now:%Y%m%d-%H%M%S}-{socket.gethostname()}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report["date_utc"] = now.isoformat(timespec="seconds")
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(report["table"])
+    print(f"results: {out_path}")
+    return 0
+
+
+def summarize(args, plan, spec, rounds, arms, budget, limit, machine, trace, elapsed) -> dict:
+    reference = next((r["plain"]["tokens"] for r in rounds if "plain" in r and "error" not in r["plain"]), None)
+    mismatches = sorted({f"{arm} (round {i + 1})" for i, r in enumerate(rounds) for arm in arms
+                         if arm in r and "error" not in r[arm] and reference and r[arm]["tokens"] != reference})
+    errors = sorted({f"{arm}: {r[arm]['error'][:300]}" for r in rounds for arm in arms
+                     if arm in r and "error" in r[arm]})
+    raw = statistics.median(r["raw"]["gb_s"] for r in rounds) * GB
+    compute = median_of(rounds, "plain", "decode_s_per_token")
+    weight = spec["weight_bytes"]
+    per_arm = {}
+    for arm in arms:
+        per_arm[arm] = {key: median_of(rounds, arm, key) for key in
+                        ("ttft_s", "decode_tokens_per_s", "decode_s_per_token", "decode_read_bytes_per_token",
+                         "vm_hwm_bytes")}
+        per_arm[arm]["cgroup_peak_bytes"] = statistics.median(
+            [r[arm]["cgroup"]["peak_bytes"] for r in rounds if arm in r and "error" not in r[arm]
+             and r[arm]["cgroup"]["peak_bytes"] is not None] or [0]) or None
+        ts_bytes = [r[arm]["ts"]["decode_bytes_read"] / max(1, args.tokens - 1) for r in rounds
+                    if arm in r and "error" not in r[arm] and "ts" in r[arm]]
+        if ts_bytes:
+            per_arm[arm]["ts_bytes_read_per_token"] = statistics.median(ts_bytes)
+    rows = []
+    acc = per_arm.get("accelerate-disk", {}).get("decode_tokens_per_s")
+    for arm in arms:
+        x = per_arm[arm]
+        if x["decode_tokens_per_s"] is None:
+            continue
+        rows.append(summary_row("M1", "tokens/s", arm, x["decode_tokens_per_s"], "tok/s",
+                                baseline="accelerate-disk" if arm in TS_ARMS else None,
+                                baseline_value=acc if arm in TS_ARMS else None,
+                                target=3.0 if arm in TS_ARMS else None))
+    for arm in TS_ARMS:
+        x = per_arm.get(arm)
+        if not x or x["decode_s_per_token"] is None or compute is None:
+            continue
+        read = x.get("ts_bytes_read_per_token") or x["decode_read_bytes_per_token"] or 0
+        bound = max(compute, read / raw)
+        x["lower_bound_s_per_token"] = bound
+        x["lower_bound_min_read_s_per_token"] = max(compute, max(0, weight - budget) / raw)
+        rows.append(summary_row("M1", "s/token over the lower bound", arm, x["decode_s_per_token"], "s/token",
+                                baseline="max(compute, bytes read / raw read rate)", baseline_value=bound,
+                                target=1.25, higher_is_better=False))
+    for arm in arms:
+        x = per_arm[arm]
+        if x["ttft_s"] is not None:
+            rows.append(summary_row("M2", "time to first token, cold", arm, x["ttft_s"], "s"))
+    peak_acc = max([per_arm[a]["vm_hwm_bytes"] or 0 for a in arms if a.startswith("accelerate")] or [0]) or None
+    for arm in arms:
+        x = per_arm[arm]
+        if x["vm_hwm_bytes"] is not None:
+            rows.append(summary_row("M3", "peak RSS", arm, x["vm_hwm_bytes"] / GB, "GB",
+                                    baseline="accelerate (lower of the arms)" if arm in TS_ARMS else None,
+                                    baseline_value=(min(per_arm[a]["vm_hwm_bytes"] for a in arms
+                                                        if a.startswith("accelerate") and per_arm[a]["vm_hwm_bytes"])
+                                                    / GB) if arm in TS_ARMS and peak_acc else None,
+                                    target=1.0 if arm in TS_ARMS and peak_acc else None, higher_is_better=False))
+    lines = [f"Generation (M1-M3): {weight / GB:.2f} GB Llama, budget {budget / GB:.2f} GB, memory limit "
+             f"{limit / GB:.2f} GB, {len(rounds)} rounds, medians; raw read rate {raw / GB:.2f} GB/s; plain compute "
+             f"{compute or float('nan'):.3f} s/token",
+             f"  {'arm':<16} {'1st token s':>11} {'tok/s':>7} {'s/token':>8} {'GB read/tok':>11} {'peak RSS GB':>11} "
+             f"{'cgroup GB':>9}"]
+    for arm in arms:
+        x = per_arm[arm]
+        fmt = (lambda v, f: format(v, f) if v is not None else "-")
+        lines.append(f"  {arm:<16} {fmt(x['ttft_s'], '11.2f')} {fmt(x['decode_tokens_per_s'], '7.3f')} "
+                     f"{fmt(x['decode_s_per_token'], '8.3f')} "
+                     f"{fmt((x['decode_read_bytes_per_token'] or 0) / GB if x['decode_read_bytes_per_token'] is not None else None, '11.2f')} "
+                     f"{fmt(x['vm_hwm_bytes'] / GB if x['vm_hwm_bytes'] else None, '11.2f')} "
+                     f"{fmt(x['cgroup_peak_bytes'] / GB if x['cgroup_peak_bytes'] else None, '9.2f')}")
+    lines.append(f"  tokens equal to the plain model's: {'yes' if reference and not mismatches else 'NO: ' + ', '.join(mismatches) if reference else 'no plain arm'}")
+    for e in errors:
+        lines.append(f"  error: {e}")
+    return {"benchmark": "generation", "machine": machine,
+            "parameters": {"plan": plan, "weight_bytes": weight, "budget_bytes": budget, "memory_limit_bytes": limit,
+                           "tokens": args.tokens, "prompt_len": args.prompt_len, "arms": arms,
+                           "rounds_wanted": args.rounds, "cgroup": not args.no_cgroup},
+            "raw_read_gb_s": raw / GB, "plain_compute_s_per_token": compute, "per_arm": per_arm,
+            "tokens_match": bool(reference) and not mismatches, "mismatches": mismatches, "errors": errors,
+            "trace": trace, "rounds": rounds, "summary": rows, "elapsed_s": elapsed, "table": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
