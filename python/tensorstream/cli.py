@@ -5,7 +5,7 @@
     tensorstream cleanup PATH [--dry-run]      remove leftovers of dead writers
     tensorstream defrag PATH [--model M]       rewrite models in their recorded execution order
     tensorstream validate [--storage PATH]     the production validation suite (environment, storage, a model)
-    tensorstream trace-plot TRACE.json [-o OUT.png]   draw a Chrome trace (Config.trace_path) as a PNG timeline
+    tensorstream trace-plot TRACE.json [-o OUT.png] [--lanes compact|detailed]   draw a Chrome trace as a PNG
 
 PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
 line on stderr). None of these commands imports torch, except validate; trace-plot needs matplotlib.
@@ -187,7 +187,7 @@ def _cmd_trace_plot(args: argparse.Namespace) -> int:
         stem = args.trace[:-5] if args.trace.endswith(".json") else args.trace
         output = stem + ".png"
     try:
-        written = plot_trace(args.trace, output)
+        written = plot_trace(args.trace, output, lanes=args.lanes)
     except (ImportError, ValueError) as error:  # no matplotlib; not a Chrome trace
         print(f"tensorstream trace-plot: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -237,11 +237,16 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("trace-plot", help="draw a TensorStream Chrome trace as a PNG timeline",
                        description="Draws the Chrome trace a model writes with Config.trace_path / "
-                       "TENSORSTREAM_TRACE as a PNG: one lane per thread and kind (compute, stall, read per I/O "
-                       "lane, verify, decompress, transfer), time in ms, totals in the title. Needs matplotlib.")
+                       "TENSORSTREAM_TRACE as a PNG timeline (time in ms) with totals under the title: compute "
+                       "and stall seconds, bytes read and the read rate, and the share of wall time compute waited "
+                       "while the disk was idle. Needs matplotlib.")
     p.add_argument("trace", metavar="TRACE.json", help="the trace file")
     p.add_argument("--output", "-o", metavar="OUT.png", default=None,
                    help="where to write the PNG (default: TRACE with .png instead of .json)")
+    p.add_argument("--lanes", choices=("compact", "detailed"), default="compact",
+                   help="compact (default): compute coloured by block, stall, all reads in flight in one lane "
+                   "coloured by block, verify, decompress, transfer; detailed: one lane per thread and kind, "
+                   "reads per I/O lane")
     p.set_defaults(func=_cmd_trace_plot)
     return parser
 
