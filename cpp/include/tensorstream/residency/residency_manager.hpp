@@ -32,8 +32,8 @@ enum class BlockState : uint8_t { kOnDisk, kLoading, kResident };
 
 // What memory_pressure_mode means in numbers.
 struct ResidencyPlan {
-  uint32_t ring_slots = 3;        // streaming slots: the block in use and max_lookahead in flight (= kBalanced)
-  uint32_t max_lookahead = 2;     // blocks the prefetcher may keep in flight
+  uint32_t ring_slots = 2;        // streaming slots: the block in use and max_lookahead in flight (= kBalanced)
+  uint32_t max_lookahead = 1;     // blocks the prefetcher may keep in flight
   double static_fraction = 1.0;   // share of (budget - ring) the static set may fill
 };
 [[nodiscard]] ResidencyPlan plan_for(MemoryPressureMode mode) noexcept;
