@@ -229,6 +229,8 @@ def child(args) -> int:
 
             strategy = arm.split("-", 1)[1].upper()
             options = {"trace_path": args.trace} if args.trace else {}
+            if args.memory_pressure:
+                options["memory_pressure_mode"] = args.memory_pressure
             config_ts = tensorstream.Config(storage_path=str(work / "store"), vram_budget_gb=args.budget_bytes / GB,
                                             prefetch_strategy=tensorstream.PrefetchStrategy[strategy], **options)
             model = ts_torch.offload(model, config_ts, model_id=MODEL_ID) or model
@@ -350,6 +352,8 @@ def run_arm(arm: str, args, work: Path, budget_bytes: int, limit_bytes: int, tra
         group.reset_peak()
     command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--work", str(work),
                "--tokens", str(args.tokens), "--budget-bytes", str(budget_bytes)]
+    if args.memory_pressure:
+        command += ["--memory-pressure", args.memory_pressure]
     if trace:
         command += ["--trace", trace]
     launched = time.monotonic()
@@ -414,7 +418,7 @@ def main(argv=None) -> int:
                    help="where the model's files live (created once, reused; default /var/tmp/tensorstream-bench)")
     p.add_argument("--size-gib", type=float, default=3.0, help="weights of the model (float32)")
     p.add_argument("--budget-gib", type=float, default=1.5, help="TensorStream's budget and accelerate's max_memory")
-    p.add_argument("--overhead-gib", type=float, default=0.75,
+    p.add_argument("--overhead-gib", type=float, default=0.5,
                    help="memory limit = budget + this (interpreter, torch, transformers, activations, KV cache)")
     p.add_argument("--tokens", type=int, default=6, help="tokens generated per arm (the first one is M2's)")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -424,6 +428,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-s", type=float, default=420.0,
                    help="stop adding rounds beyond --min-rounds when the next would end after this")
     p.add_argument("--arm-timeout-s", type=float, default=300.0)
+    p.add_argument("--memory-pressure", default="", choices=("", "conservative", "balanced", "aggressive"),
+                   help="TensorStream's memory_pressure_mode (default: the Config default)")
     p.add_argument("--no-cgroup", action="store_true", help="run every arm without a memory limit")
     p.add_argument("--trace-png", action="store_true", help="also draw the trace as a PNG (needs matplotlib)")
     p.add_argument("--trace-out", type=Path, default=None,
@@ -483,7 +489,10 @@ def parent(args) -> int:
     trace = None
     if not args.no_trace and "ts-adaptive" in arms:
         trace_path = (args.trace_out or RESULTS / f"generation-{_dt.datetime.now():%Y%m%d-%H%M%S}-trace.json").resolve()
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
         x = run_arm("ts-adaptive", args, work, budget, limit, trace=str(trace_path))
+        if "error" in x:
+            print(f"  traced run: ERROR {x['error']}", file=sys.stderr)
         trace = {"path": str(trace_path), "error": x.get("error")}
         if args.trace_png and "error" not in x:
             png = trace_path.with_suffix(".png")
