@@ -52,6 +52,8 @@ from bench_common import GB, GIB, MIB, REPO, RESULTS, default_base_dir, evict, r
 
 ARMS = ("ts-none", "ts-next_layer", "ts-adaptive", "accelerate-disk", "accelerate-auto", "plain")
 TS_ARMS = ARMS[:3]
+UNLIMITED = " (no limit)"  # key suffix of the M2 runs
+M2_TOKENS = 2  # the first token (M2) and one more
 MODEL_ID = "bench-llama"
 SEED = 0
 
@@ -88,7 +90,9 @@ class MemoryCgroup:
         return None
 
     @classmethod
-    def create(cls, name: str, limit_bytes: int) -> "tuple[MemoryCgroup | None, str]":
+    def create(cls, name: str, limit_bytes: "int | None") -> "tuple[MemoryCgroup | None, str]":
+        """A fresh group limited to `limit_bytes`, or unlimited (accounting only: its peak still counts RSS and page
+        cache) when None."""
         found = cls.parent()
         if found is None:
             return None, "no writable memory cgroup controller found in /proc/self/cgroup"
@@ -97,6 +101,8 @@ class MemoryCgroup:
         try:
             path.mkdir(exist_ok=True)
             group = cls(path, version)
+            if limit_bytes is None:
+                return group, ""
             group._write("memory.limit_in_bytes" if version == 1 else "memory.max", str(limit_bytes))
             if version == 1 and (path / "memory.memsw.limit_in_bytes").exists():
                 try:  # no swap here, but where there is, the limit must not leak into it
@@ -343,15 +349,18 @@ def evict_all(work: Path) -> float:
     return worst
 
 
-def run_arm(arm: str, args, work: Path, budget_bytes: int, limit_bytes: int, trace: str = "") -> dict:
+def run_arm(arm: str, args, work: Path, budget_bytes: int, limit_bytes: "int | None", tokens: int,
+            trace: str = "") -> dict:
+    """One arm in a fresh process, its model files evicted first, inside a memory cgroup limited to `limit_bytes`
+    (None: no limit, the group only measures)."""
     left = evict_all(work)
-    group, why = (None, "no limit asked") if arm == "plain" or args.no_cgroup else \
+    group, why = (None, "--no-cgroup") if args.no_cgroup else \
         MemoryCgroup.create(f"tensorstream-bench-{os.getpid()}", limit_bytes)
     if group is not None:
         group.drop_page_cache()
         group.reset_peak()
     command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--work", str(work),
-               "--tokens", str(args.tokens), "--budget-bytes", str(budget_bytes)]
+               "--tokens", str(tokens), "--budget-bytes", str(budget_bytes)]
     if args.memory_pressure:
         command += ["--memory-pressure", args.memory_pressure]
     if trace:
@@ -422,6 +431,8 @@ def main(argv=None) -> int:
                    help="memory limit = budget + this (interpreter, torch, transformers, activations, KV cache)")
     p.add_argument("--tokens", type=int, default=6, help="tokens generated per arm (the first one is M2's)")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--m2-arms", default="ts-adaptive,accelerate-disk,accelerate-auto",
+                   help="arms run again without a memory limit for M2 and M3 (plain always runs without one)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-rounds", type=int, default=3)
@@ -452,7 +463,8 @@ def parent(args) -> int:
     plan = plan_model(args.size_gib)
     work = base / f"generation-{args.size_gib:g}gib"
     arms = [a for a in args.arms.split(",") if a]
-    unknown = set(arms) - set(ARMS)
+    m2_arms = [a for a in args.m2_arms.split(",") if a]
+    unknown = set(arms + m2_arms) - set(ARMS)
     if unknown:
         sys.exit(f"unknown arms: {sorted(unknown)}")
     spec = setup(work, plan, args.prompt_len)
@@ -470,16 +482,20 @@ def parent(args) -> int:
     for r in range(args.rounds):
         round_start = time.monotonic()
         results = {"raw": raw_read_rate(data)}
-        order = arms[r % len(arms):] + arms[:r % len(arms)]  # rotate so no arm always follows the same one
-        for arm in order:
-            results[arm] = run_arm(arm, args, work, budget, limit)
-            x = results[arm]
+        # M1 arms under the memory limit (plain cannot run under it), then the M2 arms without one; the order
+        # rotates every round so that no arm always follows the same one.
+        runs = [(arm, arm, None if arm == "plain" else limit, args.tokens) for arm in arms]
+        runs += [(f"{arm}{UNLIMITED}", arm, None, M2_TOKENS) for arm in m2_arms]
+        runs = runs[r % len(runs):] + runs[:r % len(runs)]
+        for key, arm, arm_limit, tokens in runs:
+            results[key] = run_arm(arm, args, work, budget, arm_limit, tokens)
+            x = results[key]
             if "error" in x:
-                print(f"  round {r + 1} {arm}: ERROR {x['error']}", flush=True)
+                print(f"  round {r + 1} {key}: ERROR {x['error']}", flush=True)
             else:
-                print(f"  round {r + 1} {arm:<16} first token {x['ttft_s']:6.2f} s, then "
+                print(f"  round {r + 1} {key:<26} first token {x['ttft_s']:6.2f} s, then "
                       f"{x['decode_tokens_per_s'] or 0:6.3f} tok/s, read {(x['decode_read_bytes_per_token'] or 0) / GB:.2f}"
-                      f" GB/token, peak RSS {x['vm_hwm_bytes'] / GB:.2f} GB, cgroup peak "
+                      f" GB/token, peak RSS {x['vm_hwm_bytes'] / GB:.2f} GB, RSS + page cache "
                       f"{(x['cgroup']['peak_bytes'] or 0) / GB:.2f} GB", flush=True)
         rounds.append(results)
         round_s = time.monotonic() - round_start
@@ -490,7 +506,7 @@ def parent(args) -> int:
     if not args.no_trace and "ts-adaptive" in arms:
         trace_path = (args.trace_out or RESULTS / f"generation-{_dt.datetime.now():%Y%m%d-%H%M%S}-trace.json").resolve()
         trace_path.parent.mkdir(parents=True, exist_ok=True)
-        x = run_arm("ts-adaptive", args, work, budget, limit, trace=str(trace_path))
+        x = run_arm("ts-adaptive", args, work, budget, limit, args.tokens, trace=str(trace_path))
         if "error" in x:
             print(f"  traced run: ERROR {x['error']}", file=sys.stderr)
         trace = {"path": str(trace_path), "error": x.get("error")}
@@ -501,7 +517,8 @@ def parent(args) -> int:
             trace["png"] = str(png) if done.returncode == 0 else None
             trace["png_error"] = done.stderr.strip()[-500:] if done.returncode else None
 
-    report = summarize(args, plan, spec, rounds, arms, budget, limit, machine, trace, time.monotonic() - started)
+    report = summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, trace,
+                       time.monotonic() - started)
     now = _dt.datetime.now(_dt.timezone.utc)
     out_path = args.json or RESULTS / f"generation-{now:%Y%m%d-%H%M%S}-{socket.gethostname()}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -512,82 +529,105 @@ def parent(args) -> int:
     return 0
 
 
-def summarize(args, plan, spec, rounds, arms, budget, limit, machine, trace, elapsed) -> dict:
-    reference = next((r["plain"]["tokens"] for r in rounds if "plain" in r and "error" not in r["plain"]), None)
-    mismatches = sorted({f"{arm} (round {i + 1})" for i, r in enumerate(rounds) for arm in arms
-                         if arm in r and "error" not in r[arm] and reference and r[arm]["tokens"] != reference})
-    errors = sorted({f"{arm}: {r[arm]['error'][:300]}" for r in rounds for arm in arms
-                     if arm in r and "error" in r[arm]})
+def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, trace, elapsed) -> dict:
+    m2_keys = [f"{a}{UNLIMITED}" for a in m2_arms] + (["plain"] if "plain" in arms else [])
+    keys = arms + [k for k in m2_keys if k not in arms]
+    ok = [(i, key, r[key]) for i, r in enumerate(rounds) for key in keys if key in r and "error" not in r[key]]
+    reference = next((x["tokens"] for _, key, x in ok if key == "plain"), None)
+    # The M2 runs generate fewer tokens: compare the prefix they have.
+    mismatches = sorted({f"{key} (round {i + 1})" for i, key, x in ok
+                         if reference and x["tokens"] != reference[:len(x["tokens"])]})
+    errors = sorted({f"{key}: {r[key]['error'][:300]}" for r in rounds for key in keys if key in r and "error" in r[key]})
     raw = statistics.median(r["raw"]["gb_s"] for r in rounds) * GB
     compute = median_of(rounds, "plain", "decode_s_per_token")
     weight = spec["weight_bytes"]
     per_arm = {}
-    for arm in arms:
-        per_arm[arm] = {key: median_of(rounds, arm, key) for key in
-                        ("ttft_s", "decode_tokens_per_s", "decode_s_per_token", "decode_read_bytes_per_token",
-                         "vm_hwm_bytes")}
-        per_arm[arm]["cgroup_peak_bytes"] = statistics.median(
-            [r[arm]["cgroup"]["peak_bytes"] for r in rounds if arm in r and "error" not in r[arm]
-             and r[arm]["cgroup"]["peak_bytes"] is not None] or [0]) or None
-        ts_bytes = [r[arm]["ts"]["decode_bytes_read"] / max(1, args.tokens - 1) for r in rounds
-                    if arm in r and "error" not in r[arm] and "ts" in r[arm]]
+    for key in keys:
+        x = per_arm[key] = {name: median_of(rounds, key, name) for name in
+                            ("ttft_s", "decode_tokens_per_s", "decode_s_per_token", "decode_read_bytes_per_token",
+                             "vm_hwm_bytes")}
+        peaks = [r[key]["cgroup"]["peak_bytes"] for r in rounds if key in r and "error" not in r[key]
+                 and (r[key]["cgroup"]["peak_bytes"] or 0) > 0]
+        x["cgroup_peak_bytes"] = statistics.median(peaks) if peaks else None
+        x["memory_limit_bytes"] = None if key == "plain" or key.endswith(UNLIMITED) or args.no_cgroup else limit
+        ts_bytes = [r[key]["ts"]["decode_bytes_read"] / max(1, len(r[key]["step_s"])) for r in rounds
+                    if key in r and "error" not in r[key] and "ts" in r[key] and r[key]["step_s"]]
         if ts_bytes:
-            per_arm[arm]["ts_bytes_read_per_token"] = statistics.median(ts_bytes)
+            x["ts_bytes_read_per_token"] = statistics.median(ts_bytes)
+
     rows = []
+    # M1: tokens/s under the memory limit, TensorStream against accelerate's disk offload, and the hardware bound.
     acc = per_arm.get("accelerate-disk", {}).get("decode_tokens_per_s")
     for arm in arms:
         x = per_arm[arm]
         if x["decode_tokens_per_s"] is None:
             continue
-        rows.append(summary_row("M1", "tokens/s", arm, x["decode_tokens_per_s"], "tok/s",
-                                baseline="accelerate-disk" if arm in TS_ARMS else None,
-                                baseline_value=acc if arm in TS_ARMS else None,
-                                target=3.0 if arm in TS_ARMS else None))
+        is_ts = arm in TS_ARMS and acc is not None
+        rows.append(summary_row("M1", "tokens/s under the memory limit" if arm != "plain" else "tokens/s, no limit",
+                                arm, x["decode_tokens_per_s"], "tok/s",
+                                baseline="accelerate-disk" if is_ts else None, baseline_value=acc if is_ts else None,
+                                target=3.0 if is_ts else None))
     for arm in TS_ARMS:
         x = per_arm.get(arm)
         if not x or x["decode_s_per_token"] is None or compute is None:
             continue
         read = x.get("ts_bytes_read_per_token") or x["decode_read_bytes_per_token"] or 0
-        bound = max(compute, read / raw)
-        x["lower_bound_s_per_token"] = bound
+        x["lower_bound_s_per_token"] = max(compute, read / raw)
         x["lower_bound_min_read_s_per_token"] = max(compute, max(0, weight - budget) / raw)
         rows.append(summary_row("M1", "s/token over the lower bound", arm, x["decode_s_per_token"], "s/token",
-                                baseline="max(compute, bytes read / raw read rate)", baseline_value=bound,
-                                target=1.25, higher_is_better=False))
-    for arm in arms:
-        x = per_arm[arm]
-        if x["ttft_s"] is not None:
-            rows.append(summary_row("M2", "time to first token, cold", arm, x["ttft_s"], "s"))
-    peak_acc = max([per_arm[a]["vm_hwm_bytes"] or 0 for a in arms if a.startswith("accelerate")] or [0]) or None
-    for arm in arms:
-        x = per_arm[arm]
-        if x["vm_hwm_bytes"] is not None:
-            rows.append(summary_row("M3", "peak RSS", arm, x["vm_hwm_bytes"] / GB, "GB",
-                                    baseline="accelerate (lower of the arms)" if arm in TS_ARMS else None,
-                                    baseline_value=(min(per_arm[a]["vm_hwm_bytes"] for a in arms
-                                                        if a.startswith("accelerate") and per_arm[a]["vm_hwm_bytes"])
-                                                    / GB) if arm in TS_ARMS and peak_acc else None,
-                                    target=1.0 if arm in TS_ARMS and peak_acc else None, higher_is_better=False))
+                                baseline="max(compute, bytes read / raw read rate)",
+                                baseline_value=x["lower_bound_s_per_token"], target=1.25, higher_is_better=False,
+                                note=f"{read / GB:.2f} GB read per token at raw {raw / GB:.2f} GB/s; plain compute "
+                                     f"{compute:.3f} s/token; reading only model - budget "
+                                     f"({max(0, weight - budget) / GB:.2f} GB) would take "
+                                     f"{x['lower_bound_min_read_s_per_token']:.3f} s/token"))
+    # M2: process start to first token, cold page cache, no memory limit.
+    ts_key = next((k for k in m2_keys if k.startswith("ts-")), None)
+    acc_key = next((k for k in m2_keys if k.startswith("accelerate-disk")), None)
+    for key in m2_keys:
+        x = per_arm[key]
+        if x["ttft_s"] is None:
+            continue
+        base = acc_key if key == ts_key and acc_key and per_arm[acc_key]["ttft_s"] else None
+        rows.append(summary_row("M2", "start to first token, cold", key, x["ttft_s"], "s", baseline=base,
+                                baseline_value=per_arm[base]["ttft_s"] if base else None, higher_is_better=False))
+    # M3: peak memory without a limit: RSS (VmHWM) and RSS + page cache (the memory cgroup's peak), which is what an
+    # mmap-based offloader really needs; TensorStream against the lower of accelerate's arms.
+    acc_keys = [k for k in m2_keys if k.startswith("accelerate")]
+    for metric, field in (("peak RSS", "vm_hwm_bytes"), ("peak RSS + page cache", "cgroup_peak_bytes")):
+        acc_values = [per_arm[k][field] for k in acc_keys if per_arm[k][field]]
+        for key in m2_keys:
+            value = per_arm[key][field]
+            if not value:
+                continue
+            is_ts = key == ts_key and bool(acc_values)
+            rows.append(summary_row("M3", metric + ", no limit", key, value / GB, "GB",
+                                    baseline="accelerate (lower arm)" if is_ts else None,
+                                    baseline_value=min(acc_values) / GB if is_ts else None,
+                                    target=1.0 if is_ts else None, higher_is_better=False))
+
+    fmt = (lambda v, f, scale=1.0: format(v / scale, f) if v is not None else "-")
     lines = [f"Generation (M1-M3): {weight / GB:.2f} GB Llama, budget {budget / GB:.2f} GB, memory limit "
-             f"{limit / GB:.2f} GB, {len(rounds)} rounds, medians; raw read rate {raw / GB:.2f} GB/s; plain compute "
-             f"{compute or float('nan'):.3f} s/token",
-             f"  {'arm':<16} {'1st token s':>11} {'tok/s':>7} {'s/token':>8} {'GB read/tok':>11} {'peak RSS GB':>11} "
-             f"{'cgroup GB':>9}"]
-    for arm in arms:
-        x = per_arm[arm]
-        fmt = (lambda v, f: format(v, f) if v is not None else "-")
-        lines.append(f"  {arm:<16} {fmt(x['ttft_s'], '11.2f')} {fmt(x['decode_tokens_per_s'], '7.3f')} "
-                     f"{fmt(x['decode_s_per_token'], '8.3f')} "
-                     f"{fmt((x['decode_read_bytes_per_token'] or 0) / GB if x['decode_read_bytes_per_token'] is not None else None, '11.2f')} "
-                     f"{fmt(x['vm_hwm_bytes'] / GB if x['vm_hwm_bytes'] else None, '11.2f')} "
-                     f"{fmt(x['cgroup_peak_bytes'] / GB if x['cgroup_peak_bytes'] else None, '9.2f')}")
-    lines.append(f"  tokens equal to the plain model's: {'yes' if reference and not mismatches else 'NO: ' + ', '.join(mismatches) if reference else 'no plain arm'}")
+             f"{limit / GB:.2f} GB (M1) or none (M2, M3, plain), {len(rounds)} rounds, medians; raw read rate "
+             f"{raw / GB:.2f} GB/s; plain compute {compute or float('nan'):.3f} s/token",
+             f"  {'arm':<28} {'1st token s':>11} {'tok/s':>7} {'s/token':>8} {'bound s':>7} {'GB read/tok':>11} "
+             f"{'peak RSS GB':>11} {'+cache GB':>9}"]
+    for key in keys:
+        x = per_arm[key]
+        lines.append(f"  {key:<28} {fmt(x['ttft_s'], '11.2f')} {fmt(x['decode_tokens_per_s'], '7.3f')} "
+                     f"{fmt(x['decode_s_per_token'], '8.3f')} {fmt(x.get('lower_bound_s_per_token'), '7.3f')} "
+                     f"{fmt(x['decode_read_bytes_per_token'], '11.2f', GB)} {fmt(x['vm_hwm_bytes'], '11.2f', GB)} "
+                     f"{fmt(x['cgroup_peak_bytes'], '9.2f', GB)}")
+    lines.append("  tokens equal to the plain model's: " + ("no plain arm" if not reference else
+                                                           "yes" if not mismatches else "NO: " + ", ".join(mismatches)))
+    if trace and trace.get("error"):
+        lines.append(f"  traced run failed: {trace['error'][:300]}")
     for e in errors:
         lines.append(f"  error: {e}")
     return {"benchmark": "generation", "machine": machine,
             "parameters": {"plan": plan, "weight_bytes": weight, "budget_bytes": budget, "memory_limit_bytes": limit,
-                           "tokens": args.tokens, "prompt_len": args.prompt_len, "arms": arms,
-                           "rounds_wanted": args.rounds, "cgroup": not args.no_cgroup},
+                           "tokens": args.tokens, "m2_tokens": M2_TOKENS, "prompt_len": args.prompt_len,
+                           "arms": arms, "m2_arms": m2_arms, "rounds_wanted": args.rounds, "cgroup": not args.no_cgroup},
             "raw_read_gb_s": raw / GB, "plain_compute_s_per_token": compute, "per_arm": per_arm,
             "tokens_match": bool(reference) and not mismatches, "mismatches": mismatches, "errors": errors,
             "trace": trace, "rounds": rounds, "summary": rows, "elapsed_s": elapsed, "table": "\n".join(lines)}
