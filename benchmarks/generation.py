@@ -563,7 +563,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
         if x["decode_tokens_per_s"] is None:
             continue
         is_ts = arm in TS_ARMS and acc is not None
-        rows.append(summary_row("M1", "tokens/s under the memory limit" if arm != "plain" else "tokens/s, no limit",
+        rows.append(summary_row("generation", "M1 tokens/s under the memory limit" if arm != "plain" else "M1 tokens/s, no limit",
                                 arm, x["decode_tokens_per_s"], "tok/s",
                                 baseline="accelerate-disk" if is_ts else None, baseline_value=acc if is_ts else None,
                                 target=3.0 if is_ts else None))
@@ -574,7 +574,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
         read = x.get("ts_bytes_read_per_token") or x["decode_read_bytes_per_token"] or 0
         x["lower_bound_s_per_token"] = max(compute, read / raw)
         x["lower_bound_min_read_s_per_token"] = max(compute, max(0, weight - budget) / raw)
-        rows.append(summary_row("M1", "s/token over the lower bound", arm, x["decode_s_per_token"], "s/token",
+        rows.append(summary_row("generation", "M1 s/token over the lower bound", arm, x["decode_s_per_token"], "s/token",
                                 baseline="max(compute, bytes read / raw read rate)",
                                 baseline_value=x["lower_bound_s_per_token"], target=1.25, higher_is_better=False,
                                 note=f"{read / GB:.2f} GB read per token at raw {raw / GB:.2f} GB/s; plain compute "
@@ -589,7 +589,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
         if x["ttft_s"] is None:
             continue
         base = acc_key if key == ts_key and acc_key and per_arm[acc_key]["ttft_s"] else None
-        rows.append(summary_row("M2", "start to first token, cold", key, x["ttft_s"], "s", baseline=base,
+        rows.append(summary_row("generation", "M2 start to first token, cold", key, x["ttft_s"], "s", baseline=base,
                                 baseline_value=per_arm[base]["ttft_s"] if base else None, higher_is_better=False))
     # M3: peak memory without a limit: RSS (VmHWM) and RSS + page cache (the memory cgroup's peak), which is what an
     # mmap-based offloader really needs; TensorStream against the lower of accelerate's arms.
@@ -601,7 +601,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
             if not value:
                 continue
             is_ts = key == ts_key and bool(acc_values)
-            rows.append(summary_row("M3", metric + ", no limit", key, value / GB, "GB",
+            rows.append(summary_row("generation", "M3 " + metric + ", no limit", key, value / GB, "GB",
                                     baseline="accelerate (lower arm)" if is_ts else None,
                                     baseline_value=min(acc_values) / GB if is_ts else None,
                                     target=1.0 if is_ts else None, higher_is_better=False))

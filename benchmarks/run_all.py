@@ -92,7 +92,8 @@ def markdown(rows: list, machine: dict, failures: list, elapsed: float) -> str:
         target = "" if r["target"] is None else ("≥ " if r["higher_is_better"] else "≤ ") + fmt(r["target"])
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         base = f"{r['baseline']} ({fmt(r['baseline_value'])})" if r["baseline"] else ""
-        out.append(f"| {r['suite']} | {r['metric']} | {r['arm']} | {fmt(r['value'])} {r['unit']} | {base} | "
+        ident, _, metric = r["metric"].partition(" ")
+        out.append(f"| {ident} | {metric} | {r['arm']} | {fmt(r['value'])} {r['unit']} | {base} | "
                    f"{fmt(r['ratio'])} | {target} | {met} |")
     for name, why in failures:
         out.append(f"\n**{name} failed**: {why}")
@@ -108,8 +109,8 @@ def plot_ratios(rows: list, path: Path) -> bool:
     rows = [r for r in rows if r["ratio"] is not None and r["target"] is not None]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.2))
-    labels = [f"{r['suite']} {r['arm']} / {r['baseline']}"[:70] for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(rows) + 1.2))
+    labels = [f"{r['metric']}: {r['arm']} / {r['baseline']}"[:90] for r in rows]
     # A ratio where lower is better is drawn as its inverse, so that every bar reads "right of the line is good".
     values = [r["ratio"] if r["higher_is_better"] else 1.0 / r["ratio"] for r in rows]
     targets = [r["target"] if r["higher_is_better"] else 1.0 / r["target"] for r in rows]
@@ -122,6 +123,9 @@ def plot_ratios(rows: list, path: Path) -> bool:
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16) if min(values + targets) / 1.5 <= t <= max(values + targets) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("ratio, oriented so that larger is better (log scale); black tick: target")
     ax.set_title("make bench: every ratio against its target")
     ax.legend(loc="lower right", fontsize=7)
