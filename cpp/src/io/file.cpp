@@ -31,9 +31,9 @@ void pwrite_all(int fd, std::span<const std::byte> bytes, uint64_t offset, const
     const ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw_errno(path, "write");
+      throw_errno(path, "write at offset " + std::to_string(offset + done));
     }
-    if (n == 0) throw IoError(path, EIO, "write (no progress)");
+    if (n == 0) throw IoError(path, EIO, "write at offset " + std::to_string(offset + done) + " (no progress)");
     done += static_cast<size_t>(n);
   }
 }

@@ -32,7 +32,8 @@ class UniqueFd {
   int fd_ = -1;
 };
 
-// Writes all of `bytes` at `offset`, resuming short writes and retrying EINTR. Throws IoError naming `path`.
+// Writes all of `bytes` at `offset`, resuming short writes and retrying EINTR. Throws IoError naming `path` and the
+// file offset where the write failed.
 void pwrite_all(int fd, std::span<const std::byte> bytes, uint64_t offset, const std::string& path);
 // Reads exactly bytes.size() at `offset`; EOF before that is IoError(EIO, "unexpected end of file").
 void pread_all(int fd, std::span<std::byte> bytes, uint64_t offset, const std::string& path);
