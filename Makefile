@@ -29,10 +29,11 @@ test-sanitize:
 	cmake --build $(BUILD)-asan -j $(JOBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir $(BUILD)-asan --output-on-failure -j $(JOBS)
 
-# The concurrent parts (engine, residency, I/O backends, statistics) under ThreadSanitizer (clang).
+# The concurrent parts (engine, residency, I/O backends, statistics, the store reader and writer) under
+# ThreadSanitizer (clang).
 TSAN_TESTS = engine_test_engine residency_test_residency_manager residency_test_prefetcher io_test_io_backend \
              io_test_pread_backend io_test_uring_backend io_test_mmap_backend stats_test_stats \
-             stats_test_trace store_test_store_reader
+             stats_test_trace store_test_store_reader store_test_store_writer
 test-tsan:
 	cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DTS_SANITIZE=thread -DTS_BUILD_PYTHON=OFF >/dev/null

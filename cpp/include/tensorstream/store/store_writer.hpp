@@ -6,7 +6,13 @@
 // throws, is destroyed, or its process dies, the previous model of that id (if any) is untouched and the temp
 // directory is removed (or left for cleanup_orphaned_files when the process died).
 //
-// Thread-safety: one thread at a time. Compression of a tensor's chunks may use internal worker threads.
+// With compression on, chunks are compressed in batches (one chunk per core) on threads of the writer while the
+// caller's thread writes the previous batch, so the last batch of a tensor is written during the next call. A
+// write error (IoError: ENOSPC, EFBIG, EIO, naming the data file and the offset) therefore surfaces at the call
+// that made the write, which may be the next add_tensor() or commit(); as for any error, the temp directory is
+// removed before it is thrown and the writer refuses every later call.
+//
+// Thread-safety: one thread at a time. The compression threads are joined before each call returns or throws.
 #pragma once
 
 #include <cstdint>
@@ -46,7 +52,8 @@ class StoreWriter {
   // Starts a new block; the previous one (if any) ends. Block names are unique within a model.
   void begin_block(std::string name);
   // Appends a tensor to the current block. bytes.size() must equal product(shape) * dtype_size(dtype).
-  // The bytes are written before this returns; the caller may free them afterwards.
+  // The caller may free the bytes once this returns: what is still unwritten then is compressed bytes (or a copy)
+  // owned by the writer. It may write the previous tensor's last batch of chunks (see above).
   void add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape, std::span<const std::byte> bytes);
   // Finishes the data file, writes the manifest, publishes. The writer is unusable afterwards.
   StoreWriteResult commit();
