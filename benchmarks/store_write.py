@@ -314,17 +314,17 @@ def main(argv=None) -> int:
             note += f"; {LEVELS[name][1]} with byte grouping, ratio {rounds[0][name]['bytes'] / s['stored_bytes']:.3f}"
         if r < 0.8:
             # Split the arm's median time: writing its stored bytes at dd's rate (dd writes and fsyncs the same file
-            # system), and the rest, which is the writer's CPU work (the encoder compresses a batch of one chunk per
-            # core, then writes it: encoding and writing do not overlap).
+            # system), and the rest, which is the writer's CPU work. The writer overlaps the two (it writes one batch
+            # of chunks while the next compresses), so the split says how much time is left beyond the writing.
             seconds = statistics.median(x[name]["seconds"] for x in rounds)
             writing = s["stored_bytes"] / (dd_med * GB)
             work = max(0.0, seconds - writing)
             what = "compression and checksums" if level else "checksums and per-chunk writes"
             if work >= 0.5 * seconds:
                 note += (f"; bounded by CPU: of {seconds:.1f} s, {writing:.1f} s would write the stored bytes at dd's "
-                         f"rate and {work:.1f} s is {what} ({s['bytes_in'] / work / GB:.2f} GB/s, not overlapped with "
-                         f"writing; this process kept {s['cores_busy_median']:.1f} of {cores} cores busy, other jobs "
-                         "share them)")
+                         f"rate and the other {work:.1f} s is {what} not hidden behind them "
+                         f"({s['bytes_in'] / work / GB:.2f} GB/s; this process kept {s['cores_busy_median']:.1f} of "
+                         f"{cores} cores busy, other jobs share them)")
             else:
                 note += (f"; bounded by writes: of {seconds:.1f} s, {writing:.1f} s would write the stored bytes at "
                          f"dd's rate ({s['cores_busy_median']:.1f} of {cores} cores busy)")
