@@ -142,38 +142,39 @@ def plot_generation(report: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     per_arm = report.get("per_arm") or {}
-    arms = [a for a in per_arm if per_arm[a].get("decode_tokens_per_s")]
-    if not arms:
+    unlimited = " (no limit)"
+    m1 = [a for a in per_arm if not a.endswith(unlimited) and per_arm[a].get("decode_tokens_per_s")]
+    m2 = [a for a in per_arm if (a.endswith(unlimited) or a == "plain") and per_arm[a].get("ttft_s")]
+    if not m1:
         return False
-    colors = ["tab:blue" if a.startswith("ts-") else "tab:orange" if a.startswith("accelerate") else "tab:gray"
-              for a in arms]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+
+    def colors(arms):
+        return ["tab:blue" if a.startswith("ts-") else "tab:orange" if a.startswith("accelerate") else "tab:gray"
+                for a in arms]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]
-    ax.bar(arms, [per_arm[a]["decode_tokens_per_s"] for a in arms], color=colors)
-    bounds = [per_arm[a].get("lower_bound_s_per_token") for a in arms]
-    best = [1.0 / b if b else None for b in bounds]
-    for i, b in enumerate(best):
-        if b:
-            ax.plot([i - 0.4, i + 0.4], [b, b], color="black")
-    ax.set_title("M1 tokens/s (black: hardware bound)")
+    ax.bar(m1, [per_arm[a]["decode_tokens_per_s"] for a in m1], color=colors(m1))
+    for i, a in enumerate(m1):
+        bound = per_arm[a].get("lower_bound_s_per_token")
+        if bound:
+            ax.plot([i - 0.4, i + 0.4], [1.0 / bound] * 2, color="black")
+    ax.set_title("M1 tokens/s under the memory limit\n(plain: no limit; black: 1 / lower bound)", fontsize=10)
     ax = axes[1]
-    ax.bar(arms, [per_arm[a].get("ttft_s") or 0 for a in arms], color=colors)
-    ax.set_title("M2 process start to first token, cold (s)")
+    ax.bar([a.replace(unlimited, "") for a in m2], [per_arm[a]["ttft_s"] for a in m2], color=colors(m2))
+    ax.set_title("M2 process start to first token,\ncold page cache, no limit (s)", fontsize=10)
     ax = axes[2]
     width = 0.4
-    xs = range(len(arms))
-    ax.bar([x - width / 2 for x in xs], [(per_arm[a].get("vm_hwm_bytes") or 0) / 1e9 for a in arms], width,
-           label="peak RSS", color=colors)
-    ax.bar([x + width / 2 for x in xs], [(per_arm[a].get("cgroup_peak_bytes") or 0) / 1e9 for a in arms], width,
-           label="peak RSS + page cache (cgroup)", color=colors, alpha=0.45, hatch="//")
-    limit = report.get("parameters", {}).get("memory_limit_bytes")
-    if limit:
-        ax.axhline(limit / 1e9, color="black", linestyle="--", label="memory limit")
-    ax.set_xticks(list(xs), arms)
-    ax.set_title("M3 peak memory (GB)")
+    xs = list(range(len(m2)))
+    ax.bar([x - width / 2 for x in xs], [(per_arm[a].get("vm_hwm_bytes") or 0) / 1e9 for a in m2], width,
+           label="peak RSS", color=colors(m2))
+    ax.bar([x + width / 2 for x in xs], [(per_arm[a].get("cgroup_peak_bytes") or 0) / 1e9 for a in m2], width,
+           label="peak RSS + page cache (memory cgroup)", color=colors(m2), alpha=0.45, hatch="//")
+    ax.set_xticks(xs, [a.replace(unlimited, "") for a in m2])
+    ax.set_title("M3 peak memory, no limit (GB)", fontsize=10)
     ax.legend(fontsize=7)
     for ax in axes:
-        ax.tick_params(axis="x", labelrotation=35, labelsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     params = report.get("parameters", {})
     fig.suptitle(f"Llama {params.get('weight_bytes', 0) / 1e9:.2f} GB, budget {params.get('budget_bytes', 0) / 1e9:.2f}"
                  f" GB: TensorStream (blue), accelerate (orange), plain (gray)")
