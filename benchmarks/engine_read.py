@@ -603,6 +603,7 @@ def main(argv=None) -> int:
     warm_arms = [(f"engine {b}", engine(b, "auto", True)) for b in ("auto", "io_uring", "pread", "mmap")]
     if args.extra_arms:
         warm_arms += [("engine auto, xxh3 off", engine("auto", "auto", False)),
+                      ("engine pread, xxh3 off", engine("pread", "auto", False)),
                       ("engine auto, next_layer", engine("auto", "auto", True, "next_layer")),
                       ("engine direct_io=on", engine("auto", "on", True))]
     warm_arms += [(f"pread x{threads}", lambda: pread_arm(data_path, product_arena, threads, block)),
@@ -613,6 +614,7 @@ def main(argv=None) -> int:
         "engine mmap": "engine mmap (zero-copy views), xxh3",
         "engine auto": "engine auto, xxh3",
         "engine auto, xxh3 off": "engine auto, no checksums",
+        "engine pread, xxh3 off": f"engine pread x{args.io_threads}, no checksums",
         "engine auto, next_layer": "engine auto, xxh3, next_layer",
         "engine io_uring, 4k arena": "engine io_uring, xxh3, 4 KiB-page arena",
         "fio": f"fio {fio_engine} qd{args.queue_depth} bs=4M direct",
@@ -718,6 +720,7 @@ def main(argv=None) -> int:
                 [(f"engine {b}", base_arm, 0.9) for b in ("auto", "io_uring", "pread", "mmap")
                  for base_arm in (f"pread x{threads}", f"memcpy x{threads}")]
                 + [("engine auto, xxh3 off", f"pread x{threads}", 0),
+                   ("engine pread, xxh3 off", f"pread x{threads}", 0),
                    ("engine auto, next_layer", f"pread x{threads}", 0),
                    ("engine auto", "engine direct_io=on", 1.3), ("engine direct_io=on", f"pread x{threads}", 0),
                    (f"pread x{threads}", f"memcpy x{threads}", 0)])
