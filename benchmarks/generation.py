@@ -447,6 +447,8 @@ def main(argv=None) -> int:
                    help="Chrome trace of one extra ts-adaptive generation (default: results/generation-<date>-trace.json)")
     p.add_argument("--no-trace", action="store_true", help="skip the traced generation")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny model, one round, three arms: checks that everything runs (python/tests)")
     p.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--budget-bytes", type=float, help=argparse.SUPPRESS)
@@ -454,6 +456,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.smoke:
+        args.size_gib, args.budget_gib, args.rounds, args.min_rounds, args.tokens = 0.05, 0.025, 1, 1, 3
+        args.arms, args.m2_arms = "ts-adaptive,accelerate-disk,plain", "ts-adaptive"
+        if args.trace_out is None and args.json is not None:
+            args.trace_out = args.json.with_name(args.json.stem + "-trace.json")
     return parent(args)
 
 

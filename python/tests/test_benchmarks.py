@@ -93,3 +93,44 @@ def test_store_write_smoke(disk_dir, tmp_path):
     assert set(ratios) == {"store zstd-5", "store lz4-1", "store zstd-19 (level 9)"}
     assert all(row["value"] > 1.0 and row["target"] is None and row["unit"] == "x" for row in ratios.values())
     assert not list(disk_dir.glob("ts-bench-*"))  # the scratch directory is removed
+
+
+def test_generation_smoke_reports_every_figure_and_equal_tokens(disk_dir):
+    """M1-M3 on a tiny Llama: each arm in its own process (cgroup where allowed), tokens equal to the plain model's,
+    the M1/M2/M3 rows present, and the traced run's Chrome trace written."""
+    out = disk_dir / "generation.json"
+    report = run_smoke("generation.py", out, "--dir", str(disk_dir))
+    assert report["tokens_match"], report["table"]
+    assert not report["errors"], report["errors"]
+    metrics = {row["metric"].split()[0] for row in report["summary"]}
+    assert metrics == {"M1", "M2", "M3"}, metrics
+    m1 = {row["arm"]: row for row in report["summary"] if row["metric"].startswith("M1 tokens/s")}
+    assert set(m1) == {"ts-adaptive", "accelerate-disk", "plain"}
+    assert m1["ts-adaptive"]["baseline"] == "accelerate-disk" and m1["ts-adaptive"]["target"] == 3.0
+    trace = json.loads(pathlib.Path(report["trace"]["path"]).read_text())
+    kinds = {event.get("cat") for event in trace["traceEvents"] if event.get("ph") == "X"}
+    assert {"read", "compute"} <= kinds, kinds
+
+
+def test_run_all_table_and_plots_from_a_report(disk_dir):
+    """run_all.py's table and plots from summary rows: a met target, a missed one, a row without a target."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [bench_common.summary_row("engine_read", "S1 cold read", "engine auto", 2.0, "GB/s", baseline="fio",
+                                     baseline_value=1.0, target=0.9),
+            bench_common.summary_row("generation", "M1 s/token over the lower bound", "ts-adaptive", 2.0, "s/token",
+                                     baseline="bound", baseline_value=1.0, target=1.25, higher_is_better=False),
+            bench_common.summary_row("generation", "M2 start to first token, cold", "plain", 5.0, "s")]
+    table = run_all.markdown(rows, {"cpu_model": "x"}, [("store_write", "exit 1")], 60.0)
+    lines = [line for line in table.splitlines() if line.startswith("| S1") or line.startswith("| M")]
+    assert "| S1 | cold read | engine auto | 2 GB/s | fio (1) | 2 | ≥ 0.9 | yes |" in lines
+    assert any("| M1 |" in line and "**no**" in line and "≤ 1.25" in line for line in lines), lines
+    assert "store_write failed" in table
+    pytest.importorskip("matplotlib")
+    png = disk_dir / "ratios.png"
+    assert run_all.plot_ratios(rows, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not run_all.plot_ratios(rows[2:], disk_dir / "none.png")
