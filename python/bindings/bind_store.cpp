@@ -203,7 +203,24 @@ void bind_store(nb::module_& m) {
             nb::gil_scoped_release release;
             r.read_block(index, out, verify);
           },
-          "index"_a, "address"_a, "nbytes"_a, "verify_checksums"_a = true);
+          "index"_a, "address"_a, "nbytes"_a, "verify_checksums"_a = true)
+      .def(
+          "read_rows",
+          [](const StoreReader& r, size_t index, uint64_t row_bytes, uintptr_t rows_address, size_t row_count,
+             uintptr_t address, size_t nbytes, bool verify) {
+            // rows: `row_count` int64 values (sorted, unique) at `rows_address`; returns the stored bytes read.
+            size_t rows_nbytes = 0;
+            if (__builtin_mul_overflow(row_count, sizeof(int64_t), &rows_nbytes)) {
+              throw ConfigError("rows", "too many rows");
+            }
+            const std::span<std::byte> row_memory = memory(rows_address, rows_nbytes);
+            const std::span<const int64_t> rows(reinterpret_cast<const int64_t*>(row_memory.data()), row_count);
+            const std::span<std::byte> out = memory(address, nbytes);
+            nb::gil_scoped_release release;
+            return r.read_rows(index, row_bytes, rows, out, verify);
+          },
+          "index"_a, "row_bytes"_a, "rows_address"_a, "row_count"_a, "address"_a, "nbytes"_a,
+          "verify_checksums"_a = true);
 }
 
 }  // namespace tensorstream::bindings

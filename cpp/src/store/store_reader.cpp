@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "tensorstream/error.hpp"
@@ -15,6 +16,10 @@ std::vector<std::byte>& stored_buffer() {
   return buffer;
 }
 std::vector<std::byte>& scratch_buffer() {
+  thread_local std::vector<std::byte> buffer;
+  return buffer;
+}
+std::vector<std::byte>& decoded_buffer() {
   thread_local std::vector<std::byte> buffer;
   return buffer;
 }
@@ -168,6 +173,84 @@ void StoreReader::read_block(size_t index, std::span<std::byte> slot, bool verif
     const TensorRecord& tensor = manifest_.tensors[t];
     read_tensor_chunks(t, slot.subspan(tensor.slot_offset, tensor.nbytes), verify_checksums);
   }
+}
+
+uint64_t StoreReader::read_rows(size_t tensor_index, uint64_t row_bytes, std::span<const int64_t> rows,
+                                std::span<std::byte> out, bool verify_checksums) const {
+  if (tensor_index >= manifest_.tensors.size()) {
+    throw ConfigError("tensor", "index " + std::to_string(tensor_index) + " out of range");
+  }
+  const TensorRecord& tensor = manifest_.tensors[tensor_index];
+  if (row_bytes == 0 || tensor.nbytes % row_bytes != 0) {
+    throw ConfigError("row_bytes", std::to_string(row_bytes) + " bytes per row do not divide tensor '" + tensor.name +
+                                       "' of " + std::to_string(tensor.nbytes) + " bytes");
+  }
+  const uint64_t row_count = tensor.nbytes / row_bytes;
+  uint64_t wanted = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(rows.size()), row_bytes, &wanted) || wanted != out.size()) {
+    throw ConfigError("out", "buffer of " + std::to_string(out.size()) + " bytes for " + std::to_string(rows.size()) +
+                                 " rows of " + std::to_string(row_bytes) + " bytes of tensor '" + tensor.name + "'");
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || static_cast<uint64_t>(rows[i]) >= row_count) {
+      throw ConfigError("rows", "row " + std::to_string(rows[i]) + " of tensor '" + tensor.name +
+                                    "' is out of range (it has " + std::to_string(row_count) + " rows)");
+    }
+    if (i > 0 && rows[i] <= rows[i - 1]) {
+      throw ConfigError("rows", "rows of tensor '" + tensor.name + "' must be sorted and unique (" +
+                                    std::to_string(rows[i - 1]) + " then " + std::to_string(rows[i]) + ")");
+    }
+  }
+  // Every product below is at most tensor.nbytes (row < row_count, row_count * row_bytes == nbytes): no overflow.
+  const auto row_begin = [&](size_t k) { return static_cast<uint64_t>(rows[k]) * row_bytes; };
+  uint64_t stored_read = 0;
+  size_t next = 0;           // first requested row not yet wholly copied
+  uint64_t chunk_begin = 0;  // raw offset of chunk c in the tensor
+  for (size_t c = 0; c < tensor.chunk_count && next < rows.size(); ++c) {
+    const ChunkRecord& chunk = manifest_.chunks[tensor.first_chunk + c];
+    const uint64_t chunk_end = chunk_begin + chunk.raw_size;
+    while (next < rows.size() && row_begin(next) + row_bytes <= chunk_begin) ++next;
+    if (next == rows.size()) break;
+    if (row_begin(next) >= chunk_end) {  // no requested row in this chunk: never read
+      chunk_begin = chunk_end;
+      continue;
+    }
+    const bool direct = chunk.codec == Codec::kRaw && !verify_checksums;
+    std::span<const std::byte> raw;
+    if (!direct) {
+      std::vector<std::byte>& decoded = decoded_buffer();
+      decoded.resize(chunk.raw_size);
+      if (chunk.codec == Codec::kRaw) {
+        read_stored_chunk(tensor_index, c, decoded, verify_checksums);
+      } else {
+        std::vector<std::byte>& stored = stored_buffer();
+        stored.resize(chunk.stored_size);
+        read_stored_chunk(tensor_index, c, stored, verify_checksums);
+        decode_chunk(tensor_index, c, stored, decoded, scratch_buffer());
+      }
+      stored_read += chunk.stored_size;
+      raw = decoded;
+    }
+    // The parts of rows next, next+1, ... that lie in this chunk; a run of adjacent rows is one copy (or one read).
+    size_t k = next;
+    while (k < rows.size() && row_begin(k) < chunk_end) {
+      const uint64_t seg_begin = std::max(row_begin(k), chunk_begin);
+      size_t last = k;
+      while (last + 1 < rows.size() && rows[last + 1] == rows[last] + 1 && row_begin(last + 1) < chunk_end) ++last;
+      const uint64_t seg_end = std::min(row_begin(last) + row_bytes, chunk_end);
+      const uint64_t length = seg_end - seg_begin;
+      const std::span<std::byte> target = out.subspan(k * row_bytes + (seg_begin - row_begin(k)), length);
+      if (direct) {
+        pread_all(data_fd_.get(), target, chunk.offset + (seg_begin - chunk_begin), data_path_);
+        stored_read += length;
+      } else {
+        std::copy_n(raw.data() + (seg_begin - chunk_begin), length, target.data());
+      }
+      k = last + 1;
+    }
+    chunk_begin = chunk_end;
+  }
+  return stored_read;
 }
 
 }  // namespace tensorstream

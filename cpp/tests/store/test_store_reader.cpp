@@ -99,6 +99,70 @@ TEST_P(StoreReaderTest, ReadsFromManyThreadsAgree) {
   EXPECT_EQ(mismatches.load(), 0);
 }
 
+// embed.weight is 64 rows of 160 bytes in 4096-byte chunks (4096, 4096, 2048): rows 25 and 51 straddle chunks.
+TEST_P(StoreReaderTest, ReadRowsCopiesRowsAcrossChunksAndChecksThem) {
+  const std::string data = (storage_->model_dir("m") / "data").string();
+  const StoreReader reader = StoreReader::open(*storage_, "m");
+  const size_t index = *reader.find_tensor("embed.weight");
+  const TensorRecord tensor = reader.manifest().tensors[index];
+  ASSERT_EQ(tensor.chunk_count, 3u);
+  const uint64_t row_bytes = 80 * 2;
+  const std::vector<std::byte>& expected = blocks_[0].tensors[0].bytes;
+  const auto check = [&](std::vector<int64_t> rows, bool verify) {
+    std::vector<std::byte> out(rows.size() * row_bytes, std::byte{0xAA});
+    const uint64_t read = reader.read_rows(index, row_bytes, rows, out, verify);
+    EXPECT_EQ(read > 0, !rows.empty());
+    for (size_t k = 0; k < rows.size(); ++k) {
+      EXPECT_TRUE(std::equal(out.begin() + k * row_bytes, out.begin() + (k + 1) * row_bytes,
+                             expected.begin() + rows[k] * row_bytes))
+          << "row " << rows[k] << (verify ? " verified" : " unverified");
+    }
+    return read;
+  };
+  for (const bool verify : {true, false}) {
+    (void)check({0}, verify);
+    (void)check({63}, verify);
+    (void)check({0, 25, 26, 51, 63}, verify);
+    (void)check({24, 25, 26, 27, 50, 51, 52}, verify);
+  }
+  uint64_t whole = 0;
+  for (const ChunkRecord& chunk : reader.manifest().chunks_of(tensor)) whole += chunk.stored_size;
+  const ChunkRecord& first = reader.manifest().chunks[tensor.first_chunk];
+  EXPECT_EQ(check({1, 2}, true), first.stored_size);  // only the chunk that holds the rows
+  EXPECT_EQ(check({25}, true), first.stored_size + reader.manifest().chunks[tensor.first_chunk + 1].stored_size);
+  std::vector<int64_t> all(64);
+  for (int64_t r = 0; r < 64; ++r) all[r] = r;
+  EXPECT_EQ(check(all, true), whole);  // each chunk read once
+  EXPECT_EQ(check({}, true), 0u);
+
+  std::vector<std::byte> one(row_bytes);
+  const std::vector<int64_t> bad_rows[] = {{64}, {-1}, {3, 3}, {5, 4}};
+  for (const auto& rows : bad_rows) {
+    std::vector<std::byte> out(rows.size() * row_bytes);
+    EXPECT_THROW((void)reader.read_rows(index, row_bytes, rows, out, true), ConfigError);
+  }
+  const std::vector<int64_t> row0{0};
+  EXPECT_THROW((void)reader.read_rows(index, 150, row0, one, true), ConfigError);     // does not divide the tensor
+  EXPECT_THROW((void)reader.read_rows(index, 0, row0, one, true), ConfigError);
+  EXPECT_THROW((void)reader.read_rows(index, row_bytes, row0, std::span(one).first(10), true), ConfigError);
+  EXPECT_THROW((void)reader.read_rows(9999, row_bytes, row0, one, true), ConfigError);
+
+  // A bad middle chunk: rows that need it fail naming tensor and chunk; rows of the other chunks still read.
+  const ChunkRecord middle = reader.manifest().chunks[tensor.first_chunk + 1];
+  testing::flip_bit(data, middle.offset + 7, 2);
+  const std::vector<int64_t> straddling{25};
+  std::vector<std::byte> out(row_bytes);
+  try {
+    (void)reader.read_rows(index, row_bytes, straddling, out, true);
+    FAIL() << "expected CorruptionError";
+  } catch (const CorruptionError& error) {
+    EXPECT_EQ(error.site().tensor, "embed.weight");
+    EXPECT_EQ(error.site().chunk, 1u);
+    EXPECT_EQ(error.site().offset, middle.offset);
+  }
+  (void)check({0, 24, 52, 63}, true);
+}
+
 INSTANTIATE_TEST_SUITE_P(Levels, StoreReaderTest, ::testing::Values(0, 1, 3, 5, 9));
 
 TEST(StoreReader, MissingModelIsENOENTNamingIt) {

@@ -37,6 +37,14 @@ class StoreReader {
   // Reads every tensor of block `index` into `slot` at their slot offsets (slot.size() >= block.slot_size).
   // An all-raw block is one read straight into the slot.
   void read_block(size_t index, std::span<std::byte> slot, bool verify_checksums = true) const;
+  // Reads rows `rows` (sorted, unique indices along the first dimension, each `row_bytes` bytes) of tensor
+  // `tensor_index` into `out` (rows.size() * row_bytes bytes), in order. Each stored chunk that covers a requested row
+  // is read exactly once (rows may straddle chunks), verified when asked and decoded when compressed; chunks no
+  // requested row touches are never read. Without verification, raw chunks are read row range by row range rather
+  // than whole. Returns the stored bytes read from the data file. Throws ConfigError (bad index, row_bytes that does
+  // not divide the tensor, out of range / unsorted / repeated rows, wrong `out` size), IoError, CorruptionError.
+  uint64_t read_rows(size_t tensor_index, uint64_t row_bytes, std::span<const int64_t> rows, std::span<std::byte> out,
+                     bool verify_checksums = true) const;
   // Reads one chunk's stored bytes (no decoding) and checks its checksum when asked.
   void read_stored_chunk(size_t tensor_index, size_t chunk_in_tensor, std::span<std::byte> out,
                          bool verify_checksum) const;
