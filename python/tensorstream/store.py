@@ -500,6 +500,24 @@ class ModelStore:
         reader.read_tensor(index, out.data_ptr(), info["nbytes"], verify_checksums=verify_checksums)
         return out
 
+    def read_rows(self, name: str, rows: Any, verify_checksums: bool = True) -> "torch.Tensor":
+        """Rows ``rows`` (indices along the first dimension, sorted and unique) of tensor ``name`` as a new
+        ``(len(rows), *shape[1:])`` tensor. Only the stored chunks that hold those rows are read (each once),
+        verified and decoded; ConfigError for a row out of range or rows not sorted and unique."""
+        import torch
+
+        reader = self._live_reader()
+        index = self._index(name)
+        info = self._tensors[index]
+        shape = list(info["shape"])
+        if not shape or shape[0] == 0:
+            raise ConfigError(f"tensor '{name}' of shape {shape} has no rows", field="rows")
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1).contiguous()
+        out = torch.empty([rows.numel()] + shape[1:], dtype=_torch_dtype(info["dtype"]))
+        reader.read_rows(index, info["nbytes"] // shape[0], rows.data_ptr(), rows.numel(), out.data_ptr(),
+                         out.numel() * out.element_size(), verify_checksums=verify_checksums)
+        return out
+
     def read_block(self, name: str, verify_checksums: bool = True) -> Dict[str, "torch.Tensor"]:
         """Every tensor of block ``name``, read with one engine call into one slot buffer.
 

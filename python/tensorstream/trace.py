@@ -90,6 +90,18 @@ class TraceCollector:
             self._events.append(("compute", block, -1, -1, self.block_bytes.get(block, 0), start_ns, end_ns,
                                  "caller", tid))
 
+    def row_read(self, block: int, tensor: int, nbytes: int, start_ns: int, end_ns: int) -> None:
+        """Records a read of embedding rows (torch/rows.py) that the calling thread did itself, outside the engine:
+        a ``read`` span on the caller's lane."""
+        tid = threading.get_native_id()
+        with self._lock:
+            if tid not in self._thread_names:
+                self._thread_names[tid] = threading.current_thread().name
+            if len(self._events) >= self.max_events:
+                self._dropped += 1
+                return
+            self._events.append(("read", block, tensor, -1, nbytes, start_ns, end_ns, "caller", tid))
+
     def collect(self) -> None:
         """Moves the engine's buffered events here (the engine keeps its last events when it closes, so this also
         works after close)."""

@@ -10,10 +10,12 @@ anywhere leaves it exactly as it was):
    written twice), with ``config``'s compression. A model on the meta device (meta.py) instead finds its store
    (or has it written block by block from ``checkpoint=``, checkpoint.py), is checked against it, and reads its
    resident values from it;
-3. sizes the budget and allocates the arena (arena.py), opens the engine over the streamed blocks only;
-4. (a meta model: swaps in real Parameters and buffers,) installs the hooks (hooks.py) and replaces every streamed
-   parameter's data by a memory-less placeholder, then returns free memory to the OS (``malloc_trim``): the
-   process's RSS drops by about the streamed bytes.
+3. sizes the budget and allocates the arena (arena.py), opens the engine over the streamed blocks only, less the
+   embeddings read by rows (rows.py: an untied ``nn.Embedding`` block is never streamed whole, each forward reads
+   the rows of its ids from the store; those blocks take no budget);
+4. (a meta model: swaps in real Parameters and buffers,) installs the hooks (hooks.py) and the row-reading
+   forwards, and replaces every streamed parameter's data by a memory-less placeholder, then returns free memory to
+   the OS (``malloc_trim``): the process's RSS drops by about the streamed bytes.
 
 The model object is returned (the same object) and gains ``model.cleanup_tensorstream()``.
 """
@@ -42,6 +44,7 @@ from .hooks import StreamBlock, StreamingRuntime
 from .checkpoint import Checkpoint, iter_blocks, plan_blocks
 from .meta import Materialization, check_against_store, check_meta_model, params_on_meta
 from .partition import RESIDENT_BLOCK, Partition, ResidentTensor, describe, partition_model, resident_tensors
+from .rows import RowEmbedding, row_read_blocks
 
 logger = logging.getLogger("tensorstream")
 io_logger = logging.getLogger("tensorstream.io")
@@ -69,7 +72,8 @@ class OffloadState:
 
     def __init__(self, config: Config, partition: Partition, model_id: Optional[str], plan: Optional[BudgetPlan],
                  arena: Optional[Arena], engine: Any, runtime: Optional[StreamingRuntime],
-                 block_slots: Dict[str, int], write_outcome: str) -> None:
+                 block_slots: Dict[str, int], write_outcome: str,
+                 row_embeddings: Optional[List[RowEmbedding]] = None) -> None:
         self.config = config
         self.partition = partition
         self.model_id = model_id
@@ -80,6 +84,7 @@ class OffloadState:
         self.runtime = runtime
         self.block_slots = block_slots
         self.write_outcome = write_outcome
+        self.row_embeddings: List[RowEmbedding] = list(row_embeddings or [])
         self.closed = False
         self.lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _shutdown, engine, [arena])
@@ -90,6 +95,8 @@ class OffloadState:
         self.closed = True
         if self.runtime is not None:
             self.runtime.closed = True
+        for row_embedding in self.row_embeddings:
+            row_embedding.close()
         tracer = self.runtime.tracer if self.runtime is not None else None
         self._finalizer()  # engine.close(), then the arena may be freed
         if tracer is not None:
@@ -229,6 +236,12 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
 
     partition = partition_model(model, config.min_layer_size)
     streamed = partition.streamed
+    # Untied embeddings are read by rows (rows.py), outside the engine; the engine keeps at least one block.
+    by_rows = row_read_blocks(model, partition)
+    if len(by_rows) == len(streamed):
+        by_rows = []
+    row_names = {b.name for b in by_rows}
+    engine_streamed = [b for b in streamed if b.name not in row_names]
     resident = resident_tensors(model, partition)
     if config.debug_mode:
         for entry in describe(partition):
@@ -271,10 +284,10 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
         _attach(model, state)
         return model
 
-    # 3. budget, arena, engine
-    slots = [block_infos[b.name]["slot_size"] for b in streamed]
-    position = {b.index: i for i, b in enumerate(streamed)}
-    chains = [[position[i] for i in chain] for chain in partition.pinned_chains(model)]
+    # 3. budget, arena, engine (the embeddings read by rows take no budget: the engine never holds them)
+    slots = [block_infos[b.name]["slot_size"] for b in engine_streamed]
+    position = {b.index: i for i, b in enumerate(engine_streamed)}
+    chains = [[position[i] for i in chain if i in position] for chain in partition.pinned_chains(model)]
     plan = plan_budget(config.budget_bytes, slots, chains)
     if plan.raised:
         wanted = "the default" if plan.requested_bytes is None else f"vram_budget_gb={config.vram_budget_gb}"
@@ -287,24 +300,36 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
                           num_io_threads=config.num_io_threads, budget_bytes=plan.budget_bytes,
                           prefetch_strategy=config.prefetch_strategy.value,
                           memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums,
-                          blocks=[store_index[b.name] for b in streamed])  # never the "(resident)" block
+                          blocks=[store_index[b.name] for b in engine_streamed])  # never "(resident)"
     try:
         reason = engine.backend_fallback_reason
         if reason:
             level = logging.INFO if config.backend.value == "auto" else logging.WARNING
             io_logger.log(level, "I/O backend %s (asked for %s): %s", engine.backend_name, config.backend.value, reason)
         stream_blocks = []
-        for b in streamed:
+        for b in engine_streamed:
             tensors = []
             for e in b.params:
                 info = tensor_infos[e.name]
                 tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
             stream_blocks.append(StreamBlock(b, store_index[b.name], block_infos[b.name]["slot_size"], tensors))
         runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
+        row_embeddings = []
+        if by_rows:
+            reader = _core.StoreReader.open(storage, stored_id)  # thread-safe (pread only); shared by all calls
+            for b in by_rows:
+                row_embeddings.append(RowEmbedding(b, store_index[b.name], reader,
+                                                   tensor_infos[b.params[0].name]["index"], config.verify_checksums))
         if config.trace_path is not None:  # a Chrome trace of this model (tensorstream/trace.py)
             runtime.tracer = start_trace(engine, config, stored_id, stream_blocks, owner=runtime)
-        state = OffloadState(config, partition, stored_id, plan, arena, engine, runtime,
-                             {b.name: slot_bytes(block_infos[b.name]["slot_size"]) for b in streamed}, outcome)
+            for row_embedding in row_embeddings:
+                row_embedding.tracer = runtime.tracer
+                runtime.tracer.block_names[row_embedding.index] = row_embedding.name
+                runtime.tracer.block_bytes[row_embedding.index] = row_embedding.block.nbytes
+        slots_by_name = {b.name: slot_bytes(block_infos[b.name]["slot_size"]) for b in engine_streamed}
+        slots_by_name.update({b.name: 0 for b in by_rows})
+        state = OffloadState(config, partition, stored_id, plan, arena, engine, runtime, slots_by_name, outcome,
+                             row_embeddings)
     except BaseException:
         engine.close()
         raise
@@ -313,13 +338,20 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
         if materialization is not None:
             materialization.apply(model)
         runtime.install()
+        for row_embedding in row_embeddings:
+            row_embedding.install()
     except BaseException:
+        for row_embedding in row_embeddings:
+            row_embedding.remove()
         if materialization is not None:
             materialization.undo()
         state.close()
         raise
     _attach(model, state)
     _malloc_trim()
+    for row_embedding in row_embeddings:
+        logger.info("offload: embedding '%s' (%s, %d bytes) is read by rows from the store, not streamed: it takes "
+                    "no budget", row_embedding.module_name, row_embedding.param_name, row_embedding.block.nbytes)
     logger.info("offloaded %s as '%s' (%s): %d blocks stream (%d bytes), %d resident (%d bytes); budget %d bytes, "
                 "backend %s", type(model).__name__, stored_id, outcome, len(streamed), partition.streamed_bytes,
                 len(partition.resident), partition.resident_bytes, plan.budget_bytes, engine.backend_name)
@@ -368,10 +400,11 @@ def cleanup(model: nn.Module) -> None:
     # Read every streamed weight back first: if that fails (a corrupt store), the model stays offloaded and usable.
     restored: Dict[int, torch.Tensor] = {}
     with open_model(state.storage_path, state.model_id) as store:
-        for sb in runtime.blocks:
-            for e in sb.block.params:
-                if id(e.param) not in restored:
-                    restored[id(e.param)] = store.read(e.name, verify_checksums=state.config.verify_checksums)
+        entries = [e for sb in runtime.blocks for e in sb.block.params]
+        entries += [e for row_embedding in state.row_embeddings for e in row_embedding.block.params]
+        for e in entries:
+            if id(e.param) not in restored:
+                restored[id(e.param)] = store.read(e.name, verify_checksums=state.config.verify_checksums)
     _record_order(state)
     runtime.remove_hooks()
     with runtime.lock:
@@ -379,6 +412,8 @@ def cleanup(model: nn.Module) -> None:
             for e in sb.block.params:
                 e.param.data = restored[id(e.param)]
             sb.bound_address = None
+    for row_embedding in state.row_embeddings:
+        row_embedding.remove(restored[id(row_embedding.param)])
     state.close()
     _detach(model)
     logger.info("cleanup: %s restored into memory (%d bytes); store '%s' kept in %s", type(model).__name__,
@@ -434,21 +469,31 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    bytes_read=0, bytes_delivered=0, stall_time_s=0.0, prefetch_hit_rate=0.0, acquires=0, hits=0,
                    misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
-                   blocks={})
+                   row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, blocks={})
         return out
     s = engine.stats()
     if reset:
         engine.reset_stats()
+    row_counters = [(r, r.counters(reset=reset)) for r in state.row_embeddings]
+    row_bytes = sum(c["bytes_read"] for _r, c in row_counters)
     held = s["resident_bytes"] + s["in_flight_bytes"]
     budget = engine.budget_bytes
-    blocks: Dict[str, Dict[str, Any]] = {}
+    per_block: Dict[str, Dict[str, Any]] = {}
     for sb in state.runtime.blocks:
         counters = dict(s["blocks"][sb.index])
         counters["bytes"] = sb.block.nbytes
         counters["slot_bytes"] = state.block_slots[sb.name]
         counters["wait_s"] = counters.pop("wait_ns") / 1e9
         counters["load_s"] = counters.pop("load_ns") / 1e9
-        blocks[sb.name] = counters
+        per_block[sb.name] = counters
+    for row_embedding, c in row_counters:
+        # One "load" per forward that read rows; nothing is ever held, hit, prefetched or evicted.
+        per_block[row_embedding.name] = {
+            "loads": c["reads"], "hits": 0, "prefetch_hits": 0, "evictions": 0, "bytes_read": c["bytes_read"],
+            "bytes": row_embedding.block.nbytes, "slot_bytes": 0, "wait_s": 0.0, "load_s": c["read_ns"] / 1e9,
+            "read_by_rows": True, "row_reads": c["reads"], "rows_read": c["rows"], "row_bytes_read": c["bytes_read"]}
+    blocks = {b.name: per_block[b.name] for b in partition.streamed if b.name in per_block}  # partition order
+    rows_delivered = sum(c["rows"] * r.row_bytes for r, c in row_counters)
     out.update(
         backend=engine.backend_name,
         budget_bytes=budget,
@@ -457,8 +502,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         vram_utilization=_ratio(held, budget),
         cache_hit_rate=s["hit_rate"],
         io_throughput_mbps=s["io_throughput_bytes_per_s"] / 1e6,
-        bytes_read=s["bytes_read"],
-        bytes_delivered=s["bytes_delivered"],
+        bytes_read=s["bytes_read"] + row_bytes,
+        bytes_delivered=s["bytes_delivered"] + rows_delivered,
         stall_time_s=s["wait_ns"] / 1e9,
         prefetch_hit_rate=_ratio(s["prefetch_hits"], s["acquires"]),
         acquires=s["acquires"],
@@ -467,13 +512,17 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         prefetch_hits=s["prefetch_hits"],
         prefetches_issued=s["prefetches_issued"],
         evictions=s["evictions"],
-        checksum_failures=s["checksum_failures"],
+        checksum_failures=s["checksum_failures"] + sum(c["checksum_failures"] for _r, c in row_counters),
         io_errors=s["io_errors"],
         held_bytes=held,
         in_flight_bytes=s["in_flight_bytes"],
         streamed_resident_bytes=s["resident_bytes"],
         static_bytes=engine.static_bytes,
         lookahead=engine.lookahead,
+        row_read_blocks=[r.name for r in state.row_embeddings],
+        row_reads=sum(c["reads"] for _r, c in row_counters),
+        rows_read=sum(c["rows"] for _r, c in row_counters),
+        row_bytes_read=row_bytes,
         blocks=blocks,
     )
     return out

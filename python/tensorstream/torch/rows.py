@@ -1,0 +1,179 @@
+"""Embeddings read by rows: an ``nn.Embedding`` block is never streamed whole; each forward reads only the rows of
+its input ids from the store.
+
+A forward of an embedding needs ``len(unique(ids))`` rows, not the table: one decoded token of a Llama is one 8-16
+KB row of a 300+ MB table. Streaming the table as a block either spends that much of the budget to keep it or reads
+it whole on every token. Such a block instead stays out of the engine (it takes no budget and no arena), its weight
+keeps the memory-less placeholder, and its module's forward becomes::
+
+    ids -> unique sorted rows (+ inverse) -> StoreReader.read_rows into a (rows, dim) tensor
+        -> torch.nn.functional.embedding(inverse, rows)
+
+which gathers exactly the values the plain module gathers (bit-identical). ``StoreReader.read_rows`` reads each
+stored chunk that covers a requested row once, checks its checksum (``Config.verify_checksums``), decodes it when
+compressed, and releases the GIL: forwards from many threads read concurrently.
+
+Which blocks qualify (:func:`row_read_blocks`): a streamed block of exactly one parameter, owned by exactly one
+module, which is an ``nn.Embedding`` whose forward is ``nn.Embedding.forward`` (no subclass override, no instance
+``forward`` set by another library) with ``max_norm=None`` (max_norm renormalises the weight in place), and the
+parameter is registered in no other module (a tied embedding, GPT-2's ``wte`` shared with ``lm_head``, keeps the
+streamed path: the other module needs the whole table).
+
+The replacement forward is an instance attribute (``module.forward``), so forward hooks still run around it; it is
+removed again by :meth:`RowEmbedding.remove` (``cleanup_tensorstream()``), which leaves the class's forward.
+The replacement does not pass ``padding_idx`` to ``F.embedding``: it only changes gradients (the rows tensor has
+none), and it indexes the full table, not the gathered rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError, CorruptionError
+from .hooks import placeholder
+from .partition import Block, Partition
+
+logger = logging.getLogger("tensorstream")
+
+__all__ = ["qualifies_for_rows", "row_read_blocks", "RowEmbedding"]
+
+
+def _owners(model: nn.Module, param: nn.Parameter) -> List[nn.Module]:
+    """Every module (each object once) that registers ``param`` directly."""
+    return [m for m in model.modules() if any(p is param for p in m._parameters.values())]
+
+
+def qualifies_for_rows(model: nn.Module, block: Block) -> bool:
+    """Whether ``block`` is read by rows (the rules of this module's docstring)."""
+    if not block.streamed or len(block.params) != 1 or len(block.modules) != 1:
+        return False
+    module = block.modules[0]
+    param = block.params[0].param
+    if not isinstance(module, nn.Embedding) or type(module).forward is not nn.Embedding.forward:
+        return False
+    if "forward" in module.__dict__ or module.max_norm is not None:
+        return False
+    if module._parameters.get("weight") is not param or param.dim() != 2 or param.shape[0] == 0:
+        return False
+    return len(_owners(model, param)) == 1
+
+
+def row_read_blocks(model: nn.Module, partition: Partition) -> List[Block]:
+    """The streamed blocks of ``partition`` that are read by rows, in partition order."""
+    return [b for b in partition.streamed if qualifies_for_rows(model, b)]
+
+
+class RowEmbedding:
+    """One embedding read by rows: its reader, its counters, and the forward installed on its module."""
+
+    def __init__(self, block: Block, index: int, reader: Any, tensor_index: int, verify: bool) -> None:
+        self.block = block
+        self.index = index                  # block index in the store
+        self.name = block.name
+        self.module: nn.Embedding = block.modules[0]  # type: ignore[assignment]
+        self.module_name = block.module_names[0]
+        entry = block.params[0]
+        self.param_name = entry.name
+        self.shape = tuple(entry.param.shape)
+        self.dtype = entry.param.dtype
+        self.row_bytes = entry.nbytes // self.shape[0]
+        self.tensor_index = tensor_index
+        self.verify = verify
+        self.placeholder = placeholder(self.dtype, self.shape)
+        self.tracer: Optional[Any] = None   # a trace.TraceCollector: each read becomes a "read" event
+        self._reader = reader
+        self._lock = threading.Lock()
+        self._installed = False
+        self.reset()
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.block.params[0].param
+
+    # -- counters ----------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self.reads = 0
+            self.rows = 0
+            self.bytes_read = 0
+            self.read_ns = 0
+            self.checksum_failures = 0
+
+    def counters(self, reset: bool = False) -> Dict[str, int]:
+        with self._lock:
+            out = {"reads": self.reads, "rows": self.rows, "bytes_read": self.bytes_read, "read_ns": self.read_ns,
+                   "checksum_failures": self.checksum_failures}
+            if reset:
+                self.reads = self.rows = self.bytes_read = self.read_ns = self.checksum_failures = 0
+        return out
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique int64) of the table as a new ``(len(rows), dim)`` tensor."""
+        reader = self._reader
+        if reader is None:
+            raise ConfigError(f"module '{self.module_name}' runs after its TensorStream engine was closed",
+                              field="engine")
+        rows = rows.to(torch.int64).contiguous()
+        out = torch.empty((rows.numel(),) + self.shape[1:], dtype=self.dtype)
+        started = time.monotonic_ns()
+        try:
+            nbytes = reader.read_rows(self.tensor_index, self.row_bytes, rows.data_ptr(), rows.numel(),
+                                      out.data_ptr(), out.numel() * out.element_size(), verify_checksums=self.verify)
+        except BaseException as error:
+            if isinstance(error, CorruptionError):
+                with self._lock:
+                    self.checksum_failures += 1
+            if hasattr(error, "add_note"):
+                error.add_note(f"(TensorStream: reading rows of '{self.param_name}' for module '{self.module_name}')")
+            raise
+        ended = time.monotonic_ns()
+        with self._lock:
+            self.reads += 1
+            self.rows += rows.numel()
+            self.bytes_read += nbytes
+            self.read_ns += ended - started
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.row_read(self.index, self.tensor_index, nbytes, started, ended)
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``nn.Embedding.forward`` on the rows of ``ids`` only."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            return F.embedding(ids, self.param)  # the error the plain module raises (the placeholder is never read)
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        count = self.shape[0]
+        if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= count):
+            raise IndexError(f"index out of range in self (embedding '{self.module_name}' has {count} rows)")
+        return F.embedding(inverse.view_as(ids), self.read_rows(rows))
+
+    # -- installation ------------------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Replaces the module's forward and its weight's data by the placeholder."""
+        self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ runs it, hooks included
+        self._installed = True
+        with torch.inference_mode(False):
+            self.param.data = self.placeholder
+
+    def remove(self, weight: Optional[torch.Tensor] = None) -> None:
+        """Restores the class's forward (and the weight's data, when given)."""
+        if self._installed:
+            self.module.__dict__.pop("forward", None)
+            self._installed = False
+        if weight is not None:
+            with torch.inference_mode(False):
+                self.param.data = weight
+
+    def close(self) -> None:
+        self._reader = None
