@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import tensorstream as ts  # noqa: E402
+from store_faults import state_of  # noqa: E402
 from tensorstream.torch.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint  # noqa: E402
 from tensorstream.torch.offload import STATE_ATTR  # noqa: E402
 from tensorstream.torch.partition import RESIDENT_BLOCK  # noqa: E402
@@ -24,10 +25,6 @@ from tensorstream.torch.partition import RESIDENT_BLOCK  # noqa: E402
 def save(model, path, **kwargs):
     model.save_pretrained(str(path), **kwargs)
     return path
-
-
-def state_of(model):
-    return model.__dict__[STATE_ATTR]
 
 
 @pytest.mark.parametrize("min_layer_size", [0, 20000])

@@ -4,7 +4,6 @@ model, dtypes, grad modes, sampling, statistics, budget tuning, cleanup, errors,
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import pathlib
@@ -15,32 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tensorstream as ts  # noqa: E402
+from store_faults import state_of, flip_bit, chunk_offsets  # noqa: E402
 from tensorstream.torch.offload import STATE_ATTR  # noqa: E402
 
 BACKENDS = ["pread", "io_uring", "mmap"]
 BUDGETS = [0.1, 0.5, 1.0, 2.0]
-
-
-def state_of(model):
-    return model.__dict__[STATE_ATTR]
-
-
-def flip_bit(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 1]))
-
-
-def chunk_offsets(storage, model_id, tensor):
-    """File offsets of a tensor's chunks, from the manifest (32-byte header, then JSON; docs/format.md)."""
-    raw = pathlib.Path(storage, "models", model_id, "manifest").read_bytes()
-    for block in json.loads(raw[32:])["blocks"]:
-        for record in block["tensors"]:
-            if record["name"] == tensor:
-                return [chunk["offset"] for chunk in record["chunks"]]
-    raise KeyError(tensor)
 
 
 # ---- the full grid on one model ---------------------------------------------------------------------------------

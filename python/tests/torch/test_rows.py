@@ -8,7 +8,6 @@ import copy
 import inspect
 import json
 import logging
-import pathlib
 import threading
 
 import pytest
@@ -17,8 +16,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tensorstream as ts  # noqa: E402
+from store_faults import state_of, flip_bit, chunk_offsets  # noqa: E402
 from tensorstream.torch import offload as offload_module  # noqa: E402
-from tensorstream.torch.offload import STATE_ATTR  # noqa: E402
 from tensorstream.torch.partition import partition_model  # noqa: E402
 from tensorstream.torch.rows import qualifies_for_rows  # noqa: E402
 
@@ -26,29 +25,8 @@ EMBED = "model.embed_tokens"
 EMBED_WEIGHT = "model.embed_tokens.weight"
 
 
-def state_of(model):
-    return model.__dict__[STATE_ATTR]
-
-
 def engine_block_names(model):
     return [sb.name for sb in state_of(model).runtime.blocks]
-
-
-def flip_bit(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 1]))
-
-
-def chunk_offsets(storage, model_id, tensor):
-    raw = pathlib.Path(storage, "models", model_id, "manifest").read_bytes()
-    for block in json.loads(raw[32:])["blocks"]:
-        for record in block["tensors"]:
-            if record["name"] == tensor:
-                return [chunk["offset"] for chunk in record["chunks"]]
-    raise KeyError(tensor)
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
