@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import bench_common as common
-from bench_common import GB, GIB, MIB, REPO, RESULTS, default_base_dir, evict, residency, summary_row
+from bench_common import GB, GIB, REPO, RESULTS, default_base_dir, evict, summary_row
 
 ARMS = ("ts-none", "ts-next_layer", "ts-adaptive", "accelerate-disk", "accelerate-auto", "plain")
 TS_ARMS = ARMS[:3]

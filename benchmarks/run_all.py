@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -38,8 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_common as common
-from bench_common import REPO, RESULTS
+from bench_common import RESULTS
 
 HERE = Path(__file__).resolve().parent
 
