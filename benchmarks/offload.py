@@ -57,12 +57,13 @@ except ImportError:  # pragma: no cover
     sys.exit("offload.py needs torch (pip install torch)")
 try:
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 except ImportError:  # pragma: no cover
     sys.exit("offload.py needs transformers (pip install transformers)")
 
 if str(REPO / "python") not in sys.path:
     sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "examples"))
+from demo import build_model, plan_llama  # noqa: E402  (the demo's model rule: one definition for both)
 try:
     import tensorstream
     from tensorstream import _core
@@ -122,36 +123,6 @@ def raw_read(path: Path, direct: bool) -> dict:
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
-
-def plan_llama(size_bytes: float, itemsize: int, vocab: int = 32000) -> dict:
-    """LlamaConfig sizes whose weights total about ``size_bytes`` (same rule as examples/demo.py): the hidden size
-    (a multiple of 128, heads of 64) whose layer count is closest to 8, then the layer count closest to the size."""
-    params = size_bytes / itemsize
-    best = None
-    for hidden in range(128, 8192 + 1, 128):
-        inter = int(round(hidden * 2.6875 / 64)) * 64
-        v = vocab if 2 * vocab * hidden <= params / 3 else max(256, int(params / 3 / (2 * hidden)) // 64 * 64)
-        per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
-        fixed = 2 * v * hidden + hidden
-        layers = int(round((params - fixed) / per_layer))
-        if layers < 2:
-            continue
-        total = (fixed + layers * per_layer) * itemsize
-        key = (abs(layers - 8), abs(total - size_bytes))
-        if best is None or key < best[0]:
-            best = (key, {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-                          "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "vocab_size": v})
-    if best is None:
-        sys.exit("--size-gib is too small for a 2-layer Llama")
-    return best[1]
-
-
-def build_model(plan: dict, dtype, seed: int):
-    config = LlamaConfig(tie_word_embeddings=False, max_position_embeddings=2048, bos_token_id=None,
-                         eos_token_id=None, pad_token_id=0, **plan)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
-
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())

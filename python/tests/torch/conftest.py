@@ -120,6 +120,18 @@ def assert_equal(actual: "torch.Tensor", expected: "torch.Tensor", what: str = "
                                           f"{(actual.float() - expected.float()).abs().max().item()})"
 
 
+def assert_matches_plain(name: str, plain: "torch.nn.Module", model: "torch.nn.Module", ids: "torch.Tensor") -> None:
+    """`model` gives the plain model's outputs bit for bit: two forwards under no_grad, one under inference_mode,
+    and greedy generation."""
+    with torch.no_grad():
+        expected = forward(name, plain, ids)
+        for _ in range(2):
+            assert_equal(forward(name, model, ids), expected, "no_grad forward")
+    with torch.inference_mode():
+        assert_equal(forward(name, model, ids), expected, "inference_mode forward")
+    assert_equal(generate(model, ids), generate(plain, ids), "greedy generate")
+
+
 def meta_model(plain: "torch.nn.Module", how: str = "init_empty_weights") -> "torch.nn.Module":
     """A model of ``plain``'s class and config built without weights: under accelerate's ``init_empty_weights()``
     (parameters on meta, buffers on the CPU) or under ``torch.device("meta")`` (buffers on meta too)."""
@@ -191,6 +203,7 @@ def ts_models():
     helpers = types.SimpleNamespace(
         cache=_CACHE, plain=_CACHE.plain, copy=_CACHE.copy, offload=_CACHE.offload, track=_CACHE.track,
         forward=forward, generate=generate, input_ids=input_ids, assert_equal=assert_equal,
+        assert_matches_plain=assert_matches_plain,
         make_config=make_config, param_bytes=param_bytes, builders=BUILDERS, generative=GENERATIVE, vocab=VOCAB,
         meta_model=meta_model,
         build_gpt2=build_gpt2, build_llama=build_llama, build_bert=build_bert, build_t5=build_t5)

@@ -32,14 +32,7 @@ def test_grid_llama_matches_plain_model(ts_models, tmp_path, backend, compressio
     plain, model = ts_models.offload("llama", tmp_path, budget=budget, backend=backend,
                                      compression_enabled=compression, verify_checksums=True)
     assert not any("budget raised" in r.message for r in caplog.records)  # 0.1x still holds the largest layer
-    ids = ts_models.input_ids()
-    with torch.no_grad():
-        expected = ts_models.forward("llama", plain, ids)
-        for _ in range(2):
-            ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "no_grad forward")
-    with torch.inference_mode():
-        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "inference_mode forward")
-    ts_models.assert_equal(ts_models.generate(model, ids), ts_models.generate(plain, ids), "greedy generate")
+    ts_models.assert_matches_plain("llama", plain, model, ts_models.input_ids())
 
     stats = ts.get_model_statistics(model)
     assert stats["backend"] == backend

@@ -51,14 +51,7 @@ def test_untied_llama_reads_its_embedding_by_rows_and_matches_the_plain_model(ts
     assert EMBED not in engine_block_names(model) and "lm_head" in engine_block_names(model)
     assert "forward" in model.model.embed_tokens.__dict__
     assert model.model.embed_tokens.weight.stride() == (0, 0)  # the placeholder: no memory
-    ids = ts_models.input_ids()
-    with torch.no_grad():
-        expected = ts_models.forward("llama", plain, ids)
-        for _ in range(2):
-            ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "no_grad forward")
-    with torch.inference_mode():
-        ts_models.assert_equal(ts_models.forward("llama", model, ids), expected, "inference_mode forward")
-    ts_models.assert_equal(ts_models.generate(model, ids), ts_models.generate(plain, ids), "greedy generate")
+    ts_models.assert_matches_plain("llama", plain, model, ts_models.input_ids())
 
     stats = ts.get_model_statistics(model)
     assert stats["row_read_blocks"] == [EMBED]
