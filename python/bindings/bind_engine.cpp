@@ -80,6 +80,8 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["io_busy_ns"] = s.io_busy_ns;
   out["resident_bytes"] = s.resident_bytes;
   out["in_flight_bytes"] = s.in_flight_bytes;
+  out["staging_bytes"] = s.staging_bytes;
+  out["staging_peak_in_use_bytes"] = s.staging_peak_in_use_bytes;
   out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
   out["hit_rate"] = s.hit_rate();
   nb::list blocks;

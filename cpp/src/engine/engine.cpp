@@ -7,18 +7,27 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cstdio>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdint>
-#include <deque>
+#include <cstring>
 #include <mutex>
-#include <thread>
 
+#include "engine/io_queue.hpp"
+#include "engine/load_plan.hpp"
+#include "engine/load_state.hpp"
+#include "engine/worker_pool.hpp"
 #include "io/mmap_backend.hpp"
 #include "tensorstream/error.hpp"
 #include "tensorstream/io/direct_io.hpp"
+#include "tensorstream/memory/staging_pool.hpp"
 #include "tensorstream/residency/prefetcher.hpp"
 #include "tensorstream/residency/residency_manager.hpp"
+
+// The engine's orchestration: acquire / release / prefetch against the residency manager and the prefetcher,
+// starting loads as the load planner shapes them, and the per-chunk stage (verify, decode, transfer) that the
+// worker pool runs as reads complete. The pieces it drives live next to it: load_plan (what to read, where to),
+// io_queue (bounded submission, staging leases, reaping), worker_pool (verify / decode threads), load_state.
 
 namespace tensorstream {
 
@@ -49,64 +58,20 @@ void prefault(std::span<const std::byte> range) {
 constexpr double kWarmFraction = 0.5;
 }  // namespace
 
-namespace detail {
-
-// One load of one block into its slot. Shared by the engine and every ticket waiting for it.
-struct LoadState {
-  size_t block = 0;
-  std::span<std::byte> data;
-  bool prefetched = false;
-  uint64_t start_ns = 0;
-  std::atomic<size_t> units_left{0};  // chunks not yet verified / decoded (or, for an empty block, 1)
-
-  // All-raw blocks: chunks in file order, where each lies in the slot, and how many of the region reads that cover
-  // each chunk are still outstanding: a chunk is verified as soon as its own bytes have arrived, while the rest of
-  // the block is still being read.
-  struct RegionChunk {
-    size_t tensor = 0;
-    size_t chunk = 0;
-    uint64_t begin = 0;  // relative to the block's offset (== slot offset)
-    uint64_t size = 0;
-  };
-  std::vector<RegionChunk> region_chunks;
-  std::unique_ptr<std::atomic<uint32_t>[]> reads_left_per_chunk;
-  std::vector<std::pair<size_t, size_t>> chunks_of_read;  // per region read: [first, last) into region_chunks
-  bool mapped = false;  // data is a view of the file mapping, not a slot of the arena
-  std::atomic<uint64_t> stored_bytes{0};
-  std::atomic<uint64_t> decoded_bytes{0};
-
-  std::mutex mutex;
-  std::condition_variable done_cv;
-  bool done = false;
-  std::exception_ptr error;
-
-  void set_error(std::exception_ptr e) {
-    std::lock_guard lock(mutex);
-    if (!error) error = std::move(e);  // the first error is the cause; later ones are consequences
-  }
-  bool failed() {
-    std::lock_guard lock(mutex);
-    return error != nullptr;
-  }
-};
-
-}  // namespace detail
-
+using detail::IoQueue;
+using detail::LoadPlan;
+using detail::LoadPlanInputs;
 using detail::LoadState;
+using detail::PlannedRead;
+using detail::QueuedRead;
+using detail::WorkerPool;
 
 struct Engine::Impl {
-  // One read submitted to the backend.
-  struct Piece {
-    enum class Kind : uint8_t { kRegion, kChunk };
+  // One read of a load, as the I/O queue carries it.
+  struct Piece : QueuedRead {
     std::shared_ptr<LoadState> load;
-    Kind kind = Kind::kRegion;
-    ReadRequest request;
-    std::vector<std::byte> staging;  // stored bytes of a compressed chunk (or any chunk of a non-host slot)
-    size_t tensor = 0;
-    size_t chunk = 0;
-    size_t region_read = 0;  // kRegion: index into LoadState::chunks_of_read
-    int32_t io_lane = -1;    // tracing: the I/O lane this read holds while in flight (-1: not traced)
-    uint64_t submit_ns = 0;  // tracing: when it was handed to the backend
+    size_t read_index = 0;  // into load->plan.reads
+    [[nodiscard]] const PlannedRead& planned() const { return load->plan.reads[read_index]; }
   };
 
   std::shared_ptr<const StoreReader> store;
@@ -116,6 +81,7 @@ struct Engine::Impl {
   std::unique_ptr<IoBackend> backend;
   std::string fallback_reason;
   std::unique_ptr<Transfer> transfer;
+  SlotAccess access;  // decided once: where slots live and who writes them; the load planner turns it into reads
   // The blocks this engine streams. The residency manager and the prefetcher number them 0..n-1 ("positions");
   // everything else, the API included, uses store block indices. Translated where the two meet.
   static constexpr size_t kNotStreamed = SIZE_MAX;
@@ -144,21 +110,11 @@ struct Engine::Impl {
   // would need the GIL while holding an engine lock).
   std::shared_ptr<const std::function<void(size_t)>> eviction_callback;
 
-  // I/O submission (bounded by queue_depth) and completion reaping.
-  std::mutex io_mutex;
-  std::condition_variable io_cv;
-  size_t io_in_flight = 0;
-  std::deque<Piece*> io_pending;
-  std::vector<uint8_t> io_lane_busy;  // tracing: 1 while a traced read holds the lane (under `io_mutex`)
-  bool stopping = false;
-  std::thread reaper;
-
-  // Verify / decode workers.
-  std::mutex job_mutex;
-  std::condition_variable job_cv;
-  std::deque<std::function<void()>> jobs;
-  bool jobs_stopping = false;
-  std::vector<std::thread> workers;
+  // Host buffers for reads that cannot land in the slot (compressed chunks; every chunk of a device slot).
+  std::shared_ptr<StagingPool> staging;
+  // Started last, stopped first (see ~Impl): they call back into everything above.
+  std::unique_ptr<WorkerPool> workers;
+  std::unique_ptr<IoQueue> io;
 
   Impl(std::shared_ptr<const StoreReader> store_in, std::span<std::byte> arena_in, Config config_in,
        std::unique_ptr<IoBackend> backend_in, std::unique_ptr<Transfer> transfer_in,
@@ -169,6 +125,7 @@ struct Engine::Impl {
         config(validated(config_in)),
         backend(std::move(backend_in)),
         transfer(transfer_in ? std::move(transfer_in) : make_host_transfer()),
+        access(transfer->slot_access()),
         streamed(streamed_blocks(manifest, std::move(blocks_in))),
         position(positions(manifest, streamed)),
         stats(manifest.blocks.size()),
@@ -186,43 +143,34 @@ struct Engine::Impl {
       options.queue_depth = config.queue_depth;
       backend = make_backend(options, &fallback_reason);
     }
-    zero_copy = backend->caps().zero_copy_views && transfer->host_addressable_slots();
+    zero_copy = backend->caps().zero_copy_views && host_addressable(access);
     if (config.backend == BackendKind::kAuto && config.direct_io == DirectIoMode::kAuto && !zero_copy &&
-        transfer->host_addressable_slots()) {
+        host_addressable(access)) {
       mapper = detail::make_mmap_backend();
     }
     block_data.resize(manifest.blocks.size());
     block_mapped.resize(manifest.blocks.size(), 0);
     open_direct_fd();
-    reaper = std::thread([this] { reap_loop(); });
-    for (uint32_t i = 0; i < config.num_io_threads; ++i) {
-      workers.emplace_back([this, i] {
-        set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
-        work_loop();
-      });
-    }
+    // Enough buffers for every read in flight plus one being verified or decoded per worker; allocated on first use.
+    staging = StagingPool::create(detail::staging_bytes_for(manifest.chunk_size),
+                                  uint64_t{config.queue_depth} + config.num_io_threads);
+    workers = std::make_unique<WorkerPool>(config.num_io_threads, [](uint32_t i) {
+      set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
+    });
+    io = std::make_unique<IoQueue>(*backend, config.queue_depth, staging.get(), stats, trace,
+                                   [this](std::unique_ptr<QueuedRead> read, int64_t result) {
+                                     on_read_complete(std::unique_ptr<Piece>(static_cast<Piece*>(read.release())),
+                                                      result);
+                                   });
+    staging->set_on_available([this] { io->pump(); });  // a returned lease may unblock a queued staged read
   }
 
   ~Impl() {
-    std::deque<Piece*> cancelled;
-    {
-      std::lock_guard lock(io_mutex);
-      stopping = true;
-      cancelled.swap(io_pending);
-    }
-    // Reads not yet handed to the backend are cancelled; those in flight complete normally.
-    for (Piece* piece : cancelled) {
-      piece->load->set_error(std::make_exception_ptr(IoError(store->data_path(), ECANCELED, "read (engine shutting down)")));
-      piece_finished(piece);
-    }
-    io_cv.notify_all();
-    if (reaper.joinable()) reaper.join();
-    {
-      std::lock_guard lock(job_mutex);
-      jobs_stopping = true;
-    }
-    job_cv.notify_all();
-    for (auto& worker : workers) worker.join();
+    // Reads not yet handed to the backend are cancelled, those in flight complete normally; then the workers run
+    // every job that produced, and only then can nothing call back into the queue or the pool.
+    io->shutdown();
+    workers->shutdown();
+    staging->set_on_available({});
   }
 
   static Config validated(const Config& config) {
@@ -269,10 +217,10 @@ struct Engine::Impl {
     return at;
   }
 
+  // O_DIRECT wherever a read can be aligned: reads into slots need a 4 KiB-aligned arena (checked per plan through
+  // LoadPlanInputs::slots_aligned), staged reads always are. Not with a mapping backend, which never reads.
   void open_direct_fd() {
-    if (config.direct_io == DirectIoMode::kOff || zero_copy || !transfer->host_addressable_slots()) return;
-    // Direct reads land in slots, which are 4 KiB aligned relative to the arena: the arena itself must be too.
-    if (reinterpret_cast<uintptr_t>(arena.data()) % kDirectIoAlignment != 0) return;
+    if (config.direct_io == DirectIoMode::kOff || zero_copy) return;
     if (!direct_io_supported(store->data_path().c_str())) return;
     const int fd = ::open(store->data_path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
     if (fd >= 0) direct_fd = UniqueFd(fd);
@@ -282,7 +230,7 @@ struct Engine::Impl {
 
   Ticket acquire(Engine* engine, size_t block) {
     check_block(block);
-    std::vector<Piece*> to_submit;
+    std::vector<std::unique_ptr<QueuedRead>> to_submit;
     Ticket ticket;
     ticket.block_ = block;
     ticket.engine_ = engine;
@@ -313,7 +261,7 @@ struct Engine::Impl {
           stats.on_acquire(block, /*hit=*/false, prefetched);
           break;
         case ResidencyManager::Action::kLoad:
-          ticket.load_ = start_load(block, decision.slot_offset, /*prefetched=*/false, to_submit);
+          ticket.load_ = start_load(block, decision.slot_offset, to_submit);
           ticket.data_ = ticket.load_->data;
           stats.on_acquire(block, /*hit=*/false, /*prefetched=*/false);
           break;
@@ -321,7 +269,7 @@ struct Engine::Impl {
           break;
       }
       lock.unlock();
-      if (!to_submit.empty()) submit(to_submit);
+      if (!to_submit.empty()) submit(std::move(to_submit));
       handle_evictions(evicted);
       run_prefetcher(block);
       return ticket;
@@ -346,18 +294,18 @@ struct Engine::Impl {
   void prefetch(size_t block) {
     check_block(block);
     std::vector<size_t> evicted;
-    std::vector<Piece*> to_submit;
+    std::vector<std::unique_ptr<QueuedRead>> to_submit;
     {
       std::lock_guard lock(mutex);
       ResidencyManager::Decision decision = residency.prefetch(position[block]);
       if (decision.action == ResidencyManager::Action::kLoad) {
         prefetched_pending[block] = 1;
-        (void)start_load(block, decision.slot_offset, /*prefetched=*/true, to_submit);
+        (void)start_load(block, decision.slot_offset, to_submit);
         stats.on_prefetch_issued();
       }
       evicted = to_store(std::move(decision.evicted));
     }
-    if (!to_submit.empty()) submit(to_submit);
+    if (!to_submit.empty()) submit(std::move(to_submit));
     handle_evictions(evicted);
   }
 
@@ -422,15 +370,15 @@ struct Engine::Impl {
 
   // Called with `mutex` held. Creates the load and returns it; its reads go to `to_submit`, which the caller
   // submits after unlocking (a submit may finish a load, which takes `mutex`).
-  std::shared_ptr<LoadState> start_load(size_t block, uint64_t slot_offset, bool prefetched,
-                                        std::vector<Piece*>& to_submit) {
+  std::shared_ptr<LoadState> start_load(size_t block, uint64_t slot_offset,
+                                        std::vector<std::unique_ptr<QueuedRead>>& to_submit) {
     const BlockRecord& record = manifest.blocks[block];
     auto load = std::make_shared<LoadState>();
     load->block = block;
-    load->prefetched = prefetched;
     load->start_ns = now_ns();
     loads[block] = load;
 
+    // A view of the page cache instead of a read: always with a mapping backend, and with AUTO for warm blocks.
     IoBackend* view_source = nullptr;
     if (record.all_raw && zero_copy) {
       view_source = backend.get();
@@ -438,265 +386,142 @@ struct Engine::Impl {
                page_cache_fraction(store->data_fd(), record.offset, record.slot_size) >= kWarmFraction) {
       view_source = mapper.get();
     }
-    if (view_source != nullptr) {
+    LoadPlanInputs inputs;
+    inputs.access = access;
+    inputs.map = view_source != nullptr;
+    inputs.verify = config.verify_checksums;
+    inputs.slots_aligned = reinterpret_cast<uintptr_t>(arena.data()) % kDirectIoAlignment == 0;
+    inputs.direct = !inputs.map && direct_fd &&
+                    should_read_direct(config.direct_io, store->data_fd(), record.offset,
+                                       align_up(record.end - record.offset, kBlockAlignment));
+    try {
+      load->plan = detail::plan_load(manifest, block, inputs);
+    } catch (...) {
+      load->set_error(std::current_exception());
+      load->units_left = 1;
+      workers->post([this, load] { unit_finished(load); });
+      return load;
+    }
+    const LoadPlan& plan = load->plan;
+
+    if (plan.kind == LoadPlan::Kind::kMapped) {
       const auto view = view_source->view(store->data_fd(), record.offset, record.slot_size);
       load->data = {const_cast<std::byte*>(view.data()), view.size()};  // a copy-on-write private mapping
-      load->mapped = true;
-      block_data[block] = load->data;
       block_mapped[block] = 1;
-      load->stored_bytes += record.end - record.offset;  // read by page faults while verifying
-      view_source->will_need(store->data_fd(), record.offset, record.slot_size);
-      // No read: the mapping is the slot. Verification touches (and so faults in) every page.
-      build_region_chunks(load, 0);
-      if (load->region_chunks.empty()) {
-        load->units_left = 1;
-        enqueue_job([this, load] { unit_finished(load); });
-        return load;
-      }
-      load->units_left = load->region_chunks.size();
-      for (size_t k = 0; k < load->region_chunks.size(); ++k) {
-        enqueue_job([this, load, k] { verify_region_chunk(load, k); });
-      }
-      return load;
+    } else {
+      load->data = arena.subspan(slot_offset, record.slot_size);
     }
-    load->data = arena.subspan(slot_offset, record.slot_size);
     block_data[block] = load->data;
 
-    std::vector<Piece*> pieces;
-    if (record.all_raw && transfer->host_addressable_slots()) {
-      // The file region is the slot layout: read it in chunk-sized, 4 KiB aligned pieces straight into the slot.
-      const uint64_t length = align_up(record.end - record.offset, kBlockAlignment);
-      const bool direct = direct_fd && should_read_direct(config.direct_io, store->data_fd(), record.offset, length);
-      const int fd = direct ? direct_fd.get() : store->data_fd();
-      for (uint64_t done = 0; done < length; done += manifest.chunk_size) {
-        auto* piece = new Piece;
-        piece->load = load;
-        piece->kind = Piece::Kind::kRegion;
-        piece->region_read = pieces.size();
-        const uint64_t size = std::min<uint64_t>(manifest.chunk_size, length - done);
-        piece->request = ReadRequest{fd, record.offset + done, load->data.subspan(done, size), 0};
-        pieces.push_back(piece);
-      }
-      build_region_chunks(load, pieces.size());
-      load->units_left = load->region_chunks.size();
-    } else {
-      for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
-        const TensorRecord& tensor = manifest.tensors[t];
-        for (size_t c = 0; c < tensor.chunk_count; ++c) {
-          const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + c];
-          auto* piece = new Piece;
-          piece->load = load;
-          piece->kind = Piece::Kind::kChunk;
-          piece->tensor = t;
-          piece->chunk = c;
-          std::span<std::byte> target;
-          if (chunk.codec == Codec::kRaw && transfer->host_addressable_slots()) {
-            target = load->data.subspan(tensor.slot_offset + c * manifest.chunk_size, chunk.stored_size);
-          } else {
-            piece->staging.resize(chunk.stored_size);
-            target = piece->staging;
-          }
-          piece->request = ReadRequest{store->data_fd(), chunk.offset, target, 0};
-          pieces.push_back(piece);
+    switch (plan.kind) {
+      case LoadPlan::Kind::kEmpty:
+        load->units_left = 1;
+        workers->post([this, load] { unit_finished(load); });  // a block of empty tensors is ready at once
+        break;
+      case LoadPlan::Kind::kMapped:
+        // No read: the mapping is the slot. Verification touches (and so faults in) every page.
+        load->stored_bytes += plan.stored_bytes;
+        view_source->will_need(store->data_fd(), record.offset, record.slot_size);
+        load->units_left = plan.in_place.size();
+        for (size_t k = 0; k < plan.in_place.size(); ++k) {
+          workers->post([this, load, k] { verify_in_place(load, k); });
         }
-      }
-      load->units_left = pieces.size();
+        break;
+      case LoadPlan::Kind::kRegion:
+        load->units_left = plan.in_place.size();
+        load->reads_left_per_chunk = std::make_unique<std::atomic<uint32_t>[]>(plan.in_place.size());
+        for (size_t k = 0; k < plan.in_place.size(); ++k) load->reads_left_per_chunk[k] = plan.reads_per_chunk[k];
+        add_pieces(load, to_submit);
+        break;
+      case LoadPlan::Kind::kChunks:
+        load->units_left = plan.reads.size();
+        add_pieces(load, to_submit);
+        break;
     }
-    if (pieces.empty() || load->units_left == 0) {
-      for (Piece* piece : pieces) delete piece;
-      load->units_left = 1;
-      enqueue_job([this, load] { unit_finished(load); });  // a block of empty tensors is ready at once
-      return load;
-    }
-    for (Piece* piece : pieces) piece->request.user_data = reinterpret_cast<uint64_t>(piece);
-    to_submit.insert(to_submit.end(), pieces.begin(), pieces.end());
     return load;
   }
 
-  void submit(const std::vector<Piece*>& pieces) {
-    std::vector<ReadRequest> batch;
-    std::vector<Piece*> cancelled;
-    {
-      std::lock_guard lock(io_mutex);
-      const bool tracing = trace.enabled();
-      const uint64_t submit_ns = tracing ? trace_now_ns() : 0;  // after the lock: see assign_io_lane
-      for (Piece* piece : pieces) {
-        if (stopping) {
-          cancelled.push_back(piece);
-          continue;
-        }
-        if (io_in_flight < config.queue_depth) {
-          if (io_in_flight == 0) stats.on_io_started(now_ns());
-          ++io_in_flight;
-          if (tracing) assign_io_lane(*piece, submit_ns);
-          batch.push_back(piece->request);
-        } else {
-          io_pending.push_back(piece);
-        }
+  // One piece per planned read: into the slot, or into a staging buffer leased when the read is dispatched.
+  void add_pieces(const std::shared_ptr<LoadState>& load, std::vector<std::unique_ptr<QueuedRead>>& to_submit) {
+    const bool region = load->plan.kind == LoadPlan::Kind::kRegion;
+    for (size_t r = 0; r < load->plan.reads.size(); ++r) {
+      const PlannedRead& read = load->plan.reads[r];
+      auto piece = std::make_unique<Piece>();
+      piece->load = load;
+      piece->read_index = r;
+      piece->request.fd = read.direct ? direct_fd.get() : store->data_fd();
+      piece->request.offset = read.file_offset;
+      if (read.staged) {
+        piece->staged_length = read.length;
+      } else {
+        piece->request.buffer = load->data.subspan(read.slot_offset, read.length);
       }
-      if (!batch.empty()) backend->submit(batch);
-    }
-    io_cv.notify_all();
-    for (Piece* piece : cancelled) {
-      piece->load->set_error(std::make_exception_ptr(IoError(store->data_path(), ECANCELED, "read (engine shutting down)")));
-      piece_finished(piece);
+      piece->block = static_cast<uint32_t>(load->block);
+      if (!region) {  // a region read covers parts of several chunks: no one tensor/chunk
+        piece->tensor = static_cast<int32_t>(read.tensor);
+        piece->chunk = static_cast<int32_t>(read.chunk);
+      }
+      to_submit.push_back(std::move(piece));
     }
   }
 
-  void reap_loop() {
-    std::vector<Completion> completions(64);
-    for (;;) {
-      {
-        std::unique_lock lock(io_mutex);
-        io_cv.wait(lock, [&] { return io_in_flight > 0 || stopping; });
-        if (io_in_flight == 0 && stopping) return;
-      }
-      const size_t count = backend->reap(completions, /*wait=*/true);
-      for (size_t i = 0; i < count; ++i) {
-        Piece* piece = reinterpret_cast<Piece*>(completions[i].user_data);
-        std::vector<ReadRequest> next;
-        TraceEvent read_event;
-        bool traced = false;
-        {
-          std::lock_guard lock(io_mutex);
-          if (piece->io_lane >= 0) {  // read under io_mutex, where the submitter wrote it
-            read_event = read_trace_event(*piece, completions[i].result);
-            io_lane_busy[static_cast<size_t>(piece->io_lane)] = 0;  // after the end time: lanes never overlap
-            traced = true;
-          }
-          --io_in_flight;
-          if (!io_pending.empty() && !stopping) {
-            ++io_in_flight;
-            Piece* queued = io_pending.front();
-            io_pending.pop_front();
-            if (trace.enabled()) assign_io_lane(*queued, trace_now_ns());
-            next.push_back(queued->request);
-            backend->submit(next);
-          }
-          if (io_in_flight == 0) stats.on_io_idle(now_ns());
-        }
-        if (traced) trace.record(read_event);
-        on_read_complete(piece, completions[i].result);
-      }
-      if (count > 0) io_cv.notify_all();
-    }
-  }
+  void submit(std::vector<std::unique_ptr<QueuedRead>> reads) { io->submit(std::move(reads)); }
 
-  // Tracing, under io_mutex: gives a read about to be handed to the backend the lowest free I/O lane. A lane is
-  // freed only after its read's end time was taken, and taken again only with a start time read after that (both
-  // under io_mutex), so the reads of one lane never overlap. At most queue_depth reads are in flight, so a lane is
-  // always free; were none, the read would simply go untraced.
-  void assign_io_lane(Piece& piece, uint64_t submit_ns) {
-    if (io_lane_busy.size() < config.queue_depth) io_lane_busy.resize(config.queue_depth, 0);
-    for (size_t lane = 0; lane < io_lane_busy.size(); ++lane) {
-      if (io_lane_busy[lane] == 0) {
-        io_lane_busy[lane] = 1;
-        piece.io_lane = static_cast<int32_t>(lane);
-        piece.submit_ns = submit_ns;
-        return;
-      }
-    }
-  }
-
-  // The read event of a traced piece that just completed (`result`: bytes read or -errno).
-  TraceEvent read_trace_event(const Piece& piece, int64_t result) const {
-    TraceEvent event;
-    event.kind = TraceKind::kRead;
-    event.start_ns = piece.submit_ns;
-    event.end_ns = std::max(trace_now_ns(), piece.submit_ns);
-    event.bytes = result > 0 ? static_cast<uint64_t>(result) : 0;
-    event.block = static_cast<uint32_t>(piece.load->block);
-    if (piece.kind == Piece::Kind::kChunk) {  // a region read covers parts of several chunks: no one tensor/chunk
-      event.tensor = static_cast<int32_t>(piece.tensor);
-      event.chunk = static_cast<int32_t>(piece.chunk);
-    }
-    event.lane = {TraceLaneKind::kIo, static_cast<uint32_t>(piece.io_lane)};
-    return event;
-  }
-
-  void on_read_complete(Piece* piece, int64_t result) {
+  // On the I/O queue's reaper thread (or, cancelled, on the thread shutting it down).
+  void on_read_complete(std::unique_ptr<Piece> piece, int64_t result) {
     const std::shared_ptr<LoadState> load = piece->load;
-    const uint64_t expected = piece->request.buffer.size();
-    if (result < 0 || static_cast<uint64_t>(result) != expected) {
+    const PlannedRead& read = piece->planned();
+    if (result < 0 || static_cast<uint64_t>(result) != read.length) {
       const int err = result < 0 ? static_cast<int>(-result) : EIO;
       std::string what = "read of block '" + manifest.blocks[load->block].name + "' at offset " +
-                         std::to_string(piece->request.offset);
-      if (piece->kind == Piece::Kind::kChunk) what += " (tensor '" + manifest.tensors[piece->tensor].name + "')";
+                         std::to_string(read.file_offset);
+      if (load->plan.kind == LoadPlan::Kind::kChunks) what += " (tensor '" + manifest.tensors[read.tensor].name + "')";
       if (err == ENODATA) what += " (unexpected end of file)";
+      if (err == ECANCELED) {
+        what += " (engine shutting down)";
+      } else {
+        stats.on_io_error();
+      }
       load->set_error(std::make_exception_ptr(IoError(store->data_path(), err, what)));
-      stats.on_io_error();
-      piece_finished(piece);
-      return;
-    }
-    load->stored_bytes += expected;
-    if (piece->kind == Piece::Kind::kRegion) {
-      region_read_done(piece);
-      return;
-    }
-    enqueue_job([this, piece] { process_chunk(piece); });
-  }
-
-  // A read that ends without a verification job (error or cancellation).
-  void piece_finished(Piece* piece) {
-    if (piece->kind == Piece::Kind::kRegion) {
-      region_read_done(piece);  // the chunks it covers still count down; their jobs see the error and skip work
-      return;
-    }
-    const std::shared_ptr<LoadState> load = piece->load;
-    delete piece;
-    unit_finished(load);
-  }
-
-  // Lists the chunks of an all-raw block in file order and, for `reads` region reads of chunk_size bytes each,
-  // which chunks each read covers and how many reads each chunk waits for.
-  void build_region_chunks(const std::shared_ptr<LoadState>& load, size_t reads) {
-    const BlockRecord& record = manifest.blocks[load->block];
-    for (size_t t = record.first_tensor; t < record.first_tensor + record.tensor_count; ++t) {
-      const TensorRecord& tensor = manifest.tensors[t];
-      for (size_t c = 0; c < tensor.chunk_count; ++c) {
-        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + c];
-        load->region_chunks.push_back({t, c, chunk.offset - record.offset, chunk.stored_size});
+      if (load->plan.kind == LoadPlan::Kind::kRegion) {
+        region_read_done(load, read);  // the chunks it covers still count down; their jobs see the error and skip work
+      } else {
+        piece.reset();
+        unit_finished(load);
       }
+      return;
     }
-    const size_t count = load->region_chunks.size();
-    load->reads_left_per_chunk = std::make_unique<std::atomic<uint32_t>[]>(count);
-    load->chunks_of_read.assign(reads, {count, 0});
-    const uint64_t read_size = manifest.chunk_size;
-    for (size_t k = 0; k < count; ++k) {
-      const auto& chunk = load->region_chunks[k];
-      const size_t first = chunk.begin / read_size;
-      const size_t last = (chunk.begin + chunk.size - 1) / read_size;
-      load->reads_left_per_chunk[k] = static_cast<uint32_t>(last - first + 1);
-      for (size_t r = first; r <= last && r < reads; ++r) {
-        load->chunks_of_read[r].first = std::min(load->chunks_of_read[r].first, k);
-        load->chunks_of_read[r].second = std::max(load->chunks_of_read[r].second, k + 1);
+    if (load->plan.kind == LoadPlan::Kind::kRegion) {
+      load->stored_bytes += read.length;
+      piece.reset();
+      region_read_done(load, read);
+      return;
+    }
+    const ChunkRecord& chunk = manifest.chunks[manifest.tensors[read.tensor].first_chunk + read.chunk];
+    load->stored_bytes += chunk.stored_size;  // the chunk's bytes, not the 4 KiB rounding of a direct read
+    Piece* owned = piece.release();  // std::function needs a copyable callable: the job deletes it
+    workers->post([this, owned] { process_chunk(std::unique_ptr<Piece>(owned)); });
+  }
+
+  // A region read is done (or failed): each chunk it completes is verified now, while the rest is still read.
+  void region_read_done(const std::shared_ptr<LoadState>& load, const PlannedRead& read) {
+    for (size_t k = read.first_chunk; k < read.last_chunk; ++k) {
+      if (load->reads_left_per_chunk[k].fetch_sub(1) != 1) continue;
+      if (config.verify_checksums) {
+        workers->post([this, load, k] { verify_in_place(load, k); });
+      } else {
+        load->decoded_bytes += load->plan.in_place[k].size;  // raw chunks: stored size == raw size
+        unit_finished(load);
       }
     }
   }
 
-  void region_read_done(Piece* piece) {
-    const std::shared_ptr<LoadState> load = piece->load;
-    const auto [first, last] = load->chunks_of_read[piece->region_read];
-    delete piece;
-    for (size_t k = first; k < last; ++k) {
-      if (load->reads_left_per_chunk[k].fetch_sub(1) == 1) {
-        if (config.verify_checksums) {
-          enqueue_job([this, load, k] { verify_region_chunk(load, k); });
-        } else {
-          load->decoded_bytes += manifest.chunks[manifest.tensors[load->region_chunks[k].tensor].first_chunk +
-                                                 load->region_chunks[k].chunk].raw_size;
-          unit_finished(load);
-        }
-      }
-    }
-  }
-
-  // Verifies one chunk of an all-raw block in place (in the slot, or in the mapping with mmap).
-  void verify_region_chunk(const std::shared_ptr<LoadState>& load, size_t k) {
-    const auto& entry = load->region_chunks[k];
+  // Verifies one chunk of an all-raw block where it lies (in the slot, or in the mapping).
+  void verify_in_place(const std::shared_ptr<LoadState>& load, size_t k) {
+    const auto& entry = load->plan.in_place[k];
     try {
       if (!load->failed()) {
-        if (load->mapped) {
+        if (load->mapped()) {
           // A mapped block is not read: its pages come in here, so this is its read in the trace.
           const TraceSpan span(trace, TraceKind::kRead, load->block, static_cast<int64_t>(entry.tensor),
                                static_cast<int64_t>(entry.chunk), entry.size);
@@ -718,26 +543,32 @@ struct Engine::Impl {
     unit_finished(load);
   }
 
-  void process_chunk(Piece* piece) {
+  // One chunk read on its own: verify, decode into the slot (host) or into a buffer the Transfer copies (device).
+  void process_chunk(std::unique_ptr<Piece> piece) {
     const std::shared_ptr<LoadState> load = piece->load;
+    const PlannedRead& read = piece->planned();
     try {
       if (!load->failed()) {
-        const TensorRecord& tensor = manifest.tensors[piece->tensor];
-        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + piece->chunk];
-        const std::span<const std::byte> stored = piece->request.buffer;
-        const auto tensor_index = static_cast<int64_t>(piece->tensor);
-        const auto chunk_index = static_cast<int64_t>(piece->chunk);
+        const TensorRecord& tensor = manifest.tensors[read.tensor];
+        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + read.chunk];
+        const std::span<const std::byte> stored =
+            read.staged ? piece->staging.bytes().subspan(read.skip, chunk.stored_size)
+                        : std::span<const std::byte>(piece->request.buffer);
+        const auto tensor_index = static_cast<int64_t>(read.tensor);
+        const auto chunk_index = static_cast<int64_t>(read.chunk);
         if (config.verify_checksums) {
           const TraceSpan span(trace, TraceKind::kVerify, load->block, tensor_index, chunk_index, stored.size());
-          store->check_chunk(piece->tensor, piece->chunk, stored);
+          store->check_chunk(read.tensor, read.chunk, stored);
         }
-        const uint64_t slot_offset = tensor.slot_offset + piece->chunk * manifest.chunk_size;
-        if (transfer->host_addressable_slots()) {
+        const uint64_t slot_offset = tensor.slot_offset + read.chunk * manifest.chunk_size;
+        if (host_addressable(access)) {
           if (chunk.codec != Codec::kRaw) {
             thread_local std::vector<std::byte> scratch;
             const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
-            store->decode_chunk(piece->tensor, piece->chunk, stored, load->data.subspan(slot_offset, chunk.raw_size),
+            store->decode_chunk(read.tensor, read.chunk, stored, load->data.subspan(slot_offset, chunk.raw_size),
                                 scratch);
+          } else if (read.staged) {
+            std::memcpy(load->data.data() + slot_offset, stored.data(), stored.size());
           }
         } else {
           thread_local std::vector<std::byte> decoded;
@@ -746,7 +577,7 @@ struct Engine::Impl {
           if (chunk.codec != Codec::kRaw) {
             decoded.resize(chunk.raw_size);
             const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
-            store->decode_chunk(piece->tensor, piece->chunk, stored, decoded, scratch);
+            store->decode_chunk(read.tensor, read.chunk, stored, decoded, scratch);
             bytes = decoded;
           }
           const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
@@ -760,7 +591,7 @@ struct Engine::Impl {
     } catch (...) {
       load->set_error(std::current_exception());
     }
-    delete piece;
+    piece.reset();  // returns its staging lease, which may let a queued read go
     unit_finished(load);
   }
 
@@ -771,7 +602,7 @@ struct Engine::Impl {
 
   void finish_load(const std::shared_ptr<LoadState>& load) {
     bool ok = !load->failed();
-    if (ok && !transfer->host_addressable_slots()) {
+    if (ok && !host_addressable(access)) {
       try {
         const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, 0);  // the block's copies complete
         transfer->finish_slot(load->data);
@@ -783,7 +614,7 @@ struct Engine::Impl {
     const uint64_t elapsed = now_ns() - load->start_ns;
     // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
     if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);
-    if (ok && load->mapped) stats.add_io_busy_ns(elapsed);  // its bytes came in by page faults during the load
+    if (ok && load->mapped()) stats.add_io_busy_ns(elapsed);  // its bytes came in by page faults during the load
     std::vector<size_t> evicted;
     {
       std::lock_guard lock(mutex);
@@ -800,30 +631,6 @@ struct Engine::Impl {
     load->done_cv.notify_all();
     room_cv.notify_all();
     handle_evictions(evicted);
-  }
-
-  // ---- workers --------------------------------------------------------------------------------------------------
-
-  void enqueue_job(std::function<void()> job) {
-    {
-      std::lock_guard lock(job_mutex);
-      jobs.push_back(std::move(job));
-    }
-    job_cv.notify_one();
-  }
-
-  void work_loop() {
-    for (;;) {
-      std::function<void()> job;
-      {
-        std::unique_lock lock(job_mutex);
-        job_cv.wait(lock, [&] { return !jobs.empty() || jobs_stopping; });
-        if (jobs.empty()) return;  // stopping, and nothing left to finish
-        job = std::move(jobs.front());
-        jobs.pop_front();
-      }
-      job();  // never throws: jobs record errors in their load
-    }
   }
 };
 
@@ -891,6 +698,9 @@ StatsSnapshot Engine::stats() const {
   // Gauges come from the residency manager itself, never from a cached copy that a slower thread could overwrite.
   snapshot.resident_bytes = impl_->residency.resident_bytes();
   snapshot.in_flight_bytes = impl_->residency.in_flight_bytes();
+  const StagingStats staging = impl_->staging->stats();
+  snapshot.staging_bytes = staging.allocated_bytes;
+  snapshot.staging_peak_in_use_bytes = staging.peak_in_use_bytes;
   return snapshot;
 }
 void Engine::reset_stats() { impl_->stats.reset(); }

@@ -8,7 +8,7 @@ namespace {
 class HostTransfer final : public Transfer {
  public:
   [[nodiscard]] std::string name() const override { return "host"; }
-  [[nodiscard]] bool host_addressable_slots() const override { return true; }
+  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kHost; }
   void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) override {
     if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
   }

@@ -14,6 +14,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "tensorstream/io/completion_queue.hpp"
+
 namespace tensorstream::detail {
 namespace {
 
@@ -32,8 +34,8 @@ uint64_t page_size() {
   return size;
 }
 
-// Thread-safety: see mmap_backend.hpp. maps_mutex_ guards the mappings; done_mutex_ the completion queue (so a
-// copy in submit() never holds a lock another submitter needs).
+// Thread-safety: see mmap_backend.hpp. maps_mutex_ guards the mappings; completions_ has its own lock (so a copy
+// in submit() never holds a lock another submitter needs).
 class MmapBackend final : public IoBackend {
  public:
   MmapBackend() = default;
@@ -61,24 +63,14 @@ class MmapBackend final : public IoBackend {
       }
       finished.push_back(Completion{request.user_data, result});
     }
-    const std::lock_guard lock(done_mutex_);
-    done_.insert(done_.end(), finished.begin(), finished.end());
-    in_flight_.fetch_add(finished.size(), std::memory_order_relaxed);
+    completions_.add_submitted(finished.size());
+    completions_.push(finished);
   }
 
   // Every completion is ready as soon as submit() returns, so waiting never blocks.
-  size_t reap(std::span<Completion> out, bool /*wait*/) override {
-    const std::lock_guard lock(done_mutex_);
-    const size_t n = std::min(out.size(), done_.size());
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = done_.front();
-      done_.pop_front();
-    }
-    in_flight_.fetch_sub(n, std::memory_order_relaxed);
-    return n;
-  }
+  size_t reap(std::span<Completion> out, bool wait) override { return completions_.reap(out, wait); }
 
-  [[nodiscard]] size_t in_flight() const override { return in_flight_.load(std::memory_order_relaxed); }
+  [[nodiscard]] size_t in_flight() const override { return completions_.in_flight(); }
 
   // max_in_flight 0: submit() completes every read itself, there is no concurrency to bound.
   [[nodiscard]] BackendCaps caps() const override { return BackendCaps{"mmap", true, 0}; }
@@ -174,9 +166,7 @@ class MmapBackend final : public IoBackend {
   std::unordered_map<int, Mapping> mappings_;
   std::vector<Mapping> retired_;
 
-  std::mutex done_mutex_;
-  std::deque<Completion> done_;
-  std::atomic<size_t> in_flight_{0};
+  CompletionQueue completions_;
 };
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "tensorstream/error.hpp"
+#include "tensorstream/io/completion_queue.hpp"
 
 namespace tensorstream::detail {
 namespace {
@@ -51,8 +52,7 @@ int64_t read_fully(const ReadSyscall& syscall, const ReadRequest& request) noexc
   return static_cast<int64_t>(done);
 }
 
-// Thread-safety: see pread_backend.hpp. mutex_ guards the queues and stop_; in_flight_ is atomic so that
-// in_flight() needs no lock.
+// Thread-safety: see pread_backend.hpp. mutex_ guards pending_ and stop_; completions_ has its own lock.
 class PreadBackend final : public IoBackend {
  public:
   PreadBackend(uint32_t num_threads, ReadSyscall syscall) : syscall_(std::move(syscall)) {
@@ -72,10 +72,10 @@ class PreadBackend final : public IoBackend {
 
   void submit(std::span<const ReadRequest> requests) override {
     if (requests.empty()) return;
+    completions_.add_submitted(requests.size());  // before any worker can finish one
     {
       const std::lock_guard lock(mutex_);
       pending_.insert(pending_.end(), requests.begin(), requests.end());
-      in_flight_.fetch_add(requests.size(), std::memory_order_relaxed);
     }
     if (requests.size() == 1) {
       work_cv_.notify_one();
@@ -84,23 +84,9 @@ class PreadBackend final : public IoBackend {
     }
   }
 
-  size_t reap(std::span<Completion> out, bool wait) override {
-    if (out.empty()) return 0;
-    std::unique_lock lock(mutex_);
-    if (wait) {
-      // in_flight_ counts requests not yet reaped: when it is zero there is nothing left to wait for.
-      done_cv_.wait(lock, [&] { return !completions_.empty() || in_flight_.load(std::memory_order_relaxed) == 0; });
-    }
-    const size_t n = std::min(out.size(), completions_.size());
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = completions_.front();
-      completions_.pop_front();
-    }
-    in_flight_.fetch_sub(n, std::memory_order_relaxed);
-    return n;
-  }
+  size_t reap(std::span<Completion> out, bool wait) override { return completions_.reap(out, wait); }
 
-  [[nodiscard]] size_t in_flight() const override { return in_flight_.load(std::memory_order_relaxed); }
+  [[nodiscard]] size_t in_flight() const override { return completions_.in_flight(); }
 
   [[nodiscard]] BackendCaps caps() const override {
     return BackendCaps{"pread", false, static_cast<uint32_t>(workers_.size())};
@@ -115,36 +101,37 @@ class PreadBackend final : public IoBackend {
       const ReadRequest request = pending_.front();
       pending_.pop_front();
       lock.unlock();
-      const Completion completion{request.user_data, read_fully(syscall_, request)};
+      completions_.push(Completion{request.user_data, read_fully(syscall_, request)});
       lock.lock();
-      completions_.push_back(completion);
-      done_cv_.notify_one();
     }
   }
 
   void shutdown() noexcept {
+    std::vector<Completion> cancelled;
     {
       const std::lock_guard lock(mutex_);
       stop_ = true;
       // Not started: cancel. Nobody can reap after destruction, but the completions keep in_flight() honest
       // should a reaper still be waiting while shutdown runs from the constructor's failure path.
-      for (const ReadRequest& request : pending_) completions_.push_back(Completion{request.user_data, -ECANCELED});
+      for (const ReadRequest& request : pending_) cancelled.push_back(Completion{request.user_data, -ECANCELED});
       pending_.clear();
     }
     work_cv_.notify_all();
-    done_cv_.notify_all();
+    try {
+      completions_.push(cancelled);
+    } catch (...) {
+      // Out of memory while shutting down: the cancelled completions are dropped with the backend.
+    }
     for (std::thread& worker : workers_) {
       if (worker.joinable()) worker.join();  // waits for a read in progress: its buffer is in use until then
     }
   }
 
   const ReadSyscall syscall_;
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::condition_variable work_cv_;  // workers: a request was queued, or stop_
-  std::condition_variable done_cv_;  // reaper: a completion was queued
   std::deque<ReadRequest> pending_;
-  std::deque<Completion> completions_;
-  std::atomic<size_t> in_flight_{0};
+  CompletionQueue completions_;
   bool stop_ = false;
   std::vector<std::thread> workers_;  // last: started after every other member exists
 };

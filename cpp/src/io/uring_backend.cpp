@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tensorstream/error.hpp"
+#include "tensorstream/io/completion_queue.hpp"
 
 namespace tensorstream::detail {
 namespace {
@@ -38,9 +39,9 @@ struct Slot {
   uint64_t done = 0;  // bytes already read (short reads resume from here)
 };
 
-// Thread-safety: see uring_backend.hpp. mutex_ guards the hand-over queues (incoming_, done_, stop_); the ring,
-// slots and everything marked "ring thread" are touched only by the ring thread (and by the constructor and
-// destructor while it does not run).
+// Thread-safety: see uring_backend.hpp. mutex_ guards the hand-over of requests (incoming_, stop_); completions_
+// has its own lock; the ring, slots and everything marked "ring thread" are touched only by the ring thread (and
+// by the constructor and destructor while it does not run).
 class UringBackend final : public IoBackend {
  public:
   explicit UringBackend(uint32_t depth) : depth_(depth) {
@@ -79,42 +80,27 @@ class UringBackend final : public IoBackend {
 
   void submit(std::span<const ReadRequest> requests) override {
     if (requests.empty()) return;
-    bool finished_any = false;
+    completions_.add_submitted(requests.size());  // before the ring thread can finish one
+    std::vector<Completion> empty_reads;
     {
       const std::lock_guard lock(mutex_);
       for (const ReadRequest& request : requests) {
         if (request.buffer.empty()) {
-          done_.push_back(Completion{request.user_data, 0});  // nothing to read
-          finished_any = true;
+          empty_reads.push_back(Completion{request.user_data, 0});  // nothing to read
         } else {
           incoming_.push_back(request);
         }
       }
-      in_flight_.fetch_add(requests.size(), std::memory_order_relaxed);
     }
-    if (finished_any) done_cv_.notify_one();
+    completions_.push(empty_reads);
     // One eventfd write per batch of submits: a wake-up already pending covers this request too, because the
     // ring thread clears the flag before it takes incoming_.
     if (!wake_pending_.exchange(true)) wake();
   }
 
-  size_t reap(std::span<Completion> out, bool wait) override {
-    if (out.empty()) return 0;
-    std::unique_lock lock(mutex_);
-    if (wait) {
-      // in_flight_ counts requests not yet reaped: when it is zero there is nothing left to wait for.
-      done_cv_.wait(lock, [&] { return !done_.empty() || in_flight_.load(std::memory_order_relaxed) == 0; });
-    }
-    const size_t n = std::min(out.size(), done_.size());
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = done_.front();
-      done_.pop_front();
-    }
-    in_flight_.fetch_sub(n, std::memory_order_relaxed);
-    return n;
-  }
+  size_t reap(std::span<Completion> out, bool wait) override { return completions_.reap(out, wait); }
 
-  [[nodiscard]] size_t in_flight() const override { return in_flight_.load(std::memory_order_relaxed); }
+  [[nodiscard]] size_t in_flight() const override { return completions_.in_flight(); }
 
   [[nodiscard]] BackendCaps caps() const override { return BackendCaps{"io_uring", false, depth_}; }
 
@@ -203,12 +189,8 @@ class UringBackend final : public IoBackend {
       settled_reads = true;
     }
     if (!settled_reads || finished_.empty()) return;
-    {
-      const std::lock_guard lock(mutex_);
-      done_.insert(done_.end(), finished_.begin(), finished_.end());
-    }
+    completions_.push(finished_);
     finished_.clear();
-    done_cv_.notify_one();
   }
 
   // One CQE for `slot`: finish the request, or queue the rest of it again.
@@ -285,13 +267,11 @@ class UringBackend final : public IoBackend {
   io_uring ring_{};
   int wake_fd_ = -1;
   const uint32_t depth_;
-  std::atomic<size_t> in_flight_{0};       // submitted, not yet reaped
   std::atomic<bool> wake_pending_{false};  // an eventfd write is on its way to the ring thread
+  CompletionQueue completions_;
 
   std::mutex mutex_;
-  std::condition_variable done_cv_;  // reap(): a completion arrived
   std::deque<ReadRequest> incoming_;
-  std::deque<Completion> done_;
   bool stop_ = false;
 
   // Ring thread only.

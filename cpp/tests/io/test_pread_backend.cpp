@@ -57,76 +57,6 @@ bool matches(const std::vector<std::byte>& buffer, const std::vector<std::byte>&
   return std::equal(buffer.begin(), buffer.end(), file.begin() + static_cast<std::ptrdiff_t>(offset));
 }
 
-TEST(PreadBackend, ReadsRandomRanges) {
-  const Watchdog dog("PreadBackend.ReadsRandomRanges");
-  TempDir dir;
-  TestFile file(dir, 3 << 20);
-  const auto backend = make_pread_backend(4);
-  std::mt19937_64 rng(1);
-  std::vector<std::vector<std::byte>> buffers;
-  std::vector<ReadRequest> requests;
-  for (uint64_t i = 0; i < 300; ++i) {
-    const uint64_t offset = rng() % file.bytes.size();
-    buffers.emplace_back(1 + rng() % std::min<uint64_t>(100000, file.bytes.size() - offset));
-    requests.push_back({file.fd.get(), offset, buffers.back(), i});
-  }
-  backend->submit(requests);
-  const auto results = reap_all(*backend, requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    ASSERT_EQ(results[i], static_cast<int64_t>(buffers[i].size())) << i;
-    ASSERT_TRUE(matches(buffers[i], file.bytes, requests[i].offset)) << i;
-  }
-  EXPECT_EQ(backend->in_flight(), 0u);
-}
-
-TEST(PreadBackend, ReapWithNothingInFlightReturnsZeroAtOnce) {
-  const Watchdog dog("PreadBackend.ReapWithNothingInFlightReturnsZeroAtOnce");
-  const auto backend = make_pread_backend(2);
-  std::vector<Completion> out(4);
-  EXPECT_EQ(backend->reap(out, true), 0u);
-  EXPECT_EQ(backend->reap(out, false), 0u);
-  EXPECT_EQ(backend->reap({}, true), 0u);
-}
-
-TEST(PreadBackend, EndOfFileIsEnodata) {
-  const Watchdog dog("PreadBackend.EndOfFileIsEnodata");
-  TempDir dir;
-  TestFile file(dir, 5000);
-  const auto backend = make_pread_backend(2);
-  std::vector<std::byte> across(200);
-  std::vector<std::byte> beyond(10);
-  std::vector<std::byte> exact(5000);
-  const std::vector<ReadRequest> requests = {
-      {file.fd.get(), 4900, across, 0}, {file.fd.get(), 6000, beyond, 1}, {file.fd.get(), 0, exact, 2}};
-  backend->submit(requests);
-  const auto results = reap_all(*backend, 3);
-  EXPECT_EQ(results[0], -ENODATA);
-  EXPECT_EQ(results[1], -ENODATA);
-  EXPECT_EQ(results[2], 5000);
-  EXPECT_EQ(exact, file.bytes);
-}
-
-TEST(PreadBackend, ErrorsAreNegativeErrno) {
-  const Watchdog dog("PreadBackend.ErrorsAreNegativeErrno");
-  const auto backend = make_pread_backend(1);
-  std::vector<std::byte> buffer(10);
-  const ReadRequest request{-1, 0, buffer, 5};
-  backend->submit({&request, 1});
-  std::vector<Completion> out(1);
-  ASSERT_EQ(backend->reap(out, true), 1u);
-  EXPECT_EQ(out[0].user_data, 5u);
-  EXPECT_EQ(out[0].result, -EBADF);
-}
-
-TEST(PreadBackend, ZeroLengthReadSucceeds) {
-  const auto backend = make_pread_backend(1);
-  const ReadRequest request{-1, 0, {}, 3};  // never reaches the syscall
-  backend->submit({&request, 1});
-  std::vector<Completion> out(2);
-  ASSERT_EQ(backend->reap(out, true), 1u);
-  EXPECT_EQ(out[0].result, 0);
-}
-
 TEST(PreadBackend, ResumesOneByteReadsAndRetriesEintr) {
   const Watchdog dog("PreadBackend.ResumesOneByteReadsAndRetriesEintr");
   TempDir dir;
@@ -229,38 +159,6 @@ TEST(PreadBackend, DestructionCancelsQueuedReadsAndWaitsForRunningOnes) {
   EXPECT_EQ(started.load(), finished.load()) << "destructor returned while a read was still running";
   EXPECT_LE(started.load(), 6) << "queued reads should have been cancelled, not run";
   EXPECT_LT(elapsed, std::chrono::seconds(2));
-}
-
-TEST(PreadBackend, ManySubmittersOneReaper) {
-  const Watchdog dog("PreadBackend.ManySubmittersOneReaper");
-  TempDir dir;
-  TestFile file(dir, 1 << 20);
-  const auto backend = make_pread_backend(4);
-  constexpr size_t kThreads = 4;
-  constexpr size_t kPerThread = 250;
-  std::vector<std::vector<std::byte>> buffers(kThreads * kPerThread, std::vector<std::byte>(512));
-  std::vector<std::thread> submitters;
-  for (size_t t = 0; t < kThreads; ++t) {
-    submitters.emplace_back([&, t] {
-      for (size_t i = 0; i < kPerThread; ++i) {
-        const size_t id = t * kPerThread + i;
-        const ReadRequest request{file.fd.get(), id * 1000, buffers[id], id};
-        backend->submit({&request, 1});
-      }
-    });
-  }
-  std::set<uint64_t> seen;
-  std::vector<Completion> out(16);
-  while (seen.size() < kThreads * kPerThread) {
-    const size_t n = backend->reap(out, true);  // 0 whenever the submitters are momentarily behind
-    for (size_t i = 0; i < n; ++i) {
-      ASSERT_EQ(out[i].result, 512);
-      ASSERT_TRUE(seen.insert(out[i].user_data).second);
-    }
-    if (n == 0) std::this_thread::yield();
-  }
-  for (auto& thread : submitters) thread.join();
-  for (size_t id = 0; id < buffers.size(); ++id) ASSERT_TRUE(matches(buffers[id], file.bytes, id * 1000)) << id;
 }
 
 TEST(PreadBackend, CapsAndLimits) {

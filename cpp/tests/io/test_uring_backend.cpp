@@ -100,30 +100,6 @@ struct AlignedBuffer {
   size_t size_;
 };
 
-TEST_F(UringBackend, ReadsRandomRanges) {
-  const Watchdog dog("UringBackend.ReadsRandomRanges");
-  TempDir dir;
-  TestFile file(dir.path(), 4 << 20);
-  const auto backend = make_uring_backend(32);
-  EXPECT_EQ(backend->caps().name, "io_uring");
-  EXPECT_EQ(backend->caps().max_in_flight, 32u);
-  std::mt19937_64 rng(2);
-  std::vector<std::vector<std::byte>> buffers;
-  std::vector<ReadRequest> requests;
-  for (uint64_t i = 0; i < 300; ++i) {
-    const uint64_t offset = rng() % file.bytes.size();
-    buffers.emplace_back(1 + rng() % std::min<uint64_t>(200000, file.bytes.size() - offset));
-    requests.push_back({file.fd.get(), offset, buffers.back(), i});
-  }
-  backend->submit(requests);
-  const auto results = reap_all(*backend, requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    ASSERT_EQ(results[i], static_cast<int64_t>(buffers[i].size())) << i;
-    ASSERT_TRUE(matches(buffers[i], file.bytes, requests[i].offset)) << i;
-  }
-  EXPECT_EQ(backend->in_flight(), 0u);
-}
-
 TEST_F(UringBackend, DirectReadsWithAlignedBuffers) {
   const Watchdog dog("UringBackend.DirectReadsWithAlignedBuffers");
   DiskDir dir;
@@ -191,71 +167,6 @@ TEST_F(UringBackend, OverflowBeyondTheRingIsQueuedNotLost) {
     ASSERT_TRUE(matches(buffers[i], file.bytes, requests[i].offset)) << i;
   }
   EXPECT_EQ(backend->in_flight(), 0u);
-}
-
-TEST_F(UringBackend, EndOfFileIsEnodata) {
-  const Watchdog dog("UringBackend.EndOfFileIsEnodata");
-  TempDir dir;
-  TestFile file(dir.path(), 5000);
-  const auto backend = make_uring_backend(4);
-  std::vector<std::byte> across(200);
-  std::vector<std::byte> beyond(10);
-  std::vector<std::byte> exact(5000);
-  const std::vector<ReadRequest> requests = {
-      {file.fd.get(), 4900, across, 0}, {file.fd.get(), 6000, beyond, 1}, {file.fd.get(), 0, exact, 2}};
-  backend->submit(requests);
-  const auto results = reap_all(*backend, 3);
-  EXPECT_EQ(results[0], -ENODATA);
-  EXPECT_EQ(results[1], -ENODATA);
-  EXPECT_EQ(results[2], 5000);
-  EXPECT_EQ(exact, file.bytes);
-}
-
-TEST_F(UringBackend, ErrorsZeroLengthAndEmptyReaps) {
-  const Watchdog dog("UringBackend.ErrorsZeroLengthAndEmptyReaps");
-  const auto backend = make_uring_backend(2);
-  std::vector<Completion> out(4);
-  EXPECT_EQ(backend->reap(out, true), 0u);  // nothing in flight: returns at once
-  EXPECT_EQ(backend->reap(out, false), 0u);
-  std::vector<std::byte> buffer(10);
-  const std::vector<ReadRequest> requests = {{-1, 0, buffer, 1}, {-1, 0, {}, 2}};
-  backend->submit(requests);
-  const auto results = reap_all(*backend, 3);
-  EXPECT_EQ(results[1], -EBADF);
-  EXPECT_EQ(results[2], 0);
-  EXPECT_EQ(backend->in_flight(), 0u);
-}
-
-TEST_F(UringBackend, ManySubmittersWhileReaping) {
-  const Watchdog dog("UringBackend.ManySubmittersWhileReaping");
-  TempDir dir;
-  TestFile file(dir.path(), 1 << 20);
-  const auto backend = make_uring_backend(8);
-  constexpr size_t kThreads = 4;
-  constexpr size_t kPerThread = 250;
-  std::vector<std::vector<std::byte>> buffers(kThreads * kPerThread, std::vector<std::byte>(700));
-  std::vector<std::thread> submitters;
-  for (size_t t = 0; t < kThreads; ++t) {
-    submitters.emplace_back([&, t] {
-      for (size_t i = 0; i < kPerThread; ++i) {
-        const size_t id = t * kPerThread + i;
-        const ReadRequest request{file.fd.get(), id * 1000, buffers[id], id};
-        backend->submit({&request, 1});
-      }
-    });
-  }
-  std::set<uint64_t> seen;
-  std::vector<Completion> out(16);
-  while (seen.size() < kThreads * kPerThread) {
-    const size_t n = backend->reap(out, true);  // 0 whenever the submitters are momentarily behind
-    for (size_t i = 0; i < n; ++i) {
-      ASSERT_EQ(out[i].result, 700);
-      ASSERT_TRUE(seen.insert(out[i].user_data).second);
-    }
-    if (n == 0) std::this_thread::yield();
-  }
-  for (auto& thread : submitters) thread.join();
-  for (size_t id = 0; id < buffers.size(); ++id) ASSERT_TRUE(matches(buffers[id], file.bytes, id * 1000)) << id;
 }
 
 TEST_F(UringBackend, SubmittingThreadMayExitBeforeTheReadsFinish) {

@@ -152,7 +152,7 @@ class Arena {
 class CopyingTransfer final : public Transfer {
  public:
   [[nodiscard]] std::string name() const override { return "copying"; }
-  [[nodiscard]] bool host_addressable_slots() const override { return false; }
+  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
   void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) override {
     if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
   }

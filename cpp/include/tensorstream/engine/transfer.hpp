@@ -12,16 +12,18 @@
 #include <span>
 #include <string>
 
+#include "tensorstream/engine/slot_access.hpp"
+
 namespace tensorstream {
 
 class Transfer {
  public:
   virtual ~Transfer() = default;
   [[nodiscard]] virtual std::string name() const = 0;
-  // True when the slot is host-addressable: reads and decoding may write into it directly.
-  [[nodiscard]] virtual bool host_addressable_slots() const = 0;
+  // Where slots live and who may write them (engine/slot_access.hpp); constant for the Transfer's lifetime.
+  [[nodiscard]] virtual SlotAccess slot_access() const = 0;
   // Copies `bytes` (host memory the caller may reuse after this returns) into `slot` at `offset`. Only called
-  // when host_addressable_slots() is false.
+  // when slot_access() is not kHost.
   virtual void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) = 0;
   // Blocks until every copy issued for the slot so far is complete.
   virtual void finish_slot(std::span<std::byte> slot) = 0;

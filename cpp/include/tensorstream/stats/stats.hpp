@@ -36,6 +36,8 @@ struct StatsSnapshot {
   uint64_t io_busy_ns = 0;          // wall time during which at least one read was in flight
   uint64_t resident_bytes = 0;      // gauges, filled in by the owner of the residency state (Engine::stats)
   uint64_t in_flight_bytes = 0;
+  uint64_t staging_bytes = 0;            // host staging buffers allocated (bounded; outside the budget)
+  uint64_t staging_peak_in_use_bytes = 0;
   std::vector<BlockStatsSnapshot> blocks;
 
   // bytes_read / io_busy time, in bytes per second (0 when nothing was read).
