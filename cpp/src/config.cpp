@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <iterator>
 #include <optional>
 
 #include "tensorstream/error.hpp"
@@ -37,9 +38,16 @@ std::string allowed(const std::pair<std::string_view, Enum> (&table)[N]) {
   return text;
 }
 
+// The one table of backends: name, reader, destination. Order = BackendKind's declaration order.
+constexpr BackendTraits kBackendTraits[] = {
+    {"auto", BackendKind::kAuto, false},    {"pread", BackendKind::kPread, false},
+    {"io_uring", BackendKind::kIoUring, false}, {"mmap", BackendKind::kMmap, false},
+    {"cuda", BackendKind::kAuto, true},     {"gpudirect", BackendKind::kGpuDirect, true}};
 constexpr std::pair<std::string_view, BackendKind> kBackends[] = {
-    {"auto", BackendKind::kAuto}, {"pread", BackendKind::kPread}, {"io_uring", BackendKind::kIoUring},
-    {"mmap", BackendKind::kMmap}};
+    {kBackendTraits[0].name, BackendKind::kAuto},    {kBackendTraits[1].name, BackendKind::kPread},
+    {kBackendTraits[2].name, BackendKind::kIoUring}, {kBackendTraits[3].name, BackendKind::kMmap},
+    {kBackendTraits[4].name, BackendKind::kCuda},    {kBackendTraits[5].name, BackendKind::kGpuDirect}};
+static_assert(std::size(kBackendTraits) == std::size(kBackends));
 constexpr std::pair<std::string_view, DirectIoMode> kDirectModes[] = {
     {"auto", DirectIoMode::kAuto}, {"on", DirectIoMode::kOn}, {"off", DirectIoMode::kOff}};
 constexpr std::pair<std::string_view, PrefetchStrategy> kPrefetch[] = {
@@ -58,12 +66,17 @@ std::optional<std::string> env(const char* name) {
 }
 
 template <typename Enum, size_t N>
+Enum parse_or_throw(std::string_view text, std::string_view field, const std::pair<std::string_view, Enum> (&table)[N]) {
+  const auto value = lookup(text, table);
+  if (!value) throw ConfigError(std::string(field), "'" + std::string(text) + "' is not one of: " + allowed(table));
+  return *value;
+}
+
+template <typename Enum, size_t N>
 void parse_enum_env(const char* variable, const std::pair<std::string_view, Enum> (&table)[N], Enum& out) {
   const auto text = env(variable);
   if (!text) return;
-  const auto value = lookup(*text, table);
-  if (!value) throw ConfigError(variable, "'" + *text + "' is not one of: " + allowed(table));
-  out = *value;
+  out = parse_or_throw(*text, variable, table);
 }
 
 uint64_t parse_unsigned(const char* variable, const std::string& text, uint64_t max) {
@@ -76,6 +89,23 @@ uint64_t parse_unsigned(const char* variable, const std::string& text, uint64_t 
   return value;
 }
 }  // namespace
+
+std::span<const BackendTraits> backend_table() noexcept { return kBackendTraits; }
+const BackendTraits& backend_traits(BackendKind kind) noexcept {
+  const auto index = static_cast<size_t>(kind);
+  return kBackendTraits[index < std::size(kBackendTraits) ? index : 0];
+}
+
+BackendKind parse_backend(std::string_view text, std::string_view field) { return parse_or_throw(text, field, kBackends); }
+DirectIoMode parse_direct_io(std::string_view text, std::string_view field) {
+  return parse_or_throw(text, field, kDirectModes);
+}
+PrefetchStrategy parse_prefetch(std::string_view text, std::string_view field) {
+  return parse_or_throw(text, field, kPrefetch);
+}
+MemoryPressureMode parse_memory_pressure(std::string_view text, std::string_view field) {
+  return parse_or_throw(text, field, kPressure);
+}
 
 std::string_view backend_name(BackendKind kind) noexcept { return name_of(kind, kBackends); }
 std::string_view prefetch_name(PrefetchStrategy strategy) noexcept { return name_of(strategy, kPrefetch); }

@@ -21,31 +21,17 @@ using namespace nb::literals;
 namespace tensorstream::bindings {
 
 namespace {
-template <typename Enum>
-Enum parse_choice(const std::string& field, const std::string& text, Enum first, Enum last,
-                  std::string_view (*name)(Enum) noexcept) {
-  std::string allowed;
-  for (int i = static_cast<int>(first); i <= static_cast<int>(last); ++i) {
-    const auto value = static_cast<Enum>(i);
-    if (name(value) == text) return value;
-    allowed += (allowed.empty() ? "" : ", ") + std::string(name(value));
-  }
-  throw ConfigError(field, "'" + text + "' is not one of: " + allowed);
-}
-
 Config make_config(const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
                    uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
                    const std::string& memory_pressure, bool verify_checksums) {
   Config config;
-  config.backend = parse_choice("backend", backend, BackendKind::kAuto, BackendKind::kMmap, backend_name);
-  config.direct_io = parse_choice("direct_io", direct_io, DirectIoMode::kAuto, DirectIoMode::kOff, direct_io_name);
+  config.backend = parse_backend(backend);
+  config.direct_io = parse_direct_io(direct_io);
   config.num_io_threads = num_io_threads;
   config.queue_depth = queue_depth;
   config.budget_bytes = budget_bytes;
-  config.prefetch = parse_choice("prefetch_strategy", prefetch, PrefetchStrategy::kNone, PrefetchStrategy::kAdaptive,
-                                 prefetch_name);
-  config.memory_pressure = parse_choice("memory_pressure_mode", memory_pressure, MemoryPressureMode::kConservative,
-                                        MemoryPressureMode::kAggressive, pressure_name);
+  config.prefetch = parse_prefetch(prefetch);
+  config.memory_pressure = parse_memory_pressure(memory_pressure);
   config.verify_checksums = verify_checksums;
   config.validate();
   return config;
@@ -142,6 +128,17 @@ void bind_engine(nb::module_& m) {
     return config_dict(make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
                                    memory_pressure, verify_checksums));
   });
+  m.def("backend_table", [] {
+    nb::list out;
+    for (const BackendTraits& traits : backend_table()) {
+      nb::dict entry;
+      entry["name"] = std::string(traits.name);
+      entry["reader"] = std::string(backend_name(traits.reader));
+      entry["device_slots"] = traits.device_slots;
+      out.append(entry);
+    }
+    return out;
+  }, "Every backend name with its reader and whether its slots live in device memory (one table, config.cpp).");
   m.def("io_uring_available", [] {
     std::string reason;
     const bool available = io_uring_available(&reason);

@@ -2,9 +2,14 @@
 
 Every field is validated when the config is created and when it is used (fields may be assigned afterwards, as
 in the guide: ``config.backend = BackendType.MMAP``); an invalid value raises ``ConfigError`` naming the field and
-the allowed values. ``TENSORSTREAM_STORAGE_PATH``, ``TENSORSTREAM_VRAM_BUDGET`` and ``TENSORSTREAM_TRACE`` fill
-``storage_path``, ``vram_budget_gb`` and ``trace_path`` when they are not given; the engine-level variables
-(docs/configuration.md) are parsed by the C++ core.
+the allowed values.
+
+Precedence, for every field: a value passed to ``Config(...)`` (or assigned later), else its environment variable,
+else the default. ``TENSORSTREAM_STORAGE_PATH``, ``TENSORSTREAM_VRAM_BUDGET`` and ``TENSORSTREAM_TRACE`` fill
+``storage_path``, ``vram_budget_gb`` and ``trace_path``; the engine-level variables (``TENSORSTREAM_BACKEND``,
+``_DIRECT_IO``, ``_IO_THREADS``, ``_QUEUE_DEPTH``, ``_PREFETCH``, ``_MEMORY_PRESSURE``, ``_VERIFY_CHECKSUMS``) are
+parsed by the C++ core (``Config::from_env``), the one parser of them, whose ConfigError names the variable.
+docs/configuration.md lists them all.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import os
 from typing import Any, Dict, Optional
 
+from . import _core
 from .errors import ConfigError
 
 
@@ -44,8 +50,20 @@ class PrefetchStrategy(str, enum.Enum):
 
 
 MEMORY_PRESSURE_MODES = ("conservative", "balanced", "aggressive")
-GPU_BACKENDS = (BackendType.CUDA, BackendType.GPUDIRECT)
+DIRECT_IO_MODES = ("auto", "on", "off")
 MAX_IO_THREADS = 64
+MAX_QUEUE_DEPTH = 4096
+
+# The engine-level fields and the key of each in _core.config_from_env(): None in a Config means "not given", and
+# is filled from the environment (or the engine's default) by the C++ parser.
+_ENGINE_FIELDS = {"backend": "backend", "direct_io": "direct_io", "num_io_threads": "num_io_threads",
+                  "queue_depth": "queue_depth", "prefetch_strategy": "prefetch_strategy",
+                  "memory_pressure_mode": "memory_pressure_mode", "verify_checksums": "verify_checksums"}
+
+
+def device_backends() -> tuple:
+    """The BackendTypes whose slots live in device memory (from the engine's one backend table)."""
+    return tuple(BackendType(entry["name"]) for entry in _core.backend_table() if entry["device_slots"])
 
 
 def _env_budget() -> Optional[float]:
@@ -102,12 +120,16 @@ class Config:
     vram_budget_gb: gigabytes (1e9 bytes) of streamed weights held on the execution device at once, resident and in
         flight (activations and KV cache are outside it). Default: TENSORSTREAM_VRAM_BUDGET, else a quarter of the
         streamed weights (at least one block).
-    backend: a BackendType (or its value as a string).
-    prefetch_strategy: a PrefetchStrategy (or its value).
+    backend: a BackendType (or its value as a string). Default: TENSORSTREAM_BACKEND, else AUTO.
+    prefetch_strategy: a PrefetchStrategy (or its value). Default: TENSORSTREAM_PREFETCH, else ADAPTIVE.
     compression_enabled / compression_level: store chunks compressed (1-3 lz4, 4-9 zstd; see docs/format.md §5).
-    num_io_threads: 1..64 workers that read, verify and decode.
-    memory_pressure_mode: "conservative", "balanced" or "aggressive" (docs/configuration.md).
-    verify_checksums: verify every chunk's checksum on every load.
+    num_io_threads: 1..64 workers that read, verify and decode. Default: TENSORSTREAM_IO_THREADS, else 4.
+    memory_pressure_mode: "conservative", "balanced" or "aggressive" (docs/configuration.md). Default:
+        TENSORSTREAM_MEMORY_PRESSURE, else "balanced".
+    verify_checksums: verify every chunk's checksum on every load. Default: TENSORSTREAM_VERIFY_CHECKSUMS, else True.
+    direct_io: "auto" (O_DIRECT for blocks not in the page cache; cached ones mapped), "on" or "off". Default:
+        TENSORSTREAM_DIRECT_IO, else "auto".
+    queue_depth: 1..4096 chunk reads in flight at once. Default: TENSORSTREAM_QUEUE_DEPTH, else 32.
     debug_mode: log per-block timings to the ``tensorstream`` logger.
     min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
     trace_path: write a Chrome trace (trace-event JSON: reads, checksums, decodes, waits and compute per block, on a
@@ -117,16 +139,18 @@ class Config:
 
     storage_path: Optional[str] = None
     vram_budget_gb: Optional[float] = None
-    backend: BackendType = BackendType.AUTO
-    prefetch_strategy: PrefetchStrategy = PrefetchStrategy.ADAPTIVE
+    backend: Optional[BackendType] = None
+    prefetch_strategy: Optional[PrefetchStrategy] = None
     compression_enabled: bool = False
     compression_level: int = 5
-    num_io_threads: int = 4
-    memory_pressure_mode: str = "balanced"
-    verify_checksums: bool = True
+    num_io_threads: Optional[int] = None
+    memory_pressure_mode: Optional[str] = None
+    verify_checksums: Optional[bool] = None
     debug_mode: bool = False
     min_layer_size: int = 1 << 20
     trace_path: Optional[str] = None
+    direct_io: Optional[str] = None
+    queue_depth: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.storage_path is None:
@@ -135,6 +159,11 @@ class Config:
             self.vram_budget_gb = _env_budget()
         if self.trace_path is None:
             self.trace_path = _env_trace()
+        if any(getattr(self, field) is None for field in _ENGINE_FIELDS):
+            from_env = _core.config_from_env()  # strict: a malformed variable is a ConfigError naming it
+            for field, key in _ENGINE_FIELDS.items():
+                if getattr(self, field) is None:
+                    setattr(self, field, from_env[key])
         self.validate()
 
     def validate(self) -> "Config":
@@ -153,6 +182,10 @@ class Config:
         _bool_field("compression_enabled", self.compression_enabled)
         _int_field("compression_level", self.compression_level, 1, 9)
         _int_field("num_io_threads", self.num_io_threads, 1, MAX_IO_THREADS)
+        _int_field("queue_depth", self.queue_depth, 1, MAX_QUEUE_DEPTH)
+        if self.direct_io not in DIRECT_IO_MODES:
+            raise ConfigError(f"invalid direct_io: {self.direct_io!r} is not one of {', '.join(DIRECT_IO_MODES)}",
+                              field="direct_io")
         if self.memory_pressure_mode not in MEMORY_PRESSURE_MODES:
             raise ConfigError(f"invalid memory_pressure_mode: {self.memory_pressure_mode!r} is not one of "
                               f"{', '.join(MEMORY_PRESSURE_MODES)}", field="memory_pressure_mode")
@@ -202,4 +235,5 @@ def create_default_config(storage_path: Optional[str] = None) -> Config:
     return Config(storage_path=os.fspath(storage_path) if storage_path is not None else None)
 
 
-__all__ = ["Config", "BackendType", "PrefetchStrategy", "create_default_config", "MEMORY_PRESSURE_MODES"]
+__all__ = ["Config", "BackendType", "PrefetchStrategy", "create_default_config", "MEMORY_PRESSURE_MODES",
+           "DIRECT_IO_MODES"]

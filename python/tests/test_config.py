@@ -107,3 +107,53 @@ def test_trace_environment_variable(tmp_path, monkeypatch):
         with pytest.raises(ts.ConfigError) as caught:
             Config(storage_path=str(tmp_path))
         assert caught.value.field == "TENSORSTREAM_TRACE" and "TENSORSTREAM_TRACE" in str(caught.value)
+
+
+def test_direct_io_and_queue_depth_are_fields(tmp_path):
+    config = Config(storage_path=str(tmp_path), direct_io="off", queue_depth=7)
+    assert config.direct_io == "off" and config.queue_depth == 7
+    assert Config(storage_path=str(tmp_path)).direct_io == "auto"
+    assert Config(storage_path=str(tmp_path)).queue_depth == 32
+    for field, value in [("direct_io", "yes"), ("queue_depth", 0), ("queue_depth", 5000), ("queue_depth", True)]:
+        with pytest.raises(ts.ConfigError) as caught:
+            Config(storage_path=str(tmp_path), **{field: value})
+        assert caught.value.field == field
+
+
+# Each engine-level variable, a value other than its default, and the Config field it fills.
+ENGINE_VARIABLES = [
+    ("TENSORSTREAM_BACKEND", "pread", "backend", BackendType.PREAD),
+    ("TENSORSTREAM_DIRECT_IO", "off", "direct_io", "off"),
+    ("TENSORSTREAM_IO_THREADS", "3", "num_io_threads", 3),
+    ("TENSORSTREAM_QUEUE_DEPTH", "9", "queue_depth", 9),
+    ("TENSORSTREAM_PREFETCH", "next_layer", "prefetch_strategy", PrefetchStrategy.NEXT_LAYER),
+    ("TENSORSTREAM_MEMORY_PRESSURE", "aggressive", "memory_pressure_mode", "aggressive"),
+    ("TENSORSTREAM_VERIFY_CHECKSUMS", "off", "verify_checksums", False),
+]
+
+
+@pytest.mark.parametrize("variable, text, field, value", ENGINE_VARIABLES)
+def test_engine_variables_fill_fields_that_were_not_given(tmp_path, monkeypatch, variable, text, field, value):
+    monkeypatch.setenv(variable, text)
+    assert getattr(Config(storage_path=str(tmp_path)), field) == value
+    default = getattr(Config.__dataclass_fields__[field], "default")
+    assert default is None  # "not given": the only way the environment can tell an explicit default apart
+    explicit = {"backend": BackendType.AUTO, "direct_io": "auto", "num_io_threads": 4, "queue_depth": 32,
+                "prefetch_strategy": PrefetchStrategy.ADAPTIVE, "memory_pressure_mode": "balanced",
+                "verify_checksums": True}[field]
+    assert getattr(Config(storage_path=str(tmp_path), **{field: explicit}), field) == explicit  # given wins
+
+
+@pytest.mark.parametrize("variable", [v[0] for v in ENGINE_VARIABLES])
+def test_malformed_engine_variable_is_a_config_error_naming_it(tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "bogus")
+    with pytest.raises(ts.ConfigError) as caught:
+        Config(storage_path=str(tmp_path))
+    assert caught.value.field == variable
+
+
+def test_backend_type_is_the_engines_backend_table():
+    from tensorstream import _core
+    table = {entry["name"]: entry for entry in _core.backend_table()}
+    assert set(table) == {member.value for member in BackendType}
+    assert {name for name, entry in table.items() if entry["device_slots"]} == {"cuda", "gpudirect"}

@@ -136,6 +136,12 @@ struct Engine::Impl {
         loads(manifest.blocks.size()),
         acquired_at_ns(manifest.blocks.size(), 0),
         prefetched_pending(manifest.blocks.size(), 0) {
+    const BackendTraits& traits = backend_traits(config.backend);
+    if (traits.device_slots && host_addressable(access)) {
+      throw ConfigError("backend", "'" + std::string(traits.name) +
+                                       "' puts slots in device memory, which needs a device Transfer (the CUDA "
+                                       "transfer stage); this engine has host slots");
+    }
     if (!backend) {
       BackendOptions options;
       options.kind = config.backend;

@@ -118,13 +118,18 @@ void override_io_uring_probe_for_testing(std::optional<std::string> unavailable_
 
 std::unique_ptr<IoBackend> make_backend(const BackendOptions& options, std::string* reason) {
   if (reason != nullptr) reason->clear();
-  switch (options.kind) {
+  const BackendTraits& traits = backend_traits(options.kind);
+  switch (traits.reader) {
     case BackendKind::kPread:
       return detail::make_pread_backend(options.num_threads);
     case BackendKind::kMmap:
       return detail::make_mmap_backend();
+    case BackendKind::kGpuDirect:
+      throw ConfigError("backend", "'" + std::string(traits.name) +
+                                       "' reads with cuFile, which this build cannot do yet; use 'cuda' or 'auto'");
     case BackendKind::kAuto:
     case BackendKind::kIoUring:
+    case BackendKind::kCuda:  // never a reader (the table says so); treated as kAuto
       break;
   }
   std::string why;

@@ -95,5 +95,47 @@ TEST(Config, NamesRoundTrip) {
   EXPECT_EQ(direct_io_name(DirectIoMode::kAuto), "auto");
 }
 
+TEST(Config, EveryBackendOfTheTableParsesBackToItself) {
+  const auto table = backend_table();
+  ASSERT_EQ(table.size(), 6u);
+  for (size_t i = 0; i < table.size(); ++i) {
+    const auto kind = static_cast<BackendKind>(i);
+    EXPECT_EQ(&backend_traits(kind), &table[i]) << "the table is in declaration order";
+    EXPECT_EQ(backend_name(kind), table[i].name);
+    EXPECT_EQ(parse_backend(table[i].name), kind);
+    // A reader is a host reader (auto, pread, io_uring, mmap) or cuFile (gpudirect); "cuda" is only a destination.
+    EXPECT_NE(table[i].reader, BackendKind::kCuda) << table[i].name;
+    EXPECT_EQ(table[i].reader == BackendKind::kGpuDirect || !backend_traits(table[i].reader).device_slots, true);
+  }
+  EXPECT_TRUE(backend_traits(BackendKind::kCuda).device_slots);
+  EXPECT_EQ(backend_traits(BackendKind::kCuda).reader, BackendKind::kAuto);
+  EXPECT_TRUE(backend_traits(BackendKind::kGpuDirect).device_slots);
+  EXPECT_FALSE(backend_traits(BackendKind::kMmap).device_slots);
+}
+
+TEST(Config, ParsersNameTheFieldAndTheAllowedValues) {
+  EXPECT_EQ(parse_direct_io("off"), DirectIoMode::kOff);
+  EXPECT_EQ(parse_prefetch("next_layer"), PrefetchStrategy::kNextLayer);
+  EXPECT_EQ(parse_memory_pressure("aggressive"), MemoryPressureMode::kAggressive);
+  expect_field([] { (void)parse_backend("nvme"); }, "backend");
+  expect_field([] { (void)parse_backend("MMAP", "TENSORSTREAM_BACKEND"); }, "TENSORSTREAM_BACKEND");
+  expect_field([] { (void)parse_direct_io("yes"); }, "direct_io");
+  expect_field([] { (void)parse_prefetch("all"); }, "prefetch_strategy");
+  expect_field([] { (void)parse_memory_pressure("low"); }, "memory_pressure_mode");
+  try {
+    (void)parse_backend("nvme");
+  } catch (const ConfigError& error) {
+    const std::string what = error.what();
+    for (const BackendTraits& traits : backend_table()) {
+      EXPECT_NE(what.find(std::string(traits.name)), std::string::npos) << what;  // every allowed name listed
+    }
+  }
+}
+
+TEST(Config, EnvironmentTakesTheGpuBackendNames) {
+  const ScopedEnv backend("TENSORSTREAM_BACKEND", "gpudirect");
+  EXPECT_EQ(Config::from_env().backend, BackendKind::kGpuDirect);
+}
+
 }  // namespace
 }  // namespace tensorstream

@@ -532,6 +532,30 @@ TEST_F(EngineTest, StreamsOnlyTheBlocksItIsGiven) {
   }
 }
 
+TEST_F(EngineTest, DeviceBackendsRefuseHostSlots) {
+  write(equal_blocks(2, 41), 0, 16384);
+  Arena arena(total_slot_bytes());
+  for (const BackendKind kind : {BackendKind::kCuda, BackendKind::kGpuDirect}) {
+    Config c = config();
+    c.backend = kind;
+    try {
+      Engine engine(store_, arena.span(), c);
+      ADD_FAILURE() << backend_name(kind) << " ran with host slots";
+    } catch (const ConfigError& error) {
+      EXPECT_EQ(error.field(), "backend");
+      EXPECT_NE(std::string(error.what()).find("device Transfer"), std::string::npos) << error.what();
+    }
+  }
+  // With a device transfer, 'cuda' reads with the host reader and copies.
+  Config c = config();
+  c.backend = BackendKind::kCuda;
+  Engine engine(store_, arena.span(), c, nullptr, std::make_unique<RecordingTransfer>());
+  Ticket ticket = engine.acquire(1);
+  ticket.wait();
+  expect_block_bytes(1, ticket.data());
+  engine.release(1);
+}
+
 TEST_F(EngineTest, BadConfigAndBlockIndexAreConfigErrors) {
   write(equal_blocks(2, 37));
   Arena arena(total_slot_bytes());

@@ -129,6 +129,21 @@ TEST(MakeBackend, ProbeIsCachedAndExplainsItself) {
   EXPECT_TRUE(io_uring_available() == a);  // reason is optional
 }
 
+TEST(MakeBackend, CudaReadsWithTheHostReaderAndGpuDirectNeedsCuFile) {
+  BackendOptions options;
+  options.kind = BackendKind::kCuda;
+  const auto backend = make_backend(options);
+  EXPECT_TRUE(backend->caps().name == "io_uring" || backend->caps().name == "pread") << backend->caps().name;
+  options.kind = BackendKind::kGpuDirect;
+  try {
+    (void)make_backend(options);
+    ADD_FAILURE() << "gpudirect made a reader without cuFile";
+  } catch (const ConfigError& error) {
+    EXPECT_EQ(error.field(), "backend");
+    EXPECT_NE(std::string(error.what()).find("cuFile"), std::string::npos) << error.what();
+  }
+}
+
 TEST(MakeBackend, RejectsZeroSizes) {
   EXPECT_THROW((void)make_backend({BackendKind::kPread, 0, 32}), ConfigError);
   if (io_uring_available()) {

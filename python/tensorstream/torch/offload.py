@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import _core
-from ..config import GPU_BACKENDS, Config
+from ..config import Config, device_backends
 from ..errors import ConfigError, StoreNotFoundError
 from ..store import fingerprint, open_model, write_model
 from ..trace import start_trace, write_trace
@@ -120,7 +120,7 @@ def _check_config(config: Any) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"config must be a tensorstream.Config, got {type(config).__name__}", field="config")
     config.validate()
-    if config.backend in GPU_BACKENDS:
+    if config.backend in device_backends():
         raise ConfigError(f"invalid backend: {config.backend.name} needs the GPU transfer stage, which is not in this "
                           "build (CPU execution only for now); use BackendType.AUTO, PREAD, IO_URING or MMAP",
                           field="backend")
@@ -297,6 +297,7 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
     arena = Arena(plan.arena_bytes)
     storage = _core.StorageDirectory.open_existing(config.storage_path)
     engine = _core.Engine(storage, stored_id, arena.address, arena.nbytes, backend=config.backend.value,
+                          direct_io=config.direct_io, queue_depth=config.queue_depth,
                           num_io_threads=config.num_io_threads, budget_bytes=plan.budget_bytes,
                           prefetch_strategy=config.prefetch_strategy.value,
                           memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums,

@@ -3,6 +3,7 @@ model, dtypes, grad modes, sampling, statistics, budget tuning, cleanup, errors,
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -479,3 +480,35 @@ def test_storage_directory_holds_one_model_per_weights(ts_models, tmp_path):
     ts_models.offload("opt", tmp_path)
     assert len(ts.Storage(tmp_path).models()) == 2
     assert pathlib.Path(tmp_path, "STORE").exists()
+
+
+# ---- environment variables reach the engine ----------------------------------------------------------------------
+
+ENGINE_VARIABLES = [  # variable, value, key in the engine's config(), what the engine reports
+    ("TENSORSTREAM_BACKEND", "pread", "backend", "pread"),
+    ("TENSORSTREAM_DIRECT_IO", "off", "direct_io", "off"),
+    ("TENSORSTREAM_IO_THREADS", "3", "num_io_threads", 3),
+    ("TENSORSTREAM_QUEUE_DEPTH", "9", "queue_depth", 9),
+    ("TENSORSTREAM_PREFETCH", "next_layer", "prefetch_strategy", "next_layer"),
+    ("TENSORSTREAM_MEMORY_PRESSURE", "aggressive", "memory_pressure_mode", "aggressive"),
+    ("TENSORSTREAM_VERIFY_CHECKSUMS", "off", "verify_checksums", False),
+]
+
+
+@pytest.mark.parametrize("variable, text, key, value", ENGINE_VARIABLES, ids=[v[0] for v in ENGINE_VARIABLES])
+def test_offload_applies_each_engine_variable(ts_models, tmp_path, monkeypatch, variable, text, key, value):
+    monkeypatch.setenv(variable, text)
+    plain = ts_models.plain("llama")
+    model = ts_models.track(ts.offload(copy.deepcopy(plain),
+                                       ts.Config(storage_path=str(tmp_path), min_layer_size=0)))
+    assert state_of(model).engine.config()[key] == value
+    ts_models.assert_matches_plain("llama", plain, model, ts_models.input_ids())
+
+
+def test_offload_applies_the_budget_variable(ts_models, tmp_path, monkeypatch):
+    plain = ts_models.plain("llama")
+    budget = 0.5 * sum(p.numel() * p.element_size() for p in plain.parameters()) / 1e9
+    monkeypatch.setenv("TENSORSTREAM_VRAM_BUDGET", repr(budget))
+    model = ts_models.track(ts.offload(copy.deepcopy(plain),
+                                       ts.Config(storage_path=str(tmp_path), min_layer_size=0)))
+    assert ts.get_model_statistics(model)["requested_budget_bytes"] == int(budget * 1e9)

@@ -60,8 +60,9 @@ struct BackendOptions {
   uint32_t queue_depth = 32; // io_uring ring entries
 };
 
-// Creates the requested backend. For kAuto (and for kIoUring when the kernel refuses io_uring) it falls back to
-// the pread pool and writes why into *reason (when given); a fallback is logged once per process.
+// Creates the reader of the requested backend (backend_traits(kind).reader: kCuda reads as kAuto). For kAuto (and
+// for kIoUring when the kernel refuses io_uring) it falls back to the pread pool and writes why into *reason (when
+// given); a fallback is logged once per process. kGpuDirect (cuFile) is a ConfigError until cuFile reads land.
 [[nodiscard]] std::unique_ptr<IoBackend> make_backend(const BackendOptions& options, std::string* reason = nullptr);
 // True when this kernel and process may use io_uring (probed once, cached).
 [[nodiscard]] bool io_uring_available(std::string* reason = nullptr);
