@@ -98,6 +98,16 @@ struct Engine::Impl {
   std::unique_ptr<IoBackend> mapper;
   std::vector<std::span<std::byte>> block_data;  // where each resident or loading block's bytes are (under `mutex`)
   std::vector<uint8_t> block_mapped;             // 1 when block_data is a view of the file mapping (under `mutex`)
+  std::vector<EventRef> block_ready;             // device slots: the ready event of each block's last load (`mutex`)
+  // Device slots: fences handed over by releases that no copy has waited for yet, with the slot range they guard.
+  // The copy stream is one FIFO stream, so a fence is waited for once, by the first load into any part of its
+  // range; every later copy is ordered after that wait (under `mutex`).
+  struct PendingFence {
+    uint64_t begin = 0;
+    uint64_t end = 0;
+    EventRef fence;
+  };
+  std::vector<PendingFence> pending_fences;
 
   std::mutex mutex;  // loads, acquire times, order flag
   std::condition_variable room_cv;
@@ -110,8 +120,10 @@ struct Engine::Impl {
   // would need the GIL while holding an engine lock).
   std::shared_ptr<const std::function<void(size_t)>> eviction_callback;
 
-  // Host buffers for reads that cannot land in the slot (compressed chunks; every chunk of a device slot).
+  // Host buffers for reads that cannot land in the slot (compressed chunks; every chunk of a device slot), and, for
+  // device slots, for decoded chunks on their way to the device (a worker waits for one when all are in copies).
   std::shared_ptr<StagingPool> staging;
+  std::shared_ptr<StagingPool> decoded;
   // Started last, stopped first (see ~Impl): they call back into everything above.
   std::unique_ptr<WorkerPool> workers;
   std::unique_ptr<IoQueue> io;
@@ -159,7 +171,13 @@ struct Engine::Impl {
     open_direct_fd();
     // Enough buffers for every read in flight plus one being verified or decoded per worker; allocated on first use.
     staging = StagingPool::create(detail::staging_bytes_for(manifest.chunk_size),
-                                  uint64_t{config.queue_depth} + config.num_io_threads);
+                                  uint64_t{config.queue_depth} + config.num_io_threads, transfer->staging_allocator());
+    if (!host_addressable(access)) {
+      // Two per worker: one being decoded while the previous one's copy runs.
+      decoded = StagingPool::create(manifest.chunk_size, 2 * uint64_t{config.num_io_threads},
+                                    transfer->staging_allocator());
+      block_ready.resize(manifest.blocks.size());
+    }
     workers = std::make_unique<WorkerPool>(config.num_io_threads, [](uint32_t i) {
       set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
     });
@@ -176,6 +194,7 @@ struct Engine::Impl {
     // every job that produced, and only then can nothing call back into the queue or the pool.
     io->shutdown();
     workers->shutdown();
+    transfer->drain();  // copies still on the device hold staging leases until they complete
     staging->set_on_available({});
   }
 
@@ -259,6 +278,7 @@ struct Engine::Impl {
       switch (decision.action) {
         case ResidencyManager::Action::kHit:
           ticket.data_ = block_data[block];
+          if (!block_ready.empty()) ticket.ready_ = block_ready[block];
           stats.on_acquire(block, /*hit=*/true, prefetched);
           break;
         case ResidencyManager::Action::kInFlight:
@@ -282,12 +302,26 @@ struct Engine::Impl {
     }
   }
 
-  void release(size_t block) {
+  void release(size_t block, uintptr_t consumer_stream) {
     check_block(block);
+    // The fence first, while the block is still pinned: once unpinned its slot may be given to another load.
+    EventRef fence;
+    std::exception_ptr fence_error;
+    if (!host_addressable(access) && consumer_stream != 0) {
+      try {
+        fence = transfer->record_on_stream(consumer_stream);
+      } catch (...) {
+        fence_error = std::current_exception();
+      }
+    }
     uint64_t started = 0;
     std::vector<size_t> evicted;  // non-empty only when the budget shrank below what pinned blocks held
     {
       std::lock_guard lock(mutex);
+      if (fence) {
+        const auto begin = static_cast<uint64_t>(block_data[block].data() - arena.data());
+        pending_fences.push_back({begin, begin + block_data[block].size(), std::move(fence)});
+      }
       started = acquired_at_ns[block];
       evicted = to_store(residency.release(position[block]));
       ++progress;
@@ -295,6 +329,7 @@ struct Engine::Impl {
     room_cv.notify_all();
     handle_evictions(evicted);
     if (started != 0) prefetcher.on_compute_time(position[block], now_ns() - started);
+    if (fence_error) std::rethrow_exception(fence_error);
   }
 
   void prefetch(size_t block) {
@@ -416,6 +451,7 @@ struct Engine::Impl {
       block_mapped[block] = 1;
     } else {
       load->data = arena.subspan(slot_offset, record.slot_size);
+      if (!host_addressable(access)) wait_for_fences(load, slot_offset, slot_offset + record.slot_size);
     }
     block_data[block] = load->data;
 
@@ -445,6 +481,17 @@ struct Engine::Impl {
         break;
     }
     return load;
+  }
+
+  // Device slots, under `mutex`: orders this load's copies after the fences of earlier users of [begin, end).
+  void wait_for_fences(const std::shared_ptr<LoadState>& load, uint64_t begin, uint64_t end) {
+    auto overlapping = [&](const PendingFence& pending) { return pending.begin < end && begin < pending.end; };
+    for (const PendingFence& pending : pending_fences) {
+      if (!overlapping(pending)) continue;
+      std::exception_ptr error;
+      if (transfer->stream_wait(*pending.fence, 0, &error) < 0) load->set_error(error);
+    }
+    std::erase_if(pending_fences, overlapping);
   }
 
   // One piece per planned read: into the slot, or into a staging buffer leased when the read is dispatched.
@@ -483,6 +530,7 @@ struct Engine::Impl {
                          std::to_string(read.file_offset);
       if (load->plan.kind == LoadPlan::Kind::kChunks) what += " (tensor '" + manifest.tensors[read.tensor].name + "')";
       if (err == ENODATA) what += " (unexpected end of file)";
+      if (err == ENOMEM) what += " (no staging buffer could be allocated)";
       if (err == ECANCELED) {
         what += " (engine shutting down)";
       } else {
@@ -577,17 +625,26 @@ struct Engine::Impl {
             std::memcpy(load->data.data() + slot_offset, stored.data(), stored.size());
           }
         } else {
-          thread_local std::vector<std::byte> decoded;
-          thread_local std::vector<std::byte> scratch;
+          // The copy owns its source until the device has read it: the read's own buffer for a raw chunk, a decode
+          // buffer for a compressed one (the read's buffer then returns as soon as it is decoded).
+          StagingLease source;
           std::span<const std::byte> bytes = stored;
           if (chunk.codec != Codec::kRaw) {
-            decoded.resize(chunk.raw_size);
+            source = decoded->acquire();
+            thread_local std::vector<std::byte> scratch;
+            const std::span<std::byte> out = source.bytes().subspan(0, chunk.raw_size);
             const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
-            store->decode_chunk(read.tensor, read.chunk, stored, decoded, scratch);
-            bytes = decoded;
+            store->decode_chunk(read.tensor, read.chunk, stored, out, scratch);
+            bytes = out;
+            piece->staging.reset();
+          } else {
+            source = std::move(piece->staging);
           }
           const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
-          transfer->copy_to_slot(bytes, load->data, slot_offset);
+          std::exception_ptr error;
+          if (transfer->copy_async(std::move(source), bytes, load->data, slot_offset, &error) < 0) {
+            std::rethrow_exception(error);  // caught below, recorded in the load
+          }
         }
         load->decoded_bytes += chunk.raw_size;
       }
@@ -609,11 +666,13 @@ struct Engine::Impl {
   void finish_load(const std::shared_ptr<LoadState>& load) {
     bool ok = !load->failed();
     if (ok && !host_addressable(access)) {
-      try {
-        const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, 0);  // the block's copies complete
-        transfer->finish_slot(load->data);
-      } catch (...) {
-        load->set_error(std::current_exception());
+      // Every copy of the block is queued: the event recorded now completes when they have. Nobody blocks here;
+      // a consumer waits for the event on its stream (Ticket::wait_on_stream) or on the host (Ticket::wait).
+      std::exception_ptr error;
+      const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, 0);  // the block's ready event
+      load->ready = transfer->record_ready(&error);
+      if (!load->ready) {
+        load->set_error(error);
         ok = false;
       }
     }
@@ -626,6 +685,7 @@ struct Engine::Impl {
       std::lock_guard lock(mutex);
       evicted = to_store(residency.load_finished(position[load->block], ok));
       if (loads[load->block] == load) loads[load->block] = nullptr;
+      if (ok && !block_ready.empty()) block_ready[load->block] = load->ready;
       if (!ok) prefetched_pending[load->block] = 0;
       ++progress;
     }
@@ -642,8 +702,8 @@ struct Engine::Impl {
 
 // ---- Ticket -------------------------------------------------------------------------------------------------------
 
-void Ticket::wait() const {
-  if (!load_) return;
+EventRef Ticket::wait_for_load() const {
+  if (!load_) return ready_;
   std::unique_lock lock(load_->mutex);
   if (!load_->done) {
     const uint64_t start = now_ns();
@@ -665,7 +725,23 @@ void Ticket::wait() const {
     }
   }
   if (load_->error) std::rethrow_exception(load_->error);
+  ready_ = load_->ready;
+  return ready_;
 }
+
+void Ticket::wait() const {
+  const EventRef ready = wait_for_load();
+  if (ready && engine_ != nullptr) engine_->impl_->transfer->synchronize(*ready);
+}
+
+void Ticket::wait_on_stream(uintptr_t stream) const {
+  const EventRef ready = wait_for_load();
+  if (!ready || engine_ == nullptr) return;
+  std::exception_ptr error;
+  if (engine_->impl_->transfer->stream_wait(*ready, stream, &error) < 0) std::rethrow_exception(error);
+}
+
+uintptr_t Ticket::ready_event() const noexcept { return ready_ ? ready_->native() : 0; }
 
 bool Ticket::ready() const {
   if (!load_) return true;
@@ -684,7 +760,7 @@ Engine::Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> ar
 Engine::~Engine() = default;
 
 Ticket Engine::acquire(size_t block) { return impl_->acquire(this, block); }
-void Engine::release(size_t block) { impl_->release(block); }
+void Engine::release(size_t block, uintptr_t consumer_stream) { impl_->release(block, consumer_stream); }
 void Engine::prefetch(size_t block) { impl_->prefetch(block); }
 
 void Engine::set_budget(uint64_t budget_bytes) {

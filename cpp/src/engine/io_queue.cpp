@@ -21,6 +21,7 @@ IoQueue::IoQueue(IoBackend& backend, uint32_t depth, StagingPool* staging, Stats
 
 void IoQueue::submit(std::vector<std::unique_ptr<QueuedRead>> reads) {
   std::vector<std::unique_ptr<QueuedRead>> cancelled;
+  std::vector<std::unique_ptr<QueuedRead>> failed;
   {
     const std::lock_guard lock(mutex_);
     for (auto& read : reads) {
@@ -32,32 +33,42 @@ void IoQueue::submit(std::vector<std::unique_ptr<QueuedRead>> reads) {
       }
     }
     std::vector<ReadRequest> batch;
-    take_ready(batch);
+    take_ready(batch, failed);
     if (!batch.empty()) backend_.submit(batch);
   }
   cv_.notify_all();
   for (auto& read : cancelled) handler_(std::move(read), -ECANCELED);
+  for (auto& read : failed) handler_(std::move(read), -ENOMEM);
 }
 
 void IoQueue::pump() {
+  std::vector<std::unique_ptr<QueuedRead>> failed;
   {
     const std::lock_guard lock(mutex_);
     if (stopping_) return;
     std::vector<ReadRequest> batch;
-    take_ready(batch);
-    if (batch.empty()) return;
-    backend_.submit(batch);
+    take_ready(batch, failed);
+    if (!batch.empty()) backend_.submit(batch);
   }
   cv_.notify_all();
+  for (auto& read : failed) handler_(std::move(read), -ENOMEM);
 }
 
-void IoQueue::take_ready(std::vector<ReadRequest>& batch) {
+void IoQueue::take_ready(std::vector<ReadRequest>& batch, std::vector<std::unique_ptr<QueuedRead>>& failed) {
   const bool tracing = trace_.enabled();
   const uint64_t submit_ns = tracing ? trace_now_ns() : 0;  // taken under the lock: see assign_io_lane
   while (!pending_.empty() && in_flight_ < depth_ && !stopping_) {
     QueuedRead* read = pending_.front();
     if (read->staged_length > 0 && !read->staging) {
-      std::optional<StagingLease> lease = staging_ != nullptr ? staging_->try_acquire() : std::nullopt;
+      std::optional<StagingLease> lease;
+      try {
+        lease = staging_ != nullptr ? staging_->try_acquire() : std::nullopt;
+      } catch (...) {
+        // The pool could not allocate a buffer (pinned memory exhausted, say): this read fails, later ones try again.
+        pending_.pop_front();
+        failed.emplace_back(read);
+        continue;
+      }
       if (!lease) break;  // in order: the next returned lease pumps again
       read->staging = std::move(*lease);
       read->request.buffer = read->staging.bytes().subspan(0, read->staged_length);
@@ -123,6 +134,7 @@ void IoQueue::reap_loop() {
     const size_t count = backend_.reap(completions, /*wait=*/true);
     for (size_t i = 0; i < count; ++i) {
       std::unique_ptr<QueuedRead> read(reinterpret_cast<QueuedRead*>(completions[i].user_data));
+      std::vector<std::unique_ptr<QueuedRead>> failed;
       TraceEvent event;
       bool traced = false;
       {
@@ -134,12 +146,14 @@ void IoQueue::reap_loop() {
         }
         --in_flight_;
         std::vector<ReadRequest> batch;
-        take_ready(batch);
+        take_ready(batch, failed);
         if (!batch.empty()) backend_.submit(batch);
         if (in_flight_ == 0) stats_.on_io_idle(now_ns());
       }
       if (traced) trace_.record(event);
       handler_(std::move(read), completions[i].result);
+      for (auto& failed_read : failed) handler_(std::move(failed_read), -ENOMEM);
+      failed.clear();
     }
   }
 }

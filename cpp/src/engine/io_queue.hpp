@@ -47,7 +47,8 @@ struct QueuedRead {
 class IoQueue {
  public:
   // Receives each read once: `result` is bytes read (== the buffer's size) or -errno; -ECANCELED for reads
-  // cancelled by shutdown() before they reached the backend. Must not throw.
+  // cancelled by shutdown() before they reached the backend, -ENOMEM for staged reads whose buffer could not be
+  // allocated. Must not throw.
   using Handler = std::function<void(std::unique_ptr<QueuedRead> read, int64_t result)>;
 
   // `staging` may be null when no read will ever be staged. Everything passed in must outlive the queue.
@@ -65,8 +66,9 @@ class IoQueue {
   void shutdown() noexcept;
 
  private:
-  // Under mutex_: moves reads from pending_ into `batch` while there is room.
-  void take_ready(std::vector<ReadRequest>& batch);
+  // Under mutex_: moves reads from pending_ into `batch` while there is room; reads whose staging buffer could
+  // not be allocated go to `failed` (the caller hands them to the handler with -ENOMEM, outside the lock).
+  void take_ready(std::vector<ReadRequest>& batch, std::vector<std::unique_ptr<QueuedRead>>& failed);
   void assign_io_lane(QueuedRead& read, uint64_t submit_ns);
   TraceEvent read_event(const QueuedRead& read, int64_t result) const;
   void reap_loop();

@@ -14,6 +14,7 @@
 #include <span>
 
 #include "engine/load_plan.hpp"
+#include "tensorstream/engine/transfer.hpp"
 
 namespace tensorstream::detail {
 
@@ -27,6 +28,7 @@ struct LoadState {
   std::unique_ptr<std::atomic<uint32_t>[]> reads_left_per_chunk;
   std::atomic<uint64_t> stored_bytes{0};
   std::atomic<uint64_t> decoded_bytes{0};
+  EventRef ready;  // device slots: completes once the block's copies have (set before `done`)
 
   std::mutex mutex;
   std::condition_variable done_cv;

@@ -9,10 +9,21 @@ class HostTransfer final : public Transfer {
  public:
   [[nodiscard]] std::string name() const override { return "host"; }
   [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kHost; }
-  void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) override {
+  [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override { return make_pageable_allocator(); }
+  // Host slots are written by the reader and the decoder directly; a copy, should one be asked for, is a memcpy.
+  int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
+                     std::exception_ptr* /*error*/) override {
     if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
+    source.reset();
+    return static_cast<int64_t>(bytes.size());
   }
-  void finish_slot(std::span<std::byte>) override {}
+  [[nodiscard]] EventRef record_ready(std::exception_ptr* /*error*/) override { return nullptr; }
+  [[nodiscard]] EventRef record_on_stream(uintptr_t /*stream*/) override { return nullptr; }
+  int stream_wait(const TransferEvent& /*event*/, uintptr_t /*stream*/, std::exception_ptr* /*error*/) override {
+    return 0;
+  }
+  void synchronize(const TransferEvent& /*event*/) override {}
+  void drain() noexcept override {}
 };
 }  // namespace
 

@@ -95,6 +95,14 @@ std::optional<StagingLease> StagingPool::try_acquire() {
   return StagingLease(shared_from_this(), {buffer, static_cast<size_t>(buffer_bytes_)});
 }
 
+StagingLease StagingPool::acquire() {
+  for (;;) {
+    if (std::optional<StagingLease> lease = try_acquire()) return std::move(*lease);
+    std::unique_lock lock(mutex_);
+    returned_.wait(lock, [&] { return !free_.empty(); });  // then race for it through try_acquire
+  }
+}
+
 void StagingPool::give_back(std::span<std::byte> bytes) noexcept {
   std::shared_ptr<const std::function<void()>> callback;
   {
@@ -102,6 +110,7 @@ void StagingPool::give_back(std::span<std::byte> bytes) noexcept {
     free_.push_back(bytes.data());  // never reallocates: free_ has room for every buffer (see try_acquire)
     callback = on_available_;
   }
+  returned_.notify_one();
   if (callback && *callback) (*callback)();
 }
 

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "support/fault_backend.hpp"
+#include "support/recording_transfer.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorstream/error.hpp"
@@ -21,6 +22,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing::TempDir;
+using testing::RecordingTransfer;
 using testing::TestBlock;
 
 // 4 KiB-aligned memory standing in for the arena PyTorch owns.
@@ -383,21 +385,6 @@ TEST_F(EngineTest, BudgetShrinksAtRunTime) {
   }
 }
 
-// A transfer whose slots are not host-addressable, standing in for device memory: every byte must go through
-// copy_to_slot, and the block must still arrive intact.
-class RecordingTransfer final : public Transfer {
- public:
-  [[nodiscard]] std::string name() const override { return "recording"; }
-  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
-  void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) override {
-    std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
-    copied += bytes.size();
-  }
-  void finish_slot(std::span<std::byte>) override { finished++; }
-  std::atomic<uint64_t> copied{0};
-  std::atomic<uint64_t> finished{0};
-};
-
 TEST_F(EngineTest, NonHostTransferReceivesEveryByte) {
   write(testing::sample_model(29), 5, 4096);
   Arena arena(total_slot_bytes());
@@ -413,7 +400,7 @@ TEST_F(EngineTest, NonHostTransferReceivesEveryByte) {
   }
   for (const auto& tensor : store_->manifest().tensors) raw += tensor.nbytes;
   EXPECT_EQ(recording->copied.load(), raw);
-  EXPECT_EQ(recording->finished.load(), store_->manifest().blocks.size());
+  EXPECT_EQ(recording->ready_events.load(), store_->manifest().blocks.size());
 }
 
 TEST_F(EngineTest, MmapBackendGivesZeroCopyViews) {

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "support/fault_backend.hpp"
+#include "support/recording_transfer.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorstream/engine/engine.hpp"
@@ -148,16 +149,6 @@ class Arena {
   std::byte* data_;
 };
 
-// Slots that are not host memory, standing in for a device: every chunk goes through copy_to_slot.
-class CopyingTransfer final : public Transfer {
- public:
-  [[nodiscard]] std::string name() const override { return "copying"; }
-  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
-  void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) override {
-    if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
-  }
-  void finish_slot(std::span<std::byte>) override {}
-};
 
 // The pread pool, except that no read completes until open() is called: a caller that waits is then sure to
 // block, so a stall is certain to be recorded.
@@ -300,7 +291,7 @@ TEST_F(TraceEngineTest, OffMeansNoEvents) {
   plan.max_delay_us = 200;
   plan.reorder = true;
   Engine engine(store_, arena_->span(), config(), testing::make_fault_backend(plan, 2),
-                std::make_unique<CopyingTransfer>());
+                std::make_unique<testing::RecordingTransfer>());
   EXPECT_FALSE(engine.tracing());
   load_every_block(engine, block_count());
   const TraceBatch batch = engine.drain_trace();
@@ -318,7 +309,8 @@ TEST_F(TraceEngineTest, EveryChunkIsReadVerifiedDecodedAndTransferred) {
   plan.short_read_probability = 0.2;
   plan.reorder = true;
   const Config c = config();
-  Engine engine(store_, arena_->span(), c, testing::make_fault_backend(plan, 2), std::make_unique<CopyingTransfer>());
+  Engine engine(store_, arena_->span(), c, testing::make_fault_backend(plan, 2),
+                std::make_unique<testing::RecordingTransfer>());
   engine.enable_tracing();
   EXPECT_TRUE(engine.tracing());
   load_every_block(engine, block_count());

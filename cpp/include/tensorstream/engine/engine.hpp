@@ -2,7 +2,10 @@
 //
 //   acquire(block) -> Ticket      pins the block; a hit returns a ready ticket, a miss starts the load
 //   ticket.wait()                 blocks until the bytes are in the slot; rethrows the load's first error
-//   release(block)                unpins; the block stays resident until the residency policy evicts it
+//   ticket.wait_on_stream(s)      device slots: blocks only until the copies are queued, then makes stream s wait
+//                                 for the block's ready event (no host synchronisation)
+//   release(block, s)             unpins; with device slots and a consumer stream s, records the fence that every
+//                                 later copy into this slot waits for. The block stays resident until evicted
 //
 // A load splits the block into its chunks and runs each through read (IoBackend) -> verify (checksum) ->
 // decode (if compressed) -> transfer (into the slot). Several blocks are in flight at once; `num_io_threads`
@@ -49,6 +52,11 @@ class Ticket {
   // Blocks until the block is in its slot; rethrows the load's error (IoError, CorruptionError).
   void wait() const;
   [[nodiscard]] bool ready() const;
+  // Device slots: blocks until the block's copies are queued (rethrowing the load's error), then makes `stream` (a
+  // native stream handle; 0: the legacy default stream) wait for the block's ready event. Host slots: wait().
+  void wait_on_stream(uintptr_t stream) const;
+  // The block's ready event as a native handle (a CUevent), 0 for host slots. Valid after wait*() while pinned.
+  [[nodiscard]] uintptr_t ready_event() const noexcept;
   // The block's bytes (its slot, or a zero-copy view of the file with the mmap backend). Valid after wait()
   // while the block stays pinned.
   [[nodiscard]] std::span<std::byte> data() const noexcept { return data_; }
@@ -57,7 +65,10 @@ class Ticket {
   friend class Engine;
   size_t block_ = 0;
   std::span<std::byte> data_;
+  // Waits for the load on the host and rethrows its error; returns the block's ready event (null for host slots).
+  [[nodiscard]] EventRef wait_for_load() const;
   std::shared_ptr<detail::LoadState> load_;  // null for hits
+  mutable EventRef ready_;                   // hits: the event of the load that brought the block in
   class Engine* engine_ = nullptr;
 };
 
@@ -74,7 +85,9 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   [[nodiscard]] Ticket acquire(size_t block);
-  void release(size_t block);
+  // `consumer_stream`: device slots only, the native stream whose kernels read the block (0: none, the caller
+  // finished with the bytes on the host). Throws CudaError if the fence cannot be recorded (the block is released).
+  void release(size_t block, uintptr_t consumer_stream = 0);
   // Starts a load without pinning (budget permitting); a no-op if resident, in flight or without room.
   void prefetch(size_t block);
 

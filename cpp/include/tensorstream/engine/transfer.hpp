@@ -1,35 +1,77 @@
-// Transfer: the last stage of the chunk pipeline, which puts decoded bytes into the block's slot.
+// Transfer: the last stage of the chunk pipeline, which puts verified, decoded bytes into the block's slot, and the
+// device-side ordering that goes with it. One per engine; its slot_access() tells the load planner where slots
+// live (engine/slot_access.hpp).
 //
-// On the host the slot is ordinary memory, so raw chunks are read straight into it and compressed chunks are
-// decoded straight into it: nothing is copied twice. A device implementation (the CUDA issue) instead reads into
-// pinned staging buffers and copies them to device memory asynchronously on a copy stream; it plugs in here.
+// Host slots (make_host_transfer): raw chunks are read straight into the slot and compressed ones decoded into it,
+// so copy_async is never needed for them; events are null (host work is complete when it returns).
 //
-// Thread-safety: implementations must accept calls from any engine worker.
+// Device slots (cuda/cuda_transfer.hpp): bytes arrive in host staging buffers; copy_async queues an asynchronous
+// copy on the Transfer's copy stream and takes the buffer's lease, which returns to its pool when the copy has
+// completed (never earlier: the device reads the buffer until then). After a block's last copy the engine records
+// the block's ready event (record_ready); a consumer makes its compute stream wait on it (stream_wait) instead of
+// blocking the host. When the consumer releases the block it hands over a fence, an event recorded on its compute
+// stream after the last kernel that reads the block (record_on_stream); before a later load copies into any part
+// of that slot, the copy stream waits for the fence (stream_wait with stream 0), so no queued kernel ever sees its
+// weights overwritten.
+//
+// Results: calls made on engine workers (copy_async, record_ready, stream_wait) never throw; they return bytes or
+// a negative value and put the typed error (CudaError naming the call and the driver's error text) into *error.
+// Calls made on the caller's thread (record_on_stream, synchronize) throw it.
+//
+// Thread-safety: every method may be called from any thread, concurrently.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <exception>
 #include <memory>
 #include <span>
 #include <string>
 
 #include "tensorstream/engine/slot_access.hpp"
+#include "tensorstream/memory/staging_pool.hpp"
 
 namespace tensorstream {
+
+// An event of a Transfer (a CUevent for CUDA): complete once the device work recorded before it is. Destroyed with
+// its last reference. native() is the handle a framework can use (CUevent as an integer).
+class TransferEvent {
+ public:
+  virtual ~TransferEvent() = default;
+  [[nodiscard]] virtual uintptr_t native() const noexcept = 0;
+};
+using EventRef = std::shared_ptr<const TransferEvent>;
 
 class Transfer {
  public:
   virtual ~Transfer() = default;
   [[nodiscard]] virtual std::string name() const = 0;
-  // Where slots live and who may write them (engine/slot_access.hpp); constant for the Transfer's lifetime.
+  // Where slots live and who may write them; constant for the Transfer's lifetime.
   [[nodiscard]] virtual SlotAccess slot_access() const = 0;
-  // Copies `bytes` (host memory the caller may reuse after this returns) into `slot` at `offset`. Only called
-  // when slot_access() is not kHost.
-  virtual void copy_to_slot(std::span<const std::byte> bytes, std::span<std::byte> slot, size_t offset) = 0;
-  // Blocks until every copy issued for the slot so far is complete.
-  virtual void finish_slot(std::span<std::byte> slot) = 0;
+  // Where staging buffers should come from: page-locked memory for a device (a DMA source), pageable on the host.
+  [[nodiscard]] virtual std::unique_ptr<HostAllocator> staging_allocator() const = 0;
+
+  // Queues a copy of `bytes` (which lie inside `source`'s buffer) into `slot` at `offset`. The Transfer owns
+  // `source` from now on and releases it once the copy has completed. Returns bytes.size(), or a negative value with
+  // *error set (the source is then released at once). Never blocks on the copy itself.
+  virtual int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot,
+                             uint64_t offset, std::exception_ptr* error) = 0;
+  // An event that completes once every copy queued so far has. Null for host slots (nothing to wait for), and null
+  // with *error set on failure.
+  [[nodiscard]] virtual EventRef record_ready(std::exception_ptr* error) = 0;
+  // An event recorded on the consumer's `stream` (its native handle): the fence a release hands over. Null for
+  // host slots or stream 0. Throws CudaError.
+  [[nodiscard]] virtual EventRef record_on_stream(uintptr_t stream) = 0;
+  // Makes `stream` (0: the Transfer's copy stream) wait for `event` without blocking the host. Returns 0, or a
+  // negative value with *error set.
+  virtual int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) = 0;
+  // Blocks the calling thread until `event` is complete. Throws CudaError.
+  virtual void synchronize(const TransferEvent& event) = 0;
+  // Blocks until every queued copy has completed and its source was released. Never throws.
+  virtual void drain() noexcept = 0;
 };
 
-// Slots in host memory: copy_to_slot is a memcpy, finish_slot does nothing.
+// Slots in host memory: nothing is ever copied or waited for.
 [[nodiscard]] std::unique_ptr<Transfer> make_host_transfer();
 
 }  // namespace tensorstream

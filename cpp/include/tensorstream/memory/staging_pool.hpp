@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstddef>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -90,6 +91,9 @@ class StagingPool : public std::enable_shared_from_this<StagingPool> {
   // Thread-safe, never blocks. A free buffer (allocating one while under the bound), or nullopt when all
   // max_buffers are leased. Throws only what the allocator throws.
   [[nodiscard]] std::optional<StagingLease> try_acquire();
+  // Thread-safe. Blocks until a buffer is free. Only for callers whose wait cannot hold up the return of leases
+  // (a worker waiting for device copies to finish, never a thread that must reap reads).
+  [[nodiscard]] StagingLease acquire();
   // Thread-safe. `callback` runs after each returned lease, on the returning thread, without the pool's lock held
   // (so it may call try_acquire). It must not throw. An empty function removes it.
   void set_on_available(std::function<void()> callback);
@@ -105,6 +109,7 @@ class StagingPool : public std::enable_shared_from_this<StagingPool> {
   const uint64_t max_buffers_;
   const std::unique_ptr<HostAllocator> allocator_;
   mutable std::mutex mutex_;
+  std::condition_variable returned_;  // acquire(): a lease came back
   std::vector<std::byte*> all_;   // every buffer allocated (freed by the destructor)
   std::vector<std::byte*> free_;  // not leased
   uint64_t peak_in_use_ = 0;

@@ -26,8 +26,8 @@ namespace tensorstream {
 
 // What an event measures. kRead: an I/O request from submit to completion, or, for a block mapped instead of read,
 // prefaulting one chunk's pages. kVerify: one chunk's checksum. kDecompress: decoding one chunk. kTransfer: the
-// Transfer stage copying one chunk into a slot that is not host memory, or (chunk -1) waiting for a block's
-// copies to finish; host slots receive reads and decodes in place, so they have no transfer events. kStall: a
+// Transfer stage queuing one chunk's copy into a slot that is not host memory, or (chunk -1) recording a block's
+// ready event once all its copies are queued; host slots receive reads and decodes in place, so they have no transfer events. kStall: a
 // caller blocked in Ticket::wait.
 enum class TraceKind : uint8_t { kRead, kVerify, kDecompress, kTransfer, kStall };
 

@@ -1,0 +1,65 @@
+// CudaTransfer: the Transfer of BackendKind::kCuda (engine/transfer.hpp has the contract). Slots live in device
+// memory on one device; bytes arrive in pinned staging buffers (cuMemHostAlloc through pinned_allocator()) and go
+// to the slot with cuMemcpyHtoDAsync on a copy stream of its own. Each copy's staging lease is released by a host
+// function queued behind the copy (cuLaunchHostFunc), so a buffer is reused only after the device has read it.
+// Ready events and fences are CUevents created with CU_EVENT_DISABLE_TIMING.
+//
+// It works in the device's primary context, the one PyTorch uses, retained for the Transfer's lifetime and made
+// current on each thread that calls in (once per thread). Streams passed in (consumer streams) are native CUstream
+// handles, e.g. torch.cuda.current_stream().cuda_stream.
+//
+// Thread-safety: every method may be called from any thread, concurrently (Transfer's contract).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <condition_variable>
+
+#include "tensorstream/cuda/cuda_api.hpp"
+#include "tensorstream/engine/transfer.hpp"
+
+namespace tensorstream {
+
+class CudaTransfer final : public Transfer {
+ public:
+  // Retains device `ordinal`'s primary context and creates the copy stream. Throws CudaError naming the call.
+  CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal);
+  ~CudaTransfer() override;
+  CudaTransfer(const CudaTransfer&) = delete;
+  CudaTransfer& operator=(const CudaTransfer&) = delete;
+
+  [[nodiscard]] std::string name() const override { return "cuda"; }
+  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
+  [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override;
+  int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
+                     std::exception_ptr* error) override;
+  [[nodiscard]] EventRef record_ready(std::exception_ptr* error) override;
+  [[nodiscard]] EventRef record_on_stream(uintptr_t stream) override;
+  int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) override;
+  void synchronize(const TransferEvent& event) override;
+  void drain() noexcept override;
+
+  [[nodiscard]] CuStream copy_stream() const noexcept { return copy_stream_; }
+  [[nodiscard]] uint64_t copies_in_flight() const noexcept { return in_flight_.load(); }
+
+ private:
+  struct PendingCopy;
+  static void copy_completed(void* pending);  // the host function queued behind each copy
+  // Makes the primary context current on the calling thread; returns its CUresult.
+  CuResult make_current() noexcept;
+  EventRef record(CuStream stream, std::exception_ptr* error);
+
+  const std::shared_ptr<CudaApi> api_;
+  CuDevice device_ = 0;
+  CuContext context_ = nullptr;
+  CuStream copy_stream_ = nullptr;
+  std::atomic<uint64_t> in_flight_{0};  // copies queued whose lease has not come back
+  std::mutex drained_mutex_;
+  std::condition_variable drained_;
+};
+
+// Pinned host memory from cuMemHostAlloc (portable), for staging pools that feed a device.
+[[nodiscard]] std::unique_ptr<HostAllocator> make_pinned_allocator(std::shared_ptr<CudaApi> api, CuContext context);
+
+}  // namespace tensorstream

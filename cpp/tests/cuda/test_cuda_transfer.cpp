@@ -1,0 +1,314 @@
+// CudaTransfer over the CPU double, alone and driving the engine end to end. Device memory is host memory here, so
+// a "kernel" (CudaDouble::enqueue) can check what it sees. Each ordering rule is tested twice: kept (the kernels
+// see exactly the stored bytes) and broken on purpose by the test itself (they do not), which proves the first
+// test can fail.
+#include "tensorstream/cuda/cuda_transfer.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "support/fault_backend.hpp"
+#include "support/store_fixture.hpp"
+#include "support/temp_dir.hpp"
+#include "tensorstream/cuda/cuda_double.hpp"
+#include "tensorstream/engine/engine.hpp"
+#include "tensorstream/error.hpp"
+#include "tensorstream/store/storage_directory.hpp"
+
+namespace tensorstream {
+namespace {
+
+using testing::TestBlock;
+using testing::Watchdog;
+
+std::shared_ptr<CudaDouble> make_double(int latency_us) {
+  CudaDoubleOptions options;
+  options.copy_latency = std::chrono::microseconds(latency_us);
+  options.jitter = true;
+  return std::make_shared<CudaDouble>(options);
+}
+
+// Makes the device's primary context current on the calling (test) thread, as torch would have.
+CuContext use_primary_context(CudaApi& api) {
+  EXPECT_EQ(api.cuInit(0), kCudaSuccess);
+  CuContext context = nullptr;
+  EXPECT_EQ(api.cuDevicePrimaryCtxRetain(&context, 0), kCudaSuccess);
+  EXPECT_EQ(api.cuCtxSetCurrent(context), kCudaSuccess);
+  return context;
+}
+
+TEST(CudaTransfer, CopiesKeepTheirLeaseUntilTheDeviceHasReadIt) {
+  const Watchdog dog("CudaTransfer.CopiesKeepTheirLeaseUntilTheDeviceHasReadIt");
+  const auto api = make_double(5000);
+  CudaTransfer transfer(api, 0);
+  EXPECT_EQ(transfer.slot_access(), SlotAccess::kDeviceByCopy);
+  const auto pool = StagingPool::create(4096, 1, transfer.staging_allocator());
+  EXPECT_TRUE(pool->stats().pinned);
+  std::vector<std::byte> slot(8192, std::byte{0});
+  StagingLease lease = *pool->try_acquire();
+  std::memset(lease.bytes().data(), 7, 4096);
+  const std::span<const std::byte> bytes = lease.bytes().subspan(0, 4096);
+  std::exception_ptr error;
+  ASSERT_EQ(transfer.copy_async(std::move(lease), bytes, slot, 4096, &error), 4096);
+  EXPECT_FALSE(pool->try_acquire().has_value()) << "the lease came back before the copy ran";
+  transfer.drain();
+  EXPECT_EQ(slot[4096], std::byte{7});
+  EXPECT_EQ(slot[0], std::byte{0});
+  EXPECT_TRUE(pool->try_acquire().has_value());
+  EXPECT_EQ(transfer.copies_in_flight(), 0u);
+}
+
+TEST(CudaTransfer, FailuresAreCudaErrorsNamingTheCallAndReturnTheLease) {
+  const auto api = make_double(0);
+  CudaTransfer transfer(api, 0);
+  const auto pool = StagingPool::create(4096, 1);
+  std::vector<std::byte> slot(4096);
+  api->fail_next("cuMemcpyHtoDAsync", kCudaErrorLaunchFailed);
+  std::exception_ptr error;
+  StagingLease lease = *pool->try_acquire();
+  const auto bytes = lease.bytes();
+  EXPECT_LT(transfer.copy_async(std::move(lease), bytes, slot, 0, &error), 0);
+  ASSERT_TRUE(error);
+  try {
+    std::rethrow_exception(error);
+  } catch (const CudaError& e) {
+    EXPECT_EQ(e.code(), kCudaErrorLaunchFailed);
+    EXPECT_NE(std::string(e.what()).find("cuMemcpyHtoDAsync"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(pool->try_acquire().has_value()) << "a copy that was never queued returns its lease at once";
+  // A copy past the slot's end is refused before it reaches the driver.
+  error = nullptr;
+  StagingLease second = *pool->try_acquire();
+  const auto too_many = second.bytes();
+  EXPECT_LT(transfer.copy_async(std::move(second), too_many, slot, 1, &error), 0);
+  EXPECT_TRUE(error);
+  api->fail_next("cuEventRecord", kCudaErrorInvalidHandle);
+  error = nullptr;
+  EXPECT_EQ(transfer.record_ready(&error), nullptr);
+  EXPECT_TRUE(error);
+  EXPECT_EQ(transfer.record_on_stream(0), nullptr);
+  api->fail_next("cuDevicePrimaryCtxRetain", kCudaErrorOutOfMemory);
+  EXPECT_THROW(CudaTransfer(api, 0), CudaError);
+  EXPECT_THROW(CudaTransfer(api, 5), CudaError);  // no such device
+}
+
+// ---- the engine on the double --------------------------------------------------------------------------------
+
+class Arena {
+ public:
+  explicit Arena(size_t bytes) : bytes_(bytes), data_(static_cast<std::byte*>(std::aligned_alloc(4096, bytes))) {
+    std::memset(data_, 0xEE, bytes);
+  }
+  ~Arena() { std::free(data_); }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  [[nodiscard]] std::span<std::byte> span() const { return {data_, bytes_}; }
+
+ private:
+  size_t bytes_;
+  std::byte* data_;
+};
+
+class EngineOnCuda : public ::testing::Test {
+ protected:
+  void write(const std::vector<TestBlock>& blocks, int compression_level) {
+    blocks_ = blocks;
+    storage_ = std::make_unique<StorageDirectory>(StorageDirectory::open_or_create(dir_.path()));
+    StoreWriteOptions options;
+    options.chunk_size = 16384;
+    options.compression_level = compression_level;
+    options.mode = PublishMode::kReplace;
+    (void)testing::write_test_model(*storage_, "m", blocks, options);
+    store_ = std::make_shared<const StoreReader>(StoreReader::open(*storage_, "m"));
+  }
+  uint64_t slot_bytes(size_t blocks) const {
+    uint64_t largest = 0;
+    for (const auto& block : store_->manifest().blocks) largest = std::max(largest, block.slot_size);
+    return largest * blocks;
+  }
+  Config config(size_t budget_blocks) const {
+    Config c;
+    c.backend = BackendKind::kCuda;
+    c.direct_io = DirectIoMode::kOff;
+    c.num_io_threads = 2;
+    c.queue_depth = 4;
+    c.prefetch = PrefetchStrategy::kNone;
+    c.budget_bytes = slot_bytes(budget_blocks);
+    return c;
+  }
+  // True when `data` (a slot, read by the caller: a kernel or the host) holds exactly the stored bytes of `block`.
+  bool holds(size_t block, std::span<const std::byte> data) const {
+    const Manifest& manifest = store_->manifest();
+    size_t t = 0;
+    for (const TensorRecord& tensor : manifest.tensors_of(manifest.blocks[block])) {
+      const auto& expected = blocks_[block].tensors[t++].bytes;
+      if (data.size() < tensor.slot_offset + expected.size()) return false;
+      if (!std::equal(expected.begin(), expected.end(), data.begin() + tensor.slot_offset)) return false;
+    }
+    return true;
+  }
+  static std::vector<TestBlock> equal_blocks(size_t count, uint64_t seed) {
+    std::vector<TestBlock> blocks;
+    for (size_t i = 0; i < count; ++i) {
+      const std::string name = "layers." + std::to_string(i);
+      blocks.push_back({name, {{name + ".w", Dtype::kBfloat16, {50000}, testing::normal_bf16_bytes(50000, seed + i)}}});
+    }
+    return blocks;
+  }
+
+  testing::TempDir dir_;
+  std::unique_ptr<StorageDirectory> storage_;
+  std::shared_ptr<const StoreReader> store_;
+  std::vector<TestBlock> blocks_;
+};
+
+TEST_F(EngineOnCuda, EveryBlockArrivesBitExactRawAndCompressedAndCleanupReturnsEverything) {
+  const Watchdog dog("EngineOnCuda.EveryBlockArrivesBitExactRawAndCompressedAndCleanupReturnsEverything",
+                     std::chrono::seconds(60));
+  const auto api = make_double(200);
+  for (const int level : {0, 5}) {
+    write(testing::sample_model(static_cast<uint64_t>(level) + 3), level);
+    Arena arena(slot_bytes(store_->manifest().blocks.size()));
+    testing::FaultPlan faults;
+    faults.short_read_probability = 0.2;
+    faults.max_delay_us = 100;
+    faults.reorder = true;
+    {
+      Engine engine(store_, arena.span(), config(store_->manifest().blocks.size()), testing::make_fault_backend(faults, 2),
+                    std::make_unique<CudaTransfer>(api, 0));
+      for (int pass = 0; pass < 2; ++pass) {
+        for (size_t b = 0; b < store_->manifest().blocks.size(); ++b) {
+          Ticket ticket = engine.acquire(b);
+          ticket.wait();  // host synchronisation on the ready event
+          EXPECT_TRUE(holds(b, ticket.data())) << "level " << level << " block " << b;
+          EXPECT_NE(ticket.ready_event(), 0u);
+          engine.release(b);
+        }
+      }
+      EXPECT_GT(api->pinned_bytes(), 0u) << "staging comes from cuMemHostAlloc";
+      EXPECT_GT(engine.stats().staging_bytes, 0u);
+    }
+    EXPECT_EQ(api->pinned_bytes(), 0u) << "pinned staging freed with the engine";
+    EXPECT_EQ(api->live_events(), 0u) << "ready events destroyed with the engine";
+    EXPECT_EQ(api->live_streams(), 0u) << "copy stream destroyed with the transfer";
+  }
+}
+
+// A consumer that chains on the ready event sees every byte; one that skips it does not.
+TEST_F(EngineOnCuda, KernelsWaitingOnTheReadyEventNeverSeeAPartialBlock) {
+  const Watchdog dog("EngineOnCuda.KernelsWaitingOnTheReadyEventNeverSeeAPartialBlock", std::chrono::seconds(60));
+  const auto api = make_double(3000);
+  write(equal_blocks(4, 11), 0);
+  use_primary_context(*api);
+  CuStream compute = nullptr;
+  ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
+  for (const bool chain_on_event : {true, false}) {
+    Arena arena(slot_bytes(4));
+    std::atomic<int> partial{0};
+    {
+      Engine engine(store_, arena.span(), config(4), nullptr, std::make_unique<CudaTransfer>(api, 0));
+      for (size_t b = 0; b < 4; ++b) {
+        Ticket ticket = engine.acquire(b);
+        if (chain_on_event) {
+          ticket.wait_on_stream(reinterpret_cast<uintptr_t>(compute));
+        } else {
+          while (!ticket.ready()) std::this_thread::yield();  // copies queued, not done: the rule broken on purpose
+        }
+        const std::span<const std::byte> slot = ticket.data();
+        api->enqueue(compute, [&, b, slot] {
+          if (!holds(b, slot)) ++partial;
+        });
+        engine.release(b, reinterpret_cast<uintptr_t>(compute));
+      }
+      ASSERT_EQ(api->cuStreamSynchronize(compute), kCudaSuccess);
+    }
+    if (chain_on_event) {
+      EXPECT_EQ(partial.load(), 0) << "a kernel ran before its block's copies completed";
+    } else {
+      EXPECT_GT(partial.load(), 0) << "with the ready event skipped the double should expose partial blocks";
+    }
+  }
+  EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
+}
+
+// Blocks stream through two slots; each kernel is slow. With fences, the next block's copies wait for the kernel
+// still reading the slot; without them, the slot is overwritten under the kernel.
+TEST_F(EngineOnCuda, ASlotIsRefilledOnlyAfterTheFenceOfItsLastReader) {
+  const Watchdog dog("EngineOnCuda.ASlotIsRefilledOnlyAfterTheFenceOfItsLastReader", std::chrono::seconds(60));
+  const auto api = make_double(100);
+  write(equal_blocks(6, 21), 0);
+  use_primary_context(*api);
+  CuStream compute = nullptr;
+  ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
+  for (const bool fence : {true, false}) {
+    Arena arena(slot_bytes(2));
+    std::atomic<int> overwritten{0};
+    std::atomic<int> kernels{0};
+    {
+      Engine engine(store_, arena.span(), config(2), nullptr, std::make_unique<CudaTransfer>(api, 0));
+      for (int pass = 0; pass < 2; ++pass) {
+        for (size_t b = 0; b < 6; ++b) {
+          Ticket ticket = engine.acquire(b);
+          ticket.wait_on_stream(reinterpret_cast<uintptr_t>(compute));
+          const std::span<const std::byte> slot = ticket.data();
+          api->enqueue(compute, [&, b, slot] {
+            std::this_thread::sleep_for(std::chrono::milliseconds(15));  // a long kernel still reading its weights
+            if (!holds(b, slot)) ++overwritten;
+            ++kernels;
+          });
+          engine.release(b, fence ? reinterpret_cast<uintptr_t>(compute) : 0);
+        }
+      }
+      ASSERT_EQ(api->cuStreamSynchronize(compute), kCudaSuccess);
+      EXPECT_GT(engine.stats().evictions, 0u);
+    }
+    EXPECT_EQ(kernels.load(), 12);
+    if (fence) {
+      EXPECT_EQ(overwritten.load(), 0) << "a slot was refilled while a kernel still read it";
+    } else {
+      EXPECT_GT(overwritten.load(), 0) << "without fences the double should expose the overwrite";
+    }
+  }
+  EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
+}
+
+TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable) {
+  const Watchdog dog("EngineOnCuda.AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable");
+  const auto api = make_double(100);
+  write(equal_blocks(3, 31), 5);
+  Arena arena(slot_bytes(3));
+  Engine engine(store_, arena.span(), config(3), nullptr, std::make_unique<CudaTransfer>(api, 0));
+  api->fail_next("cuMemcpyHtoDAsync", kCudaErrorLaunchFailed);
+  try {
+    engine.acquire(1).wait();
+    ADD_FAILURE() << "the failed copy was not reported";
+  } catch (const CudaError& error) {
+    EXPECT_EQ(error.code(), kCudaErrorLaunchFailed);
+    EXPECT_NE(std::string(error.what()).find("cuMemcpyHtoDAsync"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("CUDA_ERROR_LAUNCH_FAILED"), std::string::npos) << error.what();
+  }
+  engine.release(1);
+  for (size_t b = 0; b < 3; ++b) {
+    Ticket ticket = engine.acquire(b);
+    ticket.wait();
+    EXPECT_TRUE(holds(b, ticket.data())) << b;
+    engine.release(b);
+  }
+  api->fail_next("cuEventRecord", kCudaErrorInvalidHandle);  // the fence of a release
+  Ticket ticket = engine.acquire(0);
+  ticket.wait();
+  use_primary_context(*api);
+  CuStream compute = nullptr;
+  ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
+  EXPECT_THROW(engine.release(0, reinterpret_cast<uintptr_t>(compute)), CudaError);
+  engine.acquire(0).wait();  // the block was released all the same: its pin is not leaked
+  engine.release(0);
+  EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
+}
+
+}  // namespace
+}  // namespace tensorstream
