@@ -12,6 +12,7 @@
 
 #include "bindings.hpp"
 #include "tensorstream/config.hpp"
+#include "tensorstream/cuda/cuda_api.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/error.hpp"
 
@@ -139,6 +140,26 @@ void bind_engine(nb::module_& m) {
     }
     return out;
   }, "Every backend name with its reader and whether its slots live in device memory (one table, config.cpp).");
+  m.def(
+      "cuda_available",
+      [](const std::vector<std::string>& cufile_candidates) {
+        CudaAvailability found;
+        {
+          nb::gil_scoped_release release;
+          (void)load_cuda(&found, cufile_candidates);
+        }
+        nb::dict out;
+        out["available"] = found.available;
+        out["reason"] = found.reason;
+        out["driver_version"] = found.driver_version;
+        out["device_count"] = found.device_count;
+        out["cufile"] = found.cufile;
+        out["cufile_reason"] = found.cufile_reason;
+        out["cufile_path"] = found.cufile_path;
+        return out;
+      },
+      "cufile_candidates"_a = std::vector<std::string>{},
+      "Loads the CUDA driver and cuFile with dlopen (once per process) and says what was found; never raises.");
   m.def("io_uring_available", [] {
     std::string reason;
     const bool available = io_uring_available(&reason);
@@ -150,7 +171,9 @@ void bind_engine(nb::module_& m) {
       .def_prop_ro("ready", &Ticket::ready)
       .def_prop_ro("address", [](const Ticket& t) { return reinterpret_cast<uintptr_t>(t.data().data()); })
       .def_prop_ro("nbytes", [](const Ticket& t) { return t.data().size(); })
-      .def("wait", &Ticket::wait, nb::call_guard<nb::gil_scoped_release>());
+      .def_prop_ro("ready_event", &Ticket::ready_event)
+      .def("wait", &Ticket::wait, nb::call_guard<nb::gil_scoped_release>())
+      .def("wait_on_stream", &Ticket::wait_on_stream, "stream"_a, nb::call_guard<nb::gil_scoped_release>());
 
   nb::class_<PyEngine>(m, "Engine")
       .def(
@@ -191,12 +214,16 @@ void bind_engine(nb::module_& m) {
              nb::gil_scoped_release release;
              return engine.acquire(block);
            })
-      .def("release",
-           [](PyEngine& e, size_t block) {
-             Engine& engine = e.get();
-             nb::gil_scoped_release release;
-             engine.release(block);
-           })
+      .def(
+          "release",
+          [](PyEngine& e, size_t block, uintptr_t stream) {
+            Engine& engine = e.get();
+            nb::gil_scoped_release release;
+            engine.release(block, stream);
+          },
+          "block"_a, "stream"_a = 0,
+          "Unpins the block; with device slots and a consumer stream (a native handle), records the fence later "
+          "copies into its slot wait for.")
       .def("prefetch",
            [](PyEngine& e, size_t block) {
              Engine& engine = e.get();

@@ -15,6 +15,7 @@ from .maintenance import (BadChunk, CleanupReport, DefragReport, ModelDefrag, Mo
                           record_execution_order, verify_storage_integrity)
 from .store import ModelStore, SaveResult, Storage, fingerprint, open_model, write_model  # noqa: F401
 from .config import BackendType, Config, PrefetchStrategy, create_default_config  # noqa: F401
+from .cuda import CudaStatus, cuda_available  # noqa: F401
 from .torch import get_model_statistics, offload, optimize_memory_usage  # noqa: F401
 from .trace import write_trace  # noqa: F401
 
@@ -31,4 +32,6 @@ __all__ = [
     # configuration and PyTorch offloading
     "Config", "BackendType", "PrefetchStrategy", "create_default_config", "offload", "get_model_statistics",
     "optimize_memory_usage", "write_trace",
+    # the GPU path
+    "cuda_available", "CudaStatus",
 ]

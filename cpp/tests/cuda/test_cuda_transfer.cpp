@@ -25,6 +25,21 @@ namespace {
 using testing::TestBlock;
 using testing::Watchdog;
 
+// The "rule broken on purpose" halves race by design (a kernel reads a slot while a copy writes it): that is what
+// they show the double detects. ThreadSanitizer rightly reports them, so under it only the halves that keep the
+// rules run, and there TSan checks the engine's ordering too (a missed wait would be a reported race).
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kUnderTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kUnderTsan = true;
+#else
+constexpr bool kUnderTsan = false;
+#endif
+#else
+constexpr bool kUnderTsan = false;
+#endif
+
 std::shared_ptr<CudaDouble> make_double(int latency_us) {
   CudaDoubleOptions options;
   options.copy_latency = std::chrono::microseconds(latency_us);
@@ -207,6 +222,7 @@ TEST_F(EngineOnCuda, KernelsWaitingOnTheReadyEventNeverSeeAPartialBlock) {
   CuStream compute = nullptr;
   ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
   for (const bool chain_on_event : {true, false}) {
+    if (!chain_on_event && kUnderTsan) continue;
     Arena arena(slot_bytes(4));
     std::atomic<int> partial{0};
     {
@@ -245,6 +261,7 @@ TEST_F(EngineOnCuda, ASlotIsRefilledOnlyAfterTheFenceOfItsLastReader) {
   CuStream compute = nullptr;
   ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
   for (const bool fence : {true, false}) {
+    if (!fence && kUnderTsan) continue;
     Arena arena(slot_bytes(2));
     std::atomic<int> overwritten{0};
     std::atomic<int> kernels{0};

@@ -1,21 +1,23 @@
 """``offload``: stream a model's weights from a TensorStream store; statistics, budget tuning and cleanup.
 
-What ``offload(model, config)`` does, in order (nothing about the model changes until the last step, so a failure
-anywhere leaves it exactly as it was):
+``offload(model, config)`` is three stages, each a function with its inputs and outputs explicit: ``plan_offload``
+(-> OffloadPlan), ``store_model`` (-> StoredModel), ``bind_model``. Nothing about the model changes until the last
+step of the last stage, so a failure anywhere leaves it exactly as it was:
 
-1. validates the config (ConfigError naming the field; CUDA / GPUDIRECT are refused: this build executes on the
-   CPU only) and partitions the model (partition.py);
-2. writes the streamed blocks, plus the resident parameters and persistent buffers in the ``"(resident)"`` block,
-   to ``config.storage_path`` once (content-addressed: the same weights with the same block layout are never
-   written twice), with ``config``'s compression. A model on the meta device (meta.py) instead finds its store
-   (or has it written block by block from ``checkpoint=``, checkpoint.py), is checked against it, and reads its
+1. plan: validates the config once (ConfigError naming the field; CUDA / GPUDIRECT are refused until the GPU
+   transfer is wired to PyTorch) and partitions the model (partition.py): which blocks stream through the engine,
+   which embeddings are read by rows, what stays resident, and on which device;
+2. store: writes the streamed blocks, plus the resident parameters and persistent buffers in the ``"(resident)"``
+   block, to ``config.storage_path`` once (content-addressed: the same weights with the same block layout are never
+   written twice), with ``config``'s compression. A model on the meta device (meta.py) instead finds its store (or
+   has it written block by block from ``checkpoint=``, checkpoint.py), is checked against it, and reads its
    resident values from it;
-3. sizes the budget and allocates the arena (arena.py), opens the engine over the streamed blocks only, less the
-   embeddings read by rows (rows.py: an untied ``nn.Embedding`` block is never streamed whole, each forward reads
-   the rows of its ids from the store; those blocks take no budget);
-4. (a meta model: swaps in real Parameters and buffers,) installs the hooks (hooks.py) and the row-reading
-   forwards, and replaces every streamed parameter's data by a memory-less placeholder, then returns free memory to
-   the OS (``malloc_trim``): the process's RSS drops by about the streamed bytes.
+3. bind: sizes the budget and allocates the arena (arena.py), opens the engine over the streamed blocks only, less
+   the embeddings read by rows (rows.py: an untied ``nn.Embedding`` block is never streamed whole, each forward
+   reads the rows of its ids from the store; those blocks take no budget); then, all or nothing, swaps in a meta
+   model's real Parameters and buffers, installs the hooks (hooks.py) and the row-reading forwards, and replaces
+   every streamed parameter's data by a memory-less placeholder, then returns free memory to the OS
+   (``malloc_trim``): the process's RSS drops by about the streamed bytes.
 
 The model object is returned (the same object) and gains ``model.cleanup_tensorstream()``.
 """
@@ -23,6 +25,7 @@ The model object is returned (the same object) and gains ``model.cleanup_tensors
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -43,7 +46,8 @@ from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
 from .hooks import StreamBlock, StreamingRuntime
 from .checkpoint import Checkpoint, iter_blocks, plan_blocks
 from .meta import Materialization, check_against_store, check_meta_model, params_on_meta
-from .partition import RESIDENT_BLOCK, Partition, ResidentTensor, describe, partition_model, resident_tensors
+from .partition import (RESIDENT_BLOCK, Block, Partition, ResidentTensor, describe, partition_model,
+                        resident_tensors)
 from .rows import RowEmbedding, row_read_blocks
 
 logger = logging.getLogger("tensorstream")
@@ -52,7 +56,8 @@ io_logger = logging.getLogger("tensorstream.io")
 STATE_ATTR = "_tensorstream_state"
 CLEANUP_ATTR = "cleanup_tensorstream"
 
-__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState", "write_trace"]
+__all__ = ["offload", "plan_offload", "store_model", "bind_model", "OffloadPlan", "StoredModel",
+           "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState", "write_trace"]
 
 
 # ---- state -------------------------------------------------------------------------------------------------------
@@ -205,9 +210,47 @@ def _malloc_trim() -> None:
         pass
 
 
+# ---- offload: plan -> store -> bind ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OffloadPlan:
+    """Stage 1 (plan_offload): the config, read and checked once, and what becomes of each part of the model."""
+
+    config: Config
+    model_id: Optional[str]
+    checkpoint: Optional[Union[str, "os.PathLike[str]"]]
+    on_meta: bool                    # parameters on the meta device: the weights come from the store
+    partition: Partition
+    by_rows: List[Block]             # untied embeddings read by rows (rows.py), outside the engine and its budget
+    engine_blocks: List[Block]       # the blocks the engine streams
+    resident: List[ResidentTensor]   # parameters and persistent buffers that never stream
+    device: torch.device             # where slots and resident tensors live (the CPU in this build)
+
+
+@dataclasses.dataclass
+class StoredModel:
+    """Stage 2 (store_model): the model in the store, and what binding needs of its manifest."""
+
+    model_id: Optional[str]          # None: nothing to store (no parameter, no persistent buffer)
+    outcome: str                     # "written", "already_existed", "nothing_to_stream"
+    block_index: Dict[str, int] = dataclasses.field(default_factory=dict)
+    block_infos: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    tensor_infos: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    resident_values: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # a meta model's
+
+
 def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
             checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None) -> nn.Module:
-    """See :func:`tensorstream.offload`."""
+    """See :func:`tensorstream.offload`. Three stages; only the last changes the model."""
+    plan = plan_offload(model, config, model_id, checkpoint)
+    stored = store_model(model, plan)
+    return bind_model(model, plan, stored)
+
+
+def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
+                 checkpoint: Optional[Union[str, "os.PathLike[str]"]]) -> OffloadPlan:
+    """Checks the model and the config (ConfigError naming the field) and partitions the model (partition.py)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}", field="model")
     config = _check_config(config)
@@ -241,100 +284,82 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
     if len(by_rows) == len(streamed):
         by_rows = []
     row_names = {b.name for b in by_rows}
-    engine_streamed = [b for b in streamed if b.name not in row_names]
-    resident = resident_tensors(model, partition)
     if config.debug_mode:
         for entry in describe(partition):
             logger.debug("block %s", json.dumps(entry))
     if not streamed:
         logger.warning("offload: no block of %s reaches min_layer_size=%d bytes; every parameter stays resident",
                        type(model).__name__, config.min_layer_size)
+    return OffloadPlan(config=config, model_id=model_id, checkpoint=checkpoint, on_meta=on_meta, partition=partition,
+                       by_rows=by_rows, engine_blocks=[b for b in streamed if b.name not in row_names],
+                       resident=resident_tensors(model, partition), device=torch.device("cpu"))
 
-    # 2. the store (nothing in the model has changed yet: a failure here leaves it as it was)
-    if on_meta:
-        stored_id, outcome = _store_for_meta_model(model, config, model_id, checkpoint, partition, resident)
-    elif streamed or resident:
+
+def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
+    """Writes the model to the store, or finds it there (and checks a meta model against it); reads the manifest
+    once for what binding needs. Nothing in the model changes: a failure here leaves it as it was."""
+    config, partition, streamed = plan.config, plan.partition, plan.partition.streamed
+    if plan.on_meta:
+        stored_id, outcome = _store_for_meta_model(model, config, plan.model_id, plan.checkpoint, partition,
+                                                   plan.resident)
+    elif streamed or plan.resident:
         blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
-        if resident:
-            blocks[RESIDENT_BLOCK] = {r.name: r.tensor.detach() for r in resident}
-        stored_id, outcome = _write_store(config, blocks, model_id, _metadata(model, partition))
+        if plan.resident:
+            blocks[RESIDENT_BLOCK] = {r.name: r.tensor.detach() for r in plan.resident}
+        stored_id, outcome = _write_store(config, blocks, plan.model_id, _metadata(model, partition))
         del blocks
     else:
-        stored_id, outcome = None, "nothing_to_stream"  # no parameter, no persistent buffer
-    values: Dict[str, torch.Tensor] = {}
-    store_index: Dict[str, int] = {}
-    block_infos: Dict[str, Dict[str, Any]] = {}
-    tensor_infos: Dict[str, Dict[str, Any]] = {}
-    if stored_id is not None:
-        with open_model(config.storage_path, stored_id) as store:
-            if on_meta:
-                check_against_store(store, partition, resident, config.storage_path)
-                with torch.inference_mode(False):
-                    values = {r.name: store.read(r.name) for r in resident}  # verified: read once, kept
-            store_index = {name: i for i, name in enumerate(store.block_names())}
-            block_infos = {b.name: store.block_info(b.name) for b in streamed}
-            tensor_infos = {e.name: store.info(e.name) for b in streamed for e in b.params}
+        return StoredModel(None, "nothing_to_stream")  # no parameter, no persistent buffer
+    stored = StoredModel(stored_id, outcome)
+    with open_model(config.storage_path, stored_id) as store:
+        if plan.on_meta:
+            check_against_store(store, partition, plan.resident, config.storage_path)
+            with torch.inference_mode(False):
+                stored.resident_values = {r.name: store.read(r.name) for r in plan.resident}  # verified, kept
+        stored.block_index = {name: i for i, name in enumerate(store.block_names())}
+        stored.block_infos = {b.name: store.block_info(b.name) for b in streamed}
+        stored.tensor_infos = {e.name: store.info(e.name) for b in streamed for e in b.params}
+    return stored
+
+
+def bind_model(model: nn.Module, plan: OffloadPlan, stored: StoredModel) -> nn.Module:
+    """Sizes the budget, allocates the arena and opens the engine over the streamed blocks; then, all or nothing,
+    swaps in a meta model's real tensors, installs the hooks and row readers and frees the streamed weights."""
+    config, partition = plan.config, plan.partition
     # A meta model's real tensors, swapped in at the commit; the partition now names the new Parameters.
-    materialization = Materialization(partition, resident, values) if on_meta else None
-    del values
-    if not streamed:
+    materialization = (Materialization(partition, plan.resident, stored.resident_values) if plan.on_meta else None)
+    stored.resident_values = {}
+    if not partition.streamed:
         if materialization is not None:
             materialization.apply(model)
-        state = OffloadState(config, partition, stored_id, None, None, None, None, {}, "nothing_to_stream")
-        _attach(model, state)
+        _attach(model, OffloadState(config, partition, stored.model_id, None, None, None, None, {},
+                                    "nothing_to_stream"))
         return model
 
-    # 3. budget, arena, engine (the embeddings read by rows take no budget: the engine never holds them)
-    slots = [block_infos[b.name]["slot_size"] for b in engine_streamed]
-    position = {b.index: i for i, b in enumerate(engine_streamed)}
+    # Budget, arena, engine (the embeddings read by rows take no budget: the engine never holds them).
+    slots = [stored.block_infos[b.name]["slot_size"] for b in plan.engine_blocks]
+    position = {b.index: i for i, b in enumerate(plan.engine_blocks)}
     chains = [[position[i] for i in chain if i in position] for chain in partition.pinned_chains(model)]
-    plan = plan_budget(config.budget_bytes, slots, chains)
-    if plan.raised:
-        wanted = "the default" if plan.requested_bytes is None else f"vram_budget_gb={config.vram_budget_gb}"
-        asked = plan.default_bytes if plan.requested_bytes is None else plan.requested_bytes
+    budget = plan_budget(config.budget_bytes, slots, chains)
+    if budget.raised:
+        wanted = "the default" if budget.requested_bytes is None else f"vram_budget_gb={config.vram_budget_gb}"
+        asked = budget.default_bytes if budget.requested_bytes is None else budget.requested_bytes
         logger.warning("TensorStream budget raised from %d bytes (%s) to %d bytes: the engine needs room for the "
-                       "largest set of blocks one forward pass holds at once", asked, wanted, plan.budget_bytes)
-    arena = Arena(plan.arena_bytes)
+                       "largest set of blocks one forward pass holds at once", asked, wanted, budget.budget_bytes)
+    arena = Arena(budget.arena_bytes)
     storage = _core.StorageDirectory.open_existing(config.storage_path)
-    engine = _core.Engine(storage, stored_id, arena.address, arena.nbytes, backend=config.backend.value,
+    engine = _core.Engine(storage, stored.model_id, arena.address, arena.nbytes, backend=config.backend.value,
                           direct_io=config.direct_io, queue_depth=config.queue_depth,
-                          num_io_threads=config.num_io_threads, budget_bytes=plan.budget_bytes,
+                          num_io_threads=config.num_io_threads, budget_bytes=budget.budget_bytes,
                           prefetch_strategy=config.prefetch_strategy.value,
                           memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums,
-                          blocks=[store_index[b.name] for b in engine_streamed])  # never "(resident)"
+                          blocks=[stored.block_index[b.name] for b in plan.engine_blocks])  # never "(resident)"
     try:
-        reason = engine.backend_fallback_reason
-        if reason:
-            level = logging.INFO if config.backend.value == "auto" else logging.WARNING
-            io_logger.log(level, "I/O backend %s (asked for %s): %s", engine.backend_name, config.backend.value, reason)
-        stream_blocks = []
-        for b in engine_streamed:
-            tensors = []
-            for e in b.params:
-                info = tensor_infos[e.name]
-                tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
-            stream_blocks.append(StreamBlock(b, store_index[b.name], block_infos[b.name]["slot_size"], tensors))
-        runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
-        row_embeddings = []
-        if by_rows:
-            reader = _core.StoreReader.open(storage, stored_id)  # thread-safe (pread only); shared by all calls
-            for b in by_rows:
-                row_embeddings.append(RowEmbedding(b, store_index[b.name], reader,
-                                                   tensor_infos[b.params[0].name]["index"], config.verify_checksums))
-        if config.trace_path is not None:  # a Chrome trace of this model (tensorstream/trace.py)
-            runtime.tracer = start_trace(engine, config, stored_id, stream_blocks, owner=runtime)
-            for row_embedding in row_embeddings:
-                row_embedding.tracer = runtime.tracer
-                runtime.tracer.block_names[row_embedding.index] = row_embedding.name
-                runtime.tracer.block_bytes[row_embedding.index] = row_embedding.block.nbytes
-        slots_by_name = {b.name: slot_bytes(block_infos[b.name]["slot_size"]) for b in engine_streamed}
-        slots_by_name.update({b.name: 0 for b in by_rows})
-        state = OffloadState(config, partition, stored_id, plan, arena, engine, runtime, slots_by_name, outcome,
-                             row_embeddings)
+        state, runtime, row_embeddings = _runtime_state(plan, stored, budget, arena, storage, engine)
     except BaseException:
         engine.close()
         raise
-    # 4. commit: real tensors for a meta model, hooks, placeholders (the original tensors are freed here)
+    # Commit: real tensors for a meta model, hooks, placeholders (the original tensors are freed here).
     try:
         if materialization is not None:
             materialization.apply(model)
@@ -354,9 +379,47 @@ def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
         logger.info("offload: embedding '%s' (%s, %d bytes) is read by rows from the store, not streamed: it takes "
                     "no budget", row_embedding.module_name, row_embedding.param_name, row_embedding.block.nbytes)
     logger.info("offloaded %s as '%s' (%s): %d blocks stream (%d bytes), %d resident (%d bytes); budget %d bytes, "
-                "backend %s", type(model).__name__, stored_id, outcome, len(streamed), partition.streamed_bytes,
-                len(partition.resident), partition.resident_bytes, plan.budget_bytes, engine.backend_name)
+                "backend %s", type(model).__name__, stored.model_id, stored.outcome, len(partition.streamed),
+                partition.streamed_bytes, len(partition.resident), partition.resident_bytes, budget.budget_bytes,
+                engine.backend_name)
     return model
+
+
+def _runtime_state(plan: OffloadPlan, stored: StoredModel, budget: BudgetPlan, arena: Arena, storage: Any,
+                   engine: Any) -> "Tuple[OffloadState, StreamingRuntime, List[RowEmbedding]]":
+    """The hooks' runtime, the row readers and the trace over an open engine (nothing installed yet)."""
+    config = plan.config
+    reason = engine.backend_fallback_reason
+    if reason:
+        level = logging.INFO if config.backend.value == "auto" else logging.WARNING
+        io_logger.log(level, "I/O backend %s (asked for %s): %s", engine.backend_name, config.backend.value, reason)
+    stream_blocks = []
+    for b in plan.engine_blocks:
+        tensors = []
+        for e in b.params:
+            info = stored.tensor_infos[e.name]
+            tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
+        stream_blocks.append(StreamBlock(b, stored.block_index[b.name], stored.block_infos[b.name]["slot_size"],
+                                         tensors))
+    runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
+    row_embeddings = []
+    if plan.by_rows:
+        reader = _core.StoreReader.open(storage, stored.model_id)  # thread-safe (pread only); shared by all calls
+        for b in plan.by_rows:
+            row_embeddings.append(RowEmbedding(b, stored.block_index[b.name], reader,
+                                               stored.tensor_infos[b.params[0].name]["index"],
+                                               config.verify_checksums))
+    if config.trace_path is not None:  # a Chrome trace of this model (tensorstream/trace.py)
+        runtime.tracer = start_trace(engine, config, stored.model_id, stream_blocks, owner=runtime)
+        for row_embedding in row_embeddings:
+            row_embedding.tracer = runtime.tracer
+            runtime.tracer.block_names[row_embedding.index] = row_embedding.name
+            runtime.tracer.block_bytes[row_embedding.index] = row_embedding.block.nbytes
+    slots_by_name = {b.name: slot_bytes(stored.block_infos[b.name]["slot_size"]) for b in plan.engine_blocks}
+    slots_by_name.update({b.name: 0 for b in plan.by_rows})
+    state = OffloadState(config, plan.partition, stored.model_id, budget, arena, engine, runtime, slots_by_name,
+                         stored.outcome, row_embeddings)
+    return state, runtime, row_embeddings
 
 
 class _Cleanup:
