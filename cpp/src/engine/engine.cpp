@@ -136,7 +136,7 @@ struct Engine::Impl {
         arena(arena_in),
         config(validated(config_in)),
         backend(std::move(backend_in)),
-        transfer(transfer_in ? std::move(transfer_in) : make_host_transfer()),
+        transfer(transfer_in ? std::move(transfer_in) : make_transfer(config.backend)),
         access(transfer->slot_access()),
         streamed(streamed_blocks(manifest, std::move(blocks_in))),
         position(positions(manifest, streamed)),

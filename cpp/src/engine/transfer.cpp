@@ -2,6 +2,9 @@
 
 #include <cstring>
 
+#include "tensorstream/cuda/cuda_transfer.hpp"
+#include "tensorstream/error.hpp"
+
 namespace tensorstream {
 
 namespace {
@@ -28,5 +31,18 @@ class HostTransfer final : public Transfer {
 }  // namespace
 
 std::unique_ptr<Transfer> make_host_transfer() { return std::make_unique<HostTransfer>(); }
+
+std::unique_ptr<Transfer> make_transfer(BackendKind kind, int device_ordinal) {
+  const BackendTraits& traits = backend_traits(kind);
+  if (!traits.device_slots) return make_host_transfer();
+  const std::string name(traits.name);
+  if (traits.reader == BackendKind::kGpuDirect) {
+    throw ConfigError("backend", "'" + name + "' reads with cuFile, which this build cannot do yet; use 'cuda'");
+  }
+  CudaAvailability found;
+  std::shared_ptr<CudaApi> api = load_cuda(&found);
+  if (!api) throw ConfigError("backend", "'" + name + "' needs a CUDA device: " + found.reason);
+  return std::make_unique<CudaTransfer>(std::move(api), device_ordinal);
+}
 
 }  // namespace tensorstream

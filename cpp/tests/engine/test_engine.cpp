@@ -13,6 +13,7 @@
 #include "support/recording_transfer.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
+#include "tensorstream/cuda/cuda_api.hpp"
 #include "tensorstream/error.hpp"
 #include "tensorstream/io/direct_io.hpp"
 #include "tensorstream/residency/residency_manager.hpp"
@@ -525,12 +526,26 @@ TEST_F(EngineTest, DeviceBackendsRefuseHostSlots) {
   for (const BackendKind kind : {BackendKind::kCuda, BackendKind::kGpuDirect}) {
     Config c = config();
     c.backend = kind;
-    try {
-      Engine engine(store_, arena.span(), c);
+    try {  // a host transfer given explicitly
+      Engine engine(store_, arena.span(), c, nullptr, make_host_transfer());
       ADD_FAILURE() << backend_name(kind) << " ran with host slots";
     } catch (const ConfigError& error) {
       EXPECT_EQ(error.field(), "backend");
       EXPECT_NE(std::string(error.what()).find("device Transfer"), std::string::npos) << error.what();
+    }
+  }
+  // The default transfer comes from the backend table: on a machine without CUDA, a ConfigError with the reason.
+  CudaAvailability found;
+  (void)load_cuda(&found);
+  if (!found.available) {
+    Config c = config();
+    c.backend = BackendKind::kCuda;
+    try {
+      Engine engine(store_, arena.span(), c);
+      ADD_FAILURE() << "cuda ran without a CUDA driver";
+    } catch (const ConfigError& error) {
+      EXPECT_EQ(error.field(), "backend");
+      EXPECT_NE(std::string(error.what()).find(found.reason), std::string::npos) << error.what();
     }
   }
   // With a device transfer, 'cuda' reads with the host reader and copies.

@@ -75,8 +75,9 @@ class Ticket {
 class Engine {
  public:
   // `arena` is memory the caller owns (a PyTorch tensor, for instance) and keeps alive longer than the engine.
-  // backend / transfer default to make_backend(config) and make_host_transfer(). `blocks`: the store's block
-  // indices this engine streams (std::nullopt: all), each at most once, in any order; ConfigError otherwise.
+  // backend / transfer default to make_backend(config) and make_transfer(config.backend) (the reader and the
+  // destination of the backend table). `blocks`: the store's block indices this engine streams (std::nullopt: all),
+  // each at most once, in any order; ConfigError otherwise.
   Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> arena, Config config,
          std::unique_ptr<IoBackend> backend = nullptr, std::unique_ptr<Transfer> transfer = nullptr,
          std::optional<std::vector<size_t>> blocks = std::nullopt);

@@ -28,6 +28,7 @@
 #include <span>
 #include <string>
 
+#include "tensorstream/config.hpp"
 #include "tensorstream/engine/slot_access.hpp"
 #include "tensorstream/memory/staging_pool.hpp"
 
@@ -73,5 +74,11 @@ class Transfer {
 
 // Slots in host memory: nothing is ever copied or waited for.
 [[nodiscard]] std::unique_ptr<Transfer> make_host_transfer();
+
+// The destination half of the backend table (config.hpp's backend_traits): host slots for the host backends, a
+// CudaTransfer on device `device_ordinal` for "cuda". Without a usable CUDA driver, or for "gpudirect" (whose
+// cuFile reader is not built yet), a ConfigError naming the backend and the reason. Engine uses it when it is not
+// given a Transfer; make_backend() is the reader half.
+[[nodiscard]] std::unique_ptr<Transfer> make_transfer(BackendKind kind, int device_ordinal = 0);
 
 }  // namespace tensorstream
