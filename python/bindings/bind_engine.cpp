@@ -12,7 +12,8 @@
 
 #include "bindings.hpp"
 #include "tensorstream/config.hpp"
-#include "tensorstream/cuda/cuda_api.hpp"
+#include "bind_cuda.hpp"
+#include "tensorstream/cuda/cuda_transfer.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/error.hpp"
 
@@ -140,26 +141,6 @@ void bind_engine(nb::module_& m) {
     }
     return out;
   }, "Every backend name with its reader and whether its slots live in device memory (one table, config.cpp).");
-  m.def(
-      "cuda_available",
-      [](const std::vector<std::string>& cufile_candidates) {
-        CudaAvailability found;
-        {
-          nb::gil_scoped_release release;
-          (void)load_cuda(&found, cufile_candidates);
-        }
-        nb::dict out;
-        out["available"] = found.available;
-        out["reason"] = found.reason;
-        out["driver_version"] = found.driver_version;
-        out["device_count"] = found.device_count;
-        out["cufile"] = found.cufile;
-        out["cufile_reason"] = found.cufile_reason;
-        out["cufile_path"] = found.cufile_path;
-        return out;
-      },
-      "cufile_candidates"_a = std::vector<std::string>{},
-      "Loads the CUDA driver and cuFile with dlopen (once per process) and says what was found; never raises.");
   m.def("io_uring_available", [] {
     std::string reason;
     const bool available = io_uring_available(&reason);
@@ -181,20 +162,28 @@ void bind_engine(nb::module_& m) {
           [](PyEngine* self, const StorageDirectory& storage, const std::string& model_id, uintptr_t arena_address,
              size_t arena_bytes, const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
              uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
-             const std::string& memory_pressure, bool verify_checksums, std::optional<std::vector<size_t>> blocks) {
+             const std::string& memory_pressure, bool verify_checksums, std::optional<std::vector<size_t>> blocks,
+             int device, const PyCudaDouble* cuda_double) {
             const Config config = make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
                                               memory_pressure, verify_checksums);
             if (arena_address == 0) throw ConfigError("arena", "null arena address");
+            if (cuda_double != nullptr && !backend_traits(config.backend).device_slots) {
+              throw ConfigError("backend", "a CUDA double drives device slots: use backend 'cuda'");
+            }
             nb::gil_scoped_release release;
             auto reader = std::make_shared<const StoreReader>(StoreReader::open(storage, model_id));
+            // The destination half of the backend table: host slots, CUDA on `device`, or CUDA on the test double.
+            std::unique_ptr<Transfer> transfer = cuda_double != nullptr
+                                                     ? std::make_unique<CudaTransfer>(cuda_double->api, device)
+                                                     : make_transfer(config.backend, device);
             new (self) PyEngine{std::make_unique<Engine>(
                 std::move(reader), std::span(reinterpret_cast<std::byte*>(arena_address), arena_bytes), config,
-                nullptr, nullptr, std::move(blocks))};
+                nullptr, std::move(transfer), std::move(blocks))};
           },
           "storage"_a, "model_id"_a, "arena_address"_a, "arena_bytes"_a, "backend"_a = "auto",
           "direct_io"_a = "auto", "num_io_threads"_a = 4, "queue_depth"_a = 32, "budget_bytes"_a = 0,
           "prefetch_strategy"_a = "adaptive", "memory_pressure_mode"_a = "balanced", "verify_checksums"_a = true,
-          "blocks"_a = nb::none())
+          "blocks"_a = nb::none(), "device"_a = 0, "cuda_double"_a = nb::none())
       .def("close",
            [](PyEngine& e) {
              std::unique_ptr<Engine> engine = std::move(e.engine);
@@ -244,6 +233,8 @@ void bind_engine(nb::module_& m) {
       .def("config", [](PyEngine& e) { return config_dict(e.get().config()); })
       .def_prop_ro("backend_name", [](PyEngine& e) { return e.get().backend_name(); })
       .def_prop_ro("backend_fallback_reason", [](PyEngine& e) { return e.get().backend_fallback_reason(); })
+      .def_prop_ro("slot_access", [](PyEngine& e) { return std::string(slot_access_name(e.get().slot_access())); })
+      .def_prop_ro("transfer_name", [](PyEngine& e) { return e.get().transfer_name(); })
       .def("learned_order", [](PyEngine& e) { return e.get().learned_order(); })
       .def_prop_ro("lookahead", [](PyEngine& e) { return e.get().lookahead(); })
       .def("set_eviction_callback", [](PyEngine& e, std::function<void(size_t)> callback) {

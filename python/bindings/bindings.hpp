@@ -7,4 +7,5 @@ namespace tensorstream::bindings {
 void bind_store(nanobind::module_& m);
 void bind_engine(nanobind::module_& m);
 void bind_maintenance(nanobind::module_& m);
+void bind_cuda(nanobind::module_& m);
 }  // namespace tensorstream::bindings

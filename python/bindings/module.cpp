@@ -46,5 +46,6 @@ NB_MODULE(_core, m) {
   nb::register_exception_translator(translate_error);
   tensorstream::bindings::bind_store(m);
   tensorstream::bindings::bind_maintenance(m);
+  tensorstream::bindings::bind_cuda(m);
   tensorstream::bindings::bind_engine(m);
 }

@@ -130,6 +130,9 @@ class Config:
     direct_io: "auto" (O_DIRECT for blocks not in the page cache; cached ones mapped), "on" or "off". Default:
         TENSORSTREAM_DIRECT_IO, else "auto".
     queue_depth: 1..4096 chunk reads in flight at once. Default: TENSORSTREAM_QUEUE_DEPTH, else 32.
+    device: where the offloaded model computes: "cpu" (default) or "cuda" / "cuda:N" (slots and the resident set in
+        that GPU's memory; vram_budget_gb then bounds both). ``offload(..., device=)`` and ``model.to(device)`` after
+        offload do the same. Default: TENSORSTREAM_DEVICE, else "cpu".
     debug_mode: log per-block timings to the ``tensorstream`` logger.
     min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
     trace_path: write a Chrome trace (trace-event JSON: reads, checksums, decodes, waits and compute per block, on a
@@ -151,6 +154,7 @@ class Config:
     trace_path: Optional[str] = None
     direct_io: Optional[str] = None
     queue_depth: Optional[int] = None
+    device: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.storage_path is None:
@@ -159,6 +163,8 @@ class Config:
             self.vram_budget_gb = _env_budget()
         if self.trace_path is None:
             self.trace_path = _env_trace()
+        if self.device is None:
+            self.device = os.environ.get("TENSORSTREAM_DEVICE") or "cpu"
         if any(getattr(self, field) is None for field in _ENGINE_FIELDS):
             from_env = _core.config_from_env()  # strict: a malformed variable is a ConfigError naming it
             for field, key in _ENGINE_FIELDS.items():
@@ -190,6 +196,7 @@ class Config:
             raise ConfigError(f"invalid memory_pressure_mode: {self.memory_pressure_mode!r} is not one of "
                               f"{', '.join(MEMORY_PRESSURE_MODES)}", field="memory_pressure_mode")
         _bool_field("verify_checksums", self.verify_checksums)
+        self.device = _device_field(self.device)
         _bool_field("debug_mode", self.debug_mode)
         _int_field("min_layer_size", self.min_layer_size, 0, 1 << 62)
         if self.trace_path is not None:
@@ -218,6 +225,17 @@ def _enum_field(name: str, enum_type: type, value: Any) -> Any:
     except ValueError:
         allowed = ", ".join(f"{enum_type.__name__}.{member.name}" for member in enum_type)
         raise ConfigError(f"invalid {name}: {value!r} is not one of {allowed}", field=name) from None
+
+
+def _device_field(value: Any) -> str:
+    """"cpu", "cuda" or "cuda:N" (a torch.device is taken by its string); whether the device exists is checked when
+    a model is offloaded to it."""
+    text = str(value) if value is not None and type(value).__name__ == "device" else value
+    if isinstance(text, str):
+        kind, _, index = text.partition(":")
+        if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
+            return text
+    raise ConfigError(f"invalid device: {value!r} is not one of 'cpu', 'cuda', 'cuda:N'", field="device")
 
 
 def _bool_field(name: str, value: Any) -> None:

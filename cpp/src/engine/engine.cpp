@@ -797,6 +797,8 @@ const StoreReader& Engine::store() const noexcept { return *impl_->store; }
 const Config& Engine::config() const noexcept { return impl_->config; }
 std::string Engine::backend_name() const { return impl_->backend->caps().name; }
 const std::string& Engine::backend_fallback_reason() const noexcept { return impl_->fallback_reason; }
+SlotAccess Engine::slot_access() const noexcept { return impl_->access; }
+std::string Engine::transfer_name() const { return impl_->transfer->name(); }
 std::vector<size_t> Engine::learned_order() const { return impl_->to_store(impl_->prefetcher.learned_order()); }
 uint32_t Engine::lookahead() const { return impl_->prefetcher.lookahead(); }
 uint64_t Engine::static_bytes() const { return impl_->residency.static_bytes(); }

@@ -20,7 +20,7 @@ __all__ = ["offload", "get_model_statistics", "optimize_memory_usage"]
 
 
 def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None,
-            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None) -> "nn.Module":
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None) -> "nn.Module":
     """Streams ``model``'s weights from ``config.storage_path`` from now on; returns the same model object.
 
     ``model`` either holds its weights (on the CPU; they are written to the store, then freed) or is built without
@@ -57,7 +57,17 @@ def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = N
     stage is not in this build: CPU execution only for now); IoError when the store cannot be written; a forward whose
     block fails to load raises CorruptionError / IoError naming the tensor and cause (never wrong output).
 
-    Not supported on an offloaded model: changing its dtype or device (``model.half()``, ``model.to("cuda")``: the
+    **Devices.** ``device`` (or ``Config.device``): "cpu" (default) or "cuda" / "cuda:N". On a GPU the streamed
+    blocks get slots in an arena allocated through torch on that device, the resident set moves there, and
+    ``vram_budget_gb`` bounds both (a budget that cannot hold the resident set plus one pass's largest set of blocks
+    is a ConfigError naming the minimum). Weights arrive through pinned staging buffers and asynchronous copies on a
+    copy stream; the current stream waits for each block's ready event, and each release records a fence that the
+    next copy into that slot waits for, so nothing blocks the host in the steady state. ``model.to("cuda:0")``,
+    ``model.cuda()`` and ``model.cpu()`` after ``offload`` move an offloaded model the same way (the store is not
+    written again). Without a usable CUDA driver and a CUDA build of PyTorch, a cuda device is a ConfigError naming
+    the reason (``tensorstream.cuda_available()`` tells beforehand).
+
+    Not supported on an offloaded model: changing its dtype (``model.half()``, ``model.to(torch.float16)``: the
     next forward raises ConfigError), training, ``copy.deepcopy``. A parameter used outside its module's forward
     (code reading ``module.weight`` of a module it does not call) sees the NaN placeholder. A module's output that is
     a *view* of one of its own weights (rather than a computed tensor) would alias a slot the engine reuses.
@@ -107,7 +117,7 @@ def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = N
     """
     from .offload import offload as _offload
 
-    return _offload(model, config, model_id=model_id, checkpoint=checkpoint)
+    return _offload(model, config, model_id=model_id, checkpoint=checkpoint, device=device)
 
 
 def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, Any]:

@@ -33,22 +33,24 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .arena import Arena, external_bytes
+from .arena import external_bytes
+from .device import Placement
 from .partition import Block
 
 logger = logging.getLogger("tensorstream")
 
 __all__ = ["StreamBlock", "StreamingRuntime", "placeholder"]
 
-_PLACEHOLDER_BASES: Dict[torch.dtype, torch.Tensor] = {}
+_PLACEHOLDER_BASES: Dict[Tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _PLACEHOLDER_LOCK = threading.Lock()
 
 
-def placeholder(dtype: torch.dtype, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A tensor of ``dtype`` and ``shape`` that takes no memory: one shared element, expanded (NaN when the dtype
-    has NaN, else zero). Writes to it raise (several elements alias one location)."""
+def placeholder(dtype: torch.dtype, shape: Tuple[int, ...], device: Optional[torch.device] = None) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` on ``device`` (default: the CPU) that takes no memory: one shared element,
+    expanded (NaN when the dtype has NaN, else zero). Writes to it raise (several elements alias one location)."""
+    device = torch.device("cpu") if device is None else device
     with _PLACEHOLDER_LOCK:
-        base = _PLACEHOLDER_BASES.get(dtype)
+        base = _PLACEHOLDER_BASES.get((dtype, device))
         if base is None:
             with torch.inference_mode(False):
                 base = torch.zeros((), dtype=dtype)
@@ -57,7 +59,8 @@ def placeholder(dtype: torch.dtype, shape: Tuple[int, ...]) -> torch.Tensor:
                         base = torch.tensor(float("nan")).to(dtype)
                     except (RuntimeError, TypeError):  # pragma: no cover - a dtype without a NaN conversion
                         pass
-            _PLACEHOLDER_BASES[dtype] = base
+                base = base.to(device)  # one element: moving it costs nothing, expanding it never copies
+            _PLACEHOLDER_BASES[(dtype, device)] = base
     with torch.inference_mode(False):
         return base.expand(shape)
 
@@ -68,13 +71,14 @@ class StreamBlock:
     __slots__ = ("block", "index", "name", "slot_size", "tensors", "placeholders", "pins", "bound_address")
 
     def __init__(self, block: Block, index: int, slot_size: int,
-                 tensors: List[Tuple[nn.Parameter, int, int, torch.dtype, Tuple[int, ...]]]) -> None:
+                 tensors: List[Tuple[nn.Parameter, int, int, torch.dtype, Tuple[int, ...]]],
+                 device: Optional[torch.device] = None) -> None:
         self.block = block
         self.index = index              # block index in the store (what the engine calls it)
         self.name = block.name
         self.slot_size = slot_size
         self.tensors = tensors          # (param, slot_offset, nbytes, dtype, shape)
-        self.placeholders = [placeholder(dtype, shape) for _p, _o, _n, dtype, shape in tensors]
+        self.placeholders = [placeholder(dtype, shape, device) for _p, _o, _n, dtype, shape in tensors]
         self.pins = 0                   # Python-side pins (threads inside a hooked module), under the runtime lock
         self.bound_address: Optional[int] = None  # slot address the parameters view, None: placeholders
 
@@ -90,9 +94,12 @@ class _ThreadState(threading.local):
 class StreamingRuntime:
     """Hooks, bindings and eviction handling for the streamed blocks of one model."""
 
-    def __init__(self, engine: Any, arena: Arena, blocks: List[StreamBlock], debug: bool = False) -> None:
+    def __init__(self, engine: Any, arena: Any, blocks: List[StreamBlock], debug: bool = False,
+                 placement: Optional[Placement] = None) -> None:
         self.engine = engine
         self.arena = arena
+        # Where slots live and how a hook orders compute after the engine's copies (device.py).
+        self.placement = placement if placement is not None else Placement("cpu", torch.device("cpu"))
         self.blocks = blocks
         self.by_index: Dict[int, StreamBlock] = {b.index: b for b in blocks}
         self.debug = debug
@@ -180,7 +187,7 @@ class StreamingRuntime:
         started = time.perf_counter()
         ticket = self.engine.acquire(sb.index)
         try:
-            ticket.wait()
+            self.placement.wait(ticket)  # host: until loaded; device: the current stream waits for the copies
             self._bind(sb, ticket.address, ticket.nbytes)
         except BaseException as error:
             self.engine.release(sb.index)
@@ -208,7 +215,8 @@ class StreamingRuntime:
             if started is not None:
                 logger.debug("block '%s': computed for %.3f ms", sb.name, (time.perf_counter() - started) * 1e3)
         if not self.closed:
-            self.engine.release(sb.index)
+            # Device slots: the fence on the current stream, after the kernels this module queued.
+            self.engine.release(sb.index, self.placement.current_stream())
 
     # -- binding -----------------------------------------------------------------------------------------------
 
@@ -219,18 +227,20 @@ class StreamingRuntime:
 
     def _bind(self, sb: StreamBlock, address: int, nbytes: int) -> None:
         with self.lock:
+            device = self.placement.torch_device
             for param, _offset, _n, dtype, shape in sb.tensors:
-                if param.dtype != dtype or param.device.type != "cpu" or tuple(param.shape) != shape:
+                if param.dtype != dtype or param.device.type != device.type or tuple(param.shape) != shape:
                     raise ConfigError(
                         f"parameter of block '{sb.name}' is {param.dtype} {tuple(param.shape)} on {param.device}, but "
-                        f"TensorStream streams it as {dtype} {shape} on cpu: the model was converted after offload() "
-                        "(call cleanup_tensorstream() first, convert, then offload again)", field="model")
+                        f"TensorStream streams it as {dtype} {shape} on {device}: the model was converted after "
+                        "offload() (move it with model.to(device); for a dtype, call cleanup_tensorstream() first, "
+                        "convert, then offload again)", field="model")
             if sb.bound_address != address:
                 with torch.inference_mode(False):
                     slot = self._slot_bytes(address, nbytes)
                     for param, offset, n, dtype, shape in sb.tensors:
                         if n == 0:
-                            view = torch.empty(shape, dtype=dtype)
+                            view = torch.empty(shape, dtype=dtype, device=device)
                         else:
                             view = slot[offset:offset + n].view(dtype).view(shape)
                         param.data = view

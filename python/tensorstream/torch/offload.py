@@ -43,8 +43,9 @@ from ..errors import ConfigError, StoreNotFoundError
 from ..store import fingerprint, open_model, write_model
 from ..trace import start_trace, write_trace
 from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
-from .hooks import StreamBlock, StreamingRuntime
+from .hooks import StreamBlock, StreamingRuntime, placeholder
 from .checkpoint import Checkpoint, iter_blocks, plan_blocks
+from .device import Placement, resolve_placement
 from .meta import Materialization, check_against_store, check_meta_model, params_on_meta
 from .partition import (RESIDENT_BLOCK, Block, Partition, ResidentTensor, describe, partition_model,
                         resident_tensors)
@@ -56,7 +57,7 @@ io_logger = logging.getLogger("tensorstream.io")
 STATE_ATTR = "_tensorstream_state"
 CLEANUP_ATTR = "cleanup_tensorstream"
 
-__all__ = ["offload", "plan_offload", "store_model", "bind_model", "OffloadPlan", "StoredModel",
+__all__ = ["offload", "plan_offload", "store_model", "bind_model", "move_model", "OffloadPlan", "StoredModel",
            "get_model_statistics", "optimize_memory_usage", "cleanup", "OffloadState", "write_trace"]
 
 
@@ -79,6 +80,10 @@ class OffloadState:
                  arena: Optional[Arena], engine: Any, runtime: Optional[StreamingRuntime],
                  block_slots: Dict[str, int], write_outcome: str,
                  row_embeddings: Optional[List[RowEmbedding]] = None) -> None:
+        # Set by bind_model: what a later model.to(device) rebinds from (the store is not written again).
+        self.offload_plan: Optional["OffloadPlan"] = None
+        self.stored: Optional["StoredModel"] = None
+        self.placement: Placement = Placement("cpu", torch.device("cpu"))
         self.config = config
         self.partition = partition
         self.model_id = model_id
@@ -104,6 +109,7 @@ class OffloadState:
             row_embedding.close()
         tracer = self.runtime.tracer if self.runtime is not None else None
         self._finalizer()  # engine.close(), then the arena may be freed
+        self.placement.close()
         if tracer is not None:
             tracer.close()  # writes Config.trace_path; the closed engine kept its last trace events for this
         self.engine = None
@@ -125,11 +131,26 @@ def _check_config(config: Any) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"config must be a tensorstream.Config, got {type(config).__name__}", field="config")
     config.validate()
-    if config.backend in device_backends():
-        raise ConfigError(f"invalid backend: {config.backend.name} needs the GPU transfer stage, which is not in this "
-                          "build (CPU execution only for now); use BackendType.AUTO, PREAD, IO_URING or MMAP",
-                          field="backend")
     return config
+
+
+def _engine_backend(config: Config, placement: Placement) -> str:
+    """The engine backend for ``config.backend`` on ``placement`` (the names of the engine's backend table)."""
+    device_kinds = device_backends()
+    if not placement.device_slots:
+        if config.backend in device_kinds:
+            raise ConfigError(f"invalid backend: {config.backend.name} streams into GPU memory; pass device='cuda:0' "
+                              "(or Config.device) to run on a GPU, or use BackendType.AUTO, PREAD, IO_URING or MMAP "
+                              "on the CPU", field="backend")
+        return config.backend.value
+    if config.backend.value == "gpudirect":
+        logger.warning("offload: GPUDIRECT reads (cuFile) are not built yet: %s reads through pinned staging "
+                       "(BackendType.CUDA)", placement.describe())
+        return "cuda"
+    if config.backend.value not in ("auto", "cuda"):
+        raise ConfigError(f"invalid backend: {config.backend.name} reads into host memory; on {placement.name} use "
+                          "BackendType.CUDA (or AUTO)", field="backend")
+    return "cuda"
 
 
 def _metadata(model: nn.Module, partition: Partition) -> Dict[str, str]:
@@ -225,7 +246,7 @@ class OffloadPlan:
     by_rows: List[Block]             # untied embeddings read by rows (rows.py), outside the engine and its budget
     engine_blocks: List[Block]       # the blocks the engine streams
     resident: List[ResidentTensor]   # parameters and persistent buffers that never stream
-    device: torch.device             # where slots and resident tensors live (the CPU in this build)
+    placement: Placement             # where slots and resident tensors live, and how hooks wait (device.py)
 
 
 @dataclasses.dataclass
@@ -241,19 +262,22 @@ class StoredModel:
 
 
 def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
-            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None) -> nn.Module:
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None) -> nn.Module:
     """See :func:`tensorstream.offload`. Three stages; only the last changes the model."""
-    plan = plan_offload(model, config, model_id, checkpoint)
+    plan = plan_offload(model, config, model_id, checkpoint, device)
     stored = store_model(model, plan)
     return bind_model(model, plan, stored)
 
 
 def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
-                 checkpoint: Optional[Union[str, "os.PathLike[str]"]]) -> OffloadPlan:
-    """Checks the model and the config (ConfigError naming the field) and partitions the model (partition.py)."""
+                 checkpoint: Optional[Union[str, "os.PathLike[str]"]], device: Any = None) -> OffloadPlan:
+    """Checks the model and the config (ConfigError naming the field), resolves the device (``device=``, else
+    ``config.device``) and partitions the model (partition.py)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}", field="model")
     config = _check_config(config)
+    placement = resolve_placement(device if device is not None else config.device)
+    _engine_backend(config, placement)  # a host-only backend with a device is refused before anything is written
     existing = getattr(model, STATE_ATTR, None)
     if isinstance(existing, OffloadState) and not existing.closed:
         raise ConfigError("this model is already offloaded (call model.cleanup_tensorstream() before offloading it "
@@ -261,8 +285,8 @@ def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
     on_meta = params_on_meta(model)  # ConfigError when meta and real parameters are mixed
     for name, param in model.named_parameters():
         if param.device.type not in ("cpu", "meta"):
-            raise ConfigError(f"parameter '{name}' is on {param.device}: offload() takes a model on the CPU (this "
-                              "build executes on the CPU only)", field="model")
+            raise ConfigError(f"parameter '{name}' is on {param.device}: offload() takes a model on the CPU (or the "
+                              "meta device); pass device= (or Config.device) to run it on a GPU", field="model")
         if param.layout != torch.strided:
             raise ConfigError(f"parameter '{name}' has layout {param.layout}: only dense parameters can be streamed",
                               field="model")
@@ -292,7 +316,7 @@ def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
                        type(model).__name__, config.min_layer_size)
     return OffloadPlan(config=config, model_id=model_id, checkpoint=checkpoint, on_meta=on_meta, partition=partition,
                        by_rows=by_rows, engine_blocks=[b for b in streamed if b.name not in row_names],
-                       resident=resident_tensors(model, partition), device=torch.device("cpu"))
+                       resident=resident_tensors(model, partition), placement=placement)
 
 
 def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
@@ -325,50 +349,82 @@ def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
 def bind_model(model: nn.Module, plan: OffloadPlan, stored: StoredModel) -> nn.Module:
     """Sizes the budget, allocates the arena and opens the engine over the streamed blocks; then, all or nothing,
     swaps in a meta model's real tensors, installs the hooks and row readers and frees the streamed weights."""
-    config, partition = plan.config, plan.partition
+    config, partition, placement = plan.config, plan.partition, plan.placement
     # A meta model's real tensors, swapped in at the commit; the partition now names the new Parameters.
     materialization = (Materialization(partition, plan.resident, stored.resident_values) if plan.on_meta else None)
     stored.resident_values = {}
     if not partition.streamed:
         if materialization is not None:
             materialization.apply(model)
-        _attach(model, OffloadState(config, partition, stored.model_id, None, None, None, None, {},
-                                    "nothing_to_stream"))
+        _move_resident(model, partition, placement.torch_device)
+        state = OffloadState(config, partition, stored.model_id, None, None, None, None, {}, "nothing_to_stream")
+        state.offload_plan, state.stored, state.placement = plan, stored, placement
+        _attach(model, state)
         return model
 
     # Budget, arena, engine (the embeddings read by rows take no budget: the engine never holds them).
     slots = [stored.block_infos[b.name]["slot_size"] for b in plan.engine_blocks]
     position = {b.index: i for i, b in enumerate(plan.engine_blocks)}
     chains = [[position[i] for i in chain if i in position] for chain in partition.pinned_chains(model)]
-    budget = plan_budget(config.budget_bytes, slots, chains)
+    requested = config.budget_bytes
+    if requested is not None and placement.device_slots:
+        # On a device vram_budget_gb bounds what TensorStream holds there: the resident set and the slots.
+        requested = max(requested - partition.resident_bytes, 0)
+    budget = plan_budget(requested, slots, chains)
+    if placement.device_slots and config.budget_bytes is not None and budget.raised:
+        need = budget.budget_bytes + partition.resident_bytes
+        raise ConfigError(
+            f"invalid vram_budget_gb: {config.vram_budget_gb} GB cannot hold what {placement.name} needs at once: "
+            f"the resident set ({partition.resident_bytes} bytes) plus the largest set of blocks one forward pass "
+            f"holds ({budget.budget_bytes} bytes) = {need} bytes. Raise vram_budget_gb to at least "
+            f"{need / 1e9:.3f}, or raise min_layer_size so that fewer parameters stay resident", field="vram_budget_gb")
     if budget.raised:
         wanted = "the default" if budget.requested_bytes is None else f"vram_budget_gb={config.vram_budget_gb}"
         asked = budget.default_bytes if budget.requested_bytes is None else budget.requested_bytes
         logger.warning("TensorStream budget raised from %d bytes (%s) to %d bytes: the engine needs room for the "
                        "largest set of blocks one forward pass holds at once", asked, wanted, budget.budget_bytes)
-    arena = Arena(budget.arena_bytes)
+    _check_device_memory(placement, budget.arena_bytes + partition.resident_bytes)
+    placement.open()
+    try:
+        arena = placement.arena(budget.arena_bytes)
+    except BaseException:
+        placement.close()
+        raise
     storage = _core.StorageDirectory.open_existing(config.storage_path)
-    engine = _core.Engine(storage, stored.model_id, arena.address, arena.nbytes, backend=config.backend.value,
-                          direct_io=config.direct_io, queue_depth=config.queue_depth,
-                          num_io_threads=config.num_io_threads, budget_bytes=budget.budget_bytes,
-                          prefetch_strategy=config.prefetch_strategy.value,
-                          memory_pressure_mode=config.memory_pressure_mode, verify_checksums=config.verify_checksums,
-                          blocks=[stored.block_index[b.name] for b in plan.engine_blocks])  # never "(resident)"
+    try:
+        engine = _core.Engine(storage, stored.model_id, arena.address, arena.nbytes,
+                              backend=_engine_backend(config, placement), **placement.engine_options(),
+                              direct_io=config.direct_io, queue_depth=config.queue_depth,
+                              num_io_threads=config.num_io_threads, budget_bytes=budget.budget_bytes,
+                              prefetch_strategy=config.prefetch_strategy.value,
+                              memory_pressure_mode=config.memory_pressure_mode,
+                              verify_checksums=config.verify_checksums,
+                              blocks=[stored.block_index[b.name] for b in plan.engine_blocks])  # never "(resident)"
+    except BaseException:
+        placement.close()
+        raise
     try:
         state, runtime, row_embeddings = _runtime_state(plan, stored, budget, arena, storage, engine)
+        state.offload_plan, state.stored, state.placement = plan, stored, placement
     except BaseException:
         engine.close()
+        placement.close()
         raise
-    # Commit: real tensors for a meta model, hooks, placeholders (the original tensors are freed here).
+    # Commit: real tensors for a meta model, hooks, placeholders (the original tensors are freed here), then the
+    # resident set to the placement's device.
+    source_device = _resident_device(model, partition)
     try:
         if materialization is not None:
             materialization.apply(model)
         runtime.install()
         for row_embedding in row_embeddings:
             row_embedding.install()
+        _move_resident(model, partition, placement.torch_device)
     except BaseException:
         for row_embedding in row_embeddings:
             row_embedding.remove()
+        if source_device is not None:
+            _move_resident(model, partition, source_device)
         if materialization is not None:
             materialization.undo()
         state.close()
@@ -378,11 +434,53 @@ def bind_model(model: nn.Module, plan: OffloadPlan, stored: StoredModel) -> nn.M
     for row_embedding in row_embeddings:
         logger.info("offload: embedding '%s' (%s, %d bytes) is read by rows from the store, not streamed: it takes "
                     "no budget", row_embedding.module_name, row_embedding.param_name, row_embedding.block.nbytes)
-    logger.info("offloaded %s as '%s' (%s): %d blocks stream (%d bytes), %d resident (%d bytes); budget %d bytes, "
-                "backend %s", type(model).__name__, stored.model_id, stored.outcome, len(partition.streamed),
-                partition.streamed_bytes, len(partition.resident), partition.resident_bytes, budget.budget_bytes,
-                engine.backend_name)
+    logger.info("offloaded %s as '%s' (%s) on %s: %d blocks stream (%d bytes), %d resident (%d bytes); budget %d "
+                "bytes, backend %s", type(model).__name__, stored.model_id, stored.outcome, placement.describe(),
+                len(partition.streamed), partition.streamed_bytes, len(partition.resident), partition.resident_bytes,
+                budget.budget_bytes, engine.backend_name)
     return model
+
+
+def _streamed_param_ids(partition: Partition) -> set:
+    return {id(e.param) for b in partition.streamed for e in b.params}
+
+
+def _resident_device(model: nn.Module, partition: Partition) -> Optional[torch.device]:
+    """The device of the first resident parameter or buffer (None when there is none)."""
+    streamed = _streamed_param_ids(partition)
+    for module in model.modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None and id(tensor) not in streamed and tensor.device.type != "meta":
+                return tensor.device
+    return None
+
+
+def _move_resident(model: nn.Module, partition: Partition, device: torch.device) -> None:
+    """Moves every parameter and buffer that does not stream to ``device``, in place (the Parameter objects stay, as
+    with ``nn.Module.to``). Streamed parameters are left alone: they hold memory-less placeholders that a plain
+    ``.to()`` would turn into full-size copies."""
+    streamed = _streamed_param_ids(partition)
+    with torch.no_grad(), torch.inference_mode(False):
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and id(param) not in streamed and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+
+
+def _check_device_memory(placement: Placement, needed: int) -> None:
+    """On a real GPU: the arena and the resident set must fit in free memory (the guide's "CUDA out of memory")."""
+    if not placement.device_slots or placement.double is not None:
+        return
+    free, total = torch.cuda.mem_get_info(placement.torch_device)
+    if needed > free:
+        raise ConfigError(
+            f"invalid vram_budget_gb: {placement.name} has {free} bytes free of {total}, and TensorStream needs "
+            f"{needed} bytes (resident set + streaming slots). Lower vram_budget_gb (down to the minimum the warning "
+            "names), free GPU memory, or raise min_layer_size so that fewer parameters stay resident",
+            field="vram_budget_gb")
 
 
 def _runtime_state(plan: OffloadPlan, stored: StoredModel, budget: BudgetPlan, arena: Arena, storage: Any,
@@ -400,15 +498,15 @@ def _runtime_state(plan: OffloadPlan, stored: StoredModel, budget: BudgetPlan, a
             info = stored.tensor_infos[e.name]
             tensors.append((e.param, info["slot_offset"], info["nbytes"], e.param.dtype, tuple(e.param.shape)))
         stream_blocks.append(StreamBlock(b, stored.block_index[b.name], stored.block_infos[b.name]["slot_size"],
-                                         tensors))
-    runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode)
+                                         tensors, plan.placement.torch_device))
+    runtime = StreamingRuntime(engine, arena, stream_blocks, debug=config.debug_mode, placement=plan.placement)
     row_embeddings = []
     if plan.by_rows:
         reader = _core.StoreReader.open(storage, stored.model_id)  # thread-safe (pread only); shared by all calls
         for b in plan.by_rows:
             row_embeddings.append(RowEmbedding(b, stored.block_index[b.name], reader,
                                                stored.tensor_infos[b.params[0].name]["index"],
-                                               config.verify_checksums))
+                                               config.verify_checksums, plan.placement.torch_device))
     if config.trace_path is not None:  # a Chrome trace of this model (tensorstream/trace.py)
         runtime.tracer = start_trace(engine, config, stored.model_id, stream_blocks, owner=runtime)
         for row_embedding in row_embeddings:
@@ -437,13 +535,97 @@ class _Cleanup:
         return "<TensorStream cleanup: restore the weights into memory and close the engine>"
 
 
+class _Move:
+    """``model.to(...)``, ``model.cuda(...)`` and ``model.cpu()`` of an offloaded model: a device change rebinds it
+    (move_model); anything else is the module's own method. Does not keep the model alive."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        self._model = weakref.ref(model)
+        self._kind = kind
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = self._model()
+        if model is None:  # pragma: no cover - the bound method outlived its model
+            raise ConfigError("the model is gone", field="model")
+        if self._kind == "cpu":
+            return move_model(model, "cpu")
+        if self._kind == "cuda":
+            device = args[0] if args else kwargs.get("device")
+            return move_model(model, torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+        device, dtype, _non_blocking, _memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            raise ConfigError(f"model.to({dtype}) on an offloaded model: the store holds its weights in their "
+                              "offloaded dtypes; call model.cleanup_tensorstream(), convert, then offload again",
+                              field="dtype")
+        return model if device is None else move_model(model, device)
+
+    def __repr__(self) -> str:
+        return f"<TensorStream {self._kind}(): moves an offloaded model by rebinding its engine>"
+
+
+_MOVE_ATTRS = ("to", "cuda", "cpu")
+
+
 def _attach(model: nn.Module, state: OffloadState) -> None:
     object.__setattr__(model, STATE_ATTR, state)
     object.__setattr__(model, CLEANUP_ATTR, _Cleanup(model))
+    for kind in _MOVE_ATTRS:
+        object.__setattr__(model, kind, _Move(model, kind))
+
+
+def move_model(model: nn.Module, device: Any) -> nn.Module:
+    """Moves an offloaded model to ``device`` ("cpu", "cuda:N"): the resident set moves, the engine is reopened with
+    slots on the new device, the store is not written again. On failure the model stays where it was."""
+    state = _state(model)
+    target = resolve_placement(device)
+    if target.name == state.placement.name:
+        return model
+    if state.offload_plan is None or state.stored is None:  # pragma: no cover - set by every bind
+        raise ConfigError("this offloaded model cannot be moved (no binding plan)", field="model")
+    runtime = state.runtime
+    if runtime is not None and runtime.pinned_blocks():
+        raise ConfigError("cannot move the model while a forward pass is running", field="model")
+    old_plan = state.offload_plan
+    new_plan = dataclasses.replace(old_plan, placement=target, on_meta=False)
+    _engine_backend(new_plan.config, target)  # a host-only backend for a device is refused before anything changes
+    _unbind(model, state, target.torch_device)
+    try:
+        bind_model(model, new_plan, state.stored)
+    except BaseException:
+        back = dataclasses.replace(old_plan, placement=resolve_placement(state.placement.name), on_meta=False)
+        _unbind_placeholders(state, back.placement.torch_device)
+        bind_model(model, back, state.stored)
+        raise
+    logger.info("moved %s from %s to %s", type(model).__name__, state.placement.describe(), target.describe())
+    return model
+
+
+def _unbind_placeholders(state: OffloadState, device: torch.device) -> None:
+    """Gives every streamed parameter a placeholder on ``device`` (bind_model then installs its own)."""
+    with torch.inference_mode(False):
+        for b in state.partition.streamed:
+            for e in b.params:
+                e.param.data = placeholder(e.param.dtype, tuple(e.param.shape), device)
+
+
+def _unbind(model: nn.Module, state: OffloadState, device: torch.device) -> None:
+    """Takes the model off its engine without reading its weights back: hooks and row readers removed, streamed
+    parameters on placeholders of ``device``, engine closed, TensorStream's attributes removed."""
+    runtime = state.runtime
+    if runtime is not None:
+        runtime.remove_hooks()
+        with runtime.lock:
+            for sb in runtime.blocks:
+                sb.bound_address = None
+    for row_embedding in state.row_embeddings:
+        row_embedding.remove()
+    _unbind_placeholders(state, device)
+    state.close()
+    _detach(model)
 
 
 def _detach(model: nn.Module) -> None:
-    for attr in (STATE_ATTR, CLEANUP_ATTR):
+    for attr in (STATE_ATTR, CLEANUP_ATTR) + _MOVE_ATTRS:
         if attr in model.__dict__:
             object.__delattr__(model, attr)
 
@@ -468,7 +650,8 @@ def cleanup(model: nn.Module) -> None:
         entries += [e for row_embedding in state.row_embeddings for e in row_embedding.block.params]
         for e in entries:
             if id(e.param) not in restored:
-                restored[id(e.param)] = store.read(e.name, verify_checksums=state.config.verify_checksums)
+                restored[id(e.param)] = store.read(e.name, verify_checksums=state.config.verify_checksums).to(
+                    state.placement.torch_device)
     _record_order(state)
     runtime.remove_hooks()
     with runtime.lock:
@@ -518,7 +701,10 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
     out: Dict[str, Any] = {
         "model_id": state.model_id,
         "storage_path": state.storage_path,
+        "device": state.placement.describe(),
         "backend": None,
+        "slot_access": "host" if not state.placement.device_slots else None,
+        "transfer": None,
         "streamed_blocks": len(partition.streamed),
         "resident_blocks": len(partition.resident),
         "streamed_bytes": partition.streamed_bytes,
@@ -533,7 +719,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    bytes_read=0, bytes_delivered=0, stall_time_s=0.0, prefetch_hit_rate=0.0, acquires=0, hits=0,
                    misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
-                   row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, blocks={})
+                   row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
+                   staging_peak_in_use_bytes=0, blocks={})
         return out
     s = engine.stats()
     if reset:
@@ -560,6 +747,10 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
     rows_delivered = sum(c["rows"] * r.row_bytes for r, c in row_counters)
     out.update(
         backend=engine.backend_name,
+        slot_access=engine.slot_access,
+        transfer=engine.transfer_name,
+        staging_bytes=s["staging_bytes"],
+        staging_peak_in_use_bytes=s["staging_peak_in_use_bytes"],
         budget_bytes=budget,
         arena_bytes=state.arena.nbytes if state.arena is not None else 0,
         vram_usage_bytes=held + resident_weights,

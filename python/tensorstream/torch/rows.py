@@ -73,7 +73,8 @@ def row_read_blocks(model: nn.Module, partition: Partition) -> List[Block]:
 class RowEmbedding:
     """One embedding read by rows: its reader, its counters, and the forward installed on its module."""
 
-    def __init__(self, block: Block, index: int, reader: Any, tensor_index: int, verify: bool) -> None:
+    def __init__(self, block: Block, index: int, reader: Any, tensor_index: int, verify: bool,
+                 device: Optional[torch.device] = None) -> None:
         self.block = block
         self.index = index                  # block index in the store
         self.name = block.name
@@ -86,7 +87,7 @@ class RowEmbedding:
         self.row_bytes = entry.nbytes // self.shape[0]
         self.tensor_index = tensor_index
         self.verify = verify
-        self.placeholder = placeholder(self.dtype, self.shape)
+        self.placeholder = placeholder(self.dtype, self.shape, device)
         self.tracer: Optional[Any] = None   # a trace.TraceCollector: each read becomes a "read" event
         self._reader = reader
         self._lock = threading.Lock()
@@ -123,7 +124,7 @@ class RowEmbedding:
         if reader is None:
             raise ConfigError(f"module '{self.module_name}' runs after its TensorStream engine was closed",
                               field="engine")
-        rows = rows.to(torch.int64).contiguous()
+        rows = rows.to("cpu", torch.int64).contiguous()  # the reader fills host memory; the caller moves the result
         out = torch.empty((rows.numel(),) + self.shape[1:], dtype=self.dtype)
         started = time.monotonic_ns()
         try:
@@ -155,7 +156,7 @@ class RowEmbedding:
         count = self.shape[0]
         if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= count):
             raise IndexError(f"index out of range in self (embedding '{self.module_name}' has {count} rows)")
-        return F.embedding(inverse.view_as(ids), self.read_rows(rows))
+        return F.embedding(inverse.view_as(ids), self.read_rows(rows).to(ids.device))
 
     # -- installation ------------------------------------------------------------------------------------------
 

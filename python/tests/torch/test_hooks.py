@@ -189,7 +189,10 @@ def test_exception_inside_forward_releases_the_blocks(ts_models, tmp_path):
 def test_converting_an_offloaded_model_is_refused_at_the_next_forward(ts_models, tmp_path):
     plain = seeded(nn.Sequential, nn.Linear(8, 8), nn.Linear(8, 8))
     model = offload_copy(ts_models, tmp_path, plain)
-    model.to(torch.float64)
+    with pytest.raises(ts.ConfigError) as caught:  # model.to(dtype) is refused at once
+        model.to(torch.float64)
+    assert caught.value.field == "dtype"
+    model.double()  # nn.Module's own conversion: caught at the next forward
     with pytest.raises(ts.ConfigError) as caught:
         model(torch.randn(2, 8, dtype=torch.float64))
     assert caught.value.field == "model" and "cleanup_tensorstream" in str(caught.value)

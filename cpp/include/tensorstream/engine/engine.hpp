@@ -103,6 +103,9 @@ class Engine {
   [[nodiscard]] const Config& config() const noexcept;
   [[nodiscard]] std::string backend_name() const;
   [[nodiscard]] const std::string& backend_fallback_reason() const noexcept;
+  // Where slots live (host, device by copy, device direct) and the Transfer's name ("host", "cuda").
+  [[nodiscard]] SlotAccess slot_access() const noexcept;
+  [[nodiscard]] std::string transfer_name() const;
   [[nodiscard]] std::vector<size_t> learned_order() const;
   [[nodiscard]] uint32_t lookahead() const;
   [[nodiscard]] uint64_t static_bytes() const;
