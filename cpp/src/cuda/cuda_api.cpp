@@ -42,6 +42,9 @@ class DriverCudaApi final : public CudaApi {
         {"cuEventQuery", reinterpret_cast<void**>(&event_query_)},
         {"cuEventSynchronize", reinterpret_cast<void**>(&event_synchronize_)},
         {"cuMemcpyHtoDAsync_v2", reinterpret_cast<void**>(&memcpy_htod_async_)},
+        {"cuMemAlloc_v2", reinterpret_cast<void**>(&mem_alloc_)},
+        {"cuMemFree_v2", reinterpret_cast<void**>(&mem_free_)},
+        {"cuMemcpyDtoH_v2", reinterpret_cast<void**>(&memcpy_dtoh_)},
         {"cuMemHostAlloc", reinterpret_cast<void**>(&mem_host_alloc_)},
         {"cuMemFreeHost", reinterpret_cast<void**>(&mem_free_host_)},
         {"cuLaunchHostFunc", reinterpret_cast<void**>(&launch_host_func_)},
@@ -103,6 +106,11 @@ class DriverCudaApi final : public CudaApi {
   CuResult cuEventSynchronize(CuEvent event) override { return event_synchronize_(event); }
   CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) override {
     return memcpy_htod_async_(destination, source, bytes, stream);
+  }
+  CuResult cuMemAlloc(CuDevicePtr* pointer, size_t bytes) override { return mem_alloc_(pointer, bytes); }
+  CuResult cuMemFree(CuDevicePtr pointer) override { return mem_free_(pointer); }
+  CuResult cuMemcpyDtoH(void* destination, CuDevicePtr source, size_t bytes) override {
+    return memcpy_dtoh_(destination, source, bytes);
   }
   CuResult cuMemHostAlloc(void** pointer, size_t bytes, unsigned flags) override {
     return mem_host_alloc_(pointer, bytes, flags);
@@ -169,6 +177,9 @@ class DriverCudaApi final : public CudaApi {
   CuResult (*event_query_)(CuEvent) = nullptr;
   CuResult (*event_synchronize_)(CuEvent) = nullptr;
   CuResult (*memcpy_htod_async_)(CuDevicePtr, const void*, size_t, CuStream) = nullptr;
+  CuResult (*mem_alloc_)(CuDevicePtr*, size_t) = nullptr;
+  CuResult (*mem_free_)(CuDevicePtr) = nullptr;
+  CuResult (*memcpy_dtoh_)(void*, CuDevicePtr, size_t) = nullptr;
   CuResult (*mem_host_alloc_)(void**, size_t, unsigned) = nullptr;
   CuResult (*mem_free_host_)(void*) = nullptr;
   CuResult (*launch_host_func_)(CuStream, CuHostFn, void*) = nullptr;

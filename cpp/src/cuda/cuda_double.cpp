@@ -67,6 +67,7 @@ struct CudaDouble::State {
   Stream* default_stream = nullptr;
   std::map<Event*, std::shared_ptr<Event>> events;
   std::map<void*, size_t> pinned;
+  std::map<void*, size_t> device;  // cuMemAlloc: host memory standing in for device memory
   std::map<std::string, CuResult> failures;
   std::vector<CudaDoubleOp> log;
   uint64_t sequence = 0;
@@ -186,6 +187,7 @@ CudaDouble::~CudaDouble() {
     state_->streams.erase(it);
   }
   for (const auto& [pointer, bytes] : state_->pinned) std::free(pointer);
+  for (const auto& [pointer, bytes] : state_->device) std::free(pointer);
 }
 
 void CudaDouble::fail_next(const std::string& call, CuResult result) {
@@ -202,6 +204,13 @@ uint64_t CudaDouble::pinned_bytes() const {
   const std::lock_guard lock(state_->mutex);
   uint64_t total = 0;
   for (const auto& [pointer, bytes] : state_->pinned) total += bytes;
+  return total;
+}
+
+uint64_t CudaDouble::device_bytes() const {
+  const std::lock_guard lock(state_->mutex);
+  uint64_t total = 0;
+  for (const auto& [pointer, bytes] : state_->device) total += bytes;
   return total;
 }
 
@@ -403,6 +412,39 @@ CuResult CudaDouble::cuMemcpyHtoDAsync(CuDevicePtr destination, const void* sour
     op.latency = std::chrono::microseconds(static_cast<int64_t>(state_->rng() % static_cast<uint64_t>(op.latency.count() + 1)));
   }
   state_->push(*target, std::move(op));
+  return kCudaSuccess;
+}
+
+CuResult CudaDouble::cuMemAlloc(CuDevicePtr* pointer, size_t bytes) {
+  const std::lock_guard lock(state_->mutex);
+  if (const CuResult failure = state_->take_failure("cuMemAlloc")) return failure;
+  if (const CuResult no_context = state_->need_context()) return no_context;
+  if (pointer == nullptr || bytes == 0) return kCudaErrorInvalidValue;
+  void* memory = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);  // cudaMalloc aligns to 256 at least
+  if (memory == nullptr) return kCudaErrorOutOfMemory;
+  state_->device.emplace(memory, bytes);
+  *pointer = static_cast<CuDevicePtr>(reinterpret_cast<uintptr_t>(memory));
+  return kCudaSuccess;
+}
+
+CuResult CudaDouble::cuMemFree(CuDevicePtr pointer) {
+  const std::lock_guard lock(state_->mutex);
+  const auto it = state_->device.find(reinterpret_cast<void*>(static_cast<uintptr_t>(pointer)));
+  if (it == state_->device.end()) return kCudaErrorInvalidValue;
+  std::free(it->first);
+  state_->device.erase(it);
+  return kCudaSuccess;
+}
+
+CuResult CudaDouble::cuMemcpyDtoH(void* destination, CuDevicePtr source, size_t bytes) {
+  std::unique_lock lock(state_->mutex);
+  if (const CuResult failure = state_->take_failure("cuMemcpyDtoH")) return failure;
+  if (const CuResult no_context = state_->need_context()) return no_context;
+  // Synchronous with respect to the legacy default stream, as in CUDA: wait for it, then copy.
+  State::Stream* stream = state_->find_stream(nullptr);
+  state_->changed.wait(lock, [&] { return stream->ops.empty(); });
+  lock.unlock();
+  std::memcpy(destination, reinterpret_cast<const void*>(static_cast<uintptr_t>(source)), bytes);
   return kCudaSuccess;
 }
 

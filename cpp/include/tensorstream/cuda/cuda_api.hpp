@@ -77,6 +77,9 @@ class CudaApi {
   virtual CuResult cuEventQuery(CuEvent event) = 0;
   virtual CuResult cuEventSynchronize(CuEvent event) = 0;
   virtual CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) = 0;
+  virtual CuResult cuMemAlloc(CuDevicePtr* pointer, size_t bytes) = 0;   // for C++ users and tests; torch allocates
+  virtual CuResult cuMemFree(CuDevicePtr pointer) = 0;                    // the arena in Python
+  virtual CuResult cuMemcpyDtoH(void* destination, CuDevicePtr source, size_t bytes) = 0;  // synchronous
   virtual CuResult cuMemHostAlloc(void** pointer, size_t bytes, unsigned flags) = 0;
   virtual CuResult cuMemFreeHost(void* pointer) = 0;
   virtual CuResult cuLaunchHostFunc(CuStream stream, CuHostFn function, void* user_data) = 0;

@@ -55,6 +55,7 @@ class CudaDouble final : public CudaApi {
   void fail_next(const std::string& call, CuResult result);  // the next call of `call` returns `result`
   [[nodiscard]] std::vector<CudaDoubleOp> log() const;        // executed operations, in execution order
   [[nodiscard]] uint64_t pinned_bytes() const;                // cuMemHostAlloc'ed and not freed
+  [[nodiscard]] uint64_t device_bytes() const;                // cuMemAlloc'ed and not freed
   [[nodiscard]] uint64_t live_streams() const;
   [[nodiscard]] uint64_t live_events() const;
   // Runs `kernel` on `stream` in order with its other work, as a kernel launch would (logged as "kernel").
@@ -79,6 +80,9 @@ class CudaDouble final : public CudaApi {
   CuResult cuEventQuery(CuEvent event) override;
   CuResult cuEventSynchronize(CuEvent event) override;
   CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) override;
+  CuResult cuMemAlloc(CuDevicePtr* pointer, size_t bytes) override;
+  CuResult cuMemFree(CuDevicePtr pointer) override;
+  CuResult cuMemcpyDtoH(void* destination, CuDevicePtr source, size_t bytes) override;
   CuResult cuMemHostAlloc(void** pointer, size_t bytes, unsigned flags) override;
   CuResult cuMemFreeHost(void* pointer) override;
   CuResult cuLaunchHostFunc(CuStream stream, CuHostFn function, void* user_data) override;
