@@ -134,3 +134,22 @@ def test_run_all_table_and_plots_from_a_report(disk_dir):
     assert run_all.plot_ratios(rows, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not run_all.plot_ratios(rows[2:], disk_dir / "none.png")
+
+
+def test_gpu_benchmark_dry_run_on_the_cuda_double(disk_dir, tmp_path):
+    """benchmarks/gpu.py (G1-G4, run by tools/gpu_check.sh on a GPU) runs end to end on the CUDA double."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--dir", str(disk_dir),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [path] = out.glob("*-gpu-dry-run.json")
+    report = json.loads(path.read_text())
+    assert report["dry_run"] is True
+    suites = {row["suite"] for row in report["summary"]}
+    assert suites == {"G1", "G2", "G3", "G4"}
+    for row in report["summary"]:
+        assert set(row) == ROW_KEYS, row
+    [equal] = [row for row in report["summary"] if row["metric"].startswith("generate tokens equal")]
+    assert equal["value"] == 1.0, "offloaded generate() on the double gave other tokens than the plain model"
+    g2 = [row for row in report["summary"] if row["suite"] == "G2" and row["arm"] == "cuda"]
+    assert g2 and all(row["value"] > 0 for row in g2)
