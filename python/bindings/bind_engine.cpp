@@ -70,6 +70,8 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["in_flight_bytes"] = s.in_flight_bytes;
   out["staging_bytes"] = s.staging_bytes;
   out["staging_peak_in_use_bytes"] = s.staging_peak_in_use_bytes;
+  out["h2d_bytes"] = s.h2d_bytes;
+  out["h2d_busy_ns"] = s.h2d_busy_ns;
   out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
   out["hit_rate"] = s.hit_rate();
   nb::list blocks;

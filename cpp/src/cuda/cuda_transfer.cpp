@@ -1,10 +1,17 @@
 #include "tensorstream/cuda/cuda_transfer.hpp"
 
+#include <chrono>
+
 #include "tensorstream/error.hpp"
 
 namespace tensorstream {
 
 namespace {
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 class CudaEvent final : public TransferEvent {
  public:
@@ -108,7 +115,12 @@ int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte>
     return -1;  // nothing was queued: the lease returns now
   }
   auto* pending = new PendingCopy{std::move(source), this};
-  in_flight_.fetch_add(1);
+  {
+    const std::lock_guard lock(drained_mutex_);
+    if (in_flight_.fetch_add(1) == 0) busy_since_ns_ = now_ns();
+    ++copies_;
+    bytes_ += bytes.size();
+  }
   result = api_->cuLaunchHostFunc(copy_stream_, &CudaTransfer::copy_completed, pending);
   if (result != kCudaSuccess) {
     // The copy is queued but nothing will tell us when it is done: wait for it here (a rare error path), so the
@@ -125,11 +137,9 @@ void CudaTransfer::copy_completed(void* opaque) {
   auto* pending = static_cast<PendingCopy*>(opaque);
   CudaTransfer* transfer = pending->transfer;
   delete pending;  // returns the staging lease (which may let a queued read go)
-  {
-    const std::lock_guard lock(transfer->drained_mutex_);
-    transfer->in_flight_.fetch_sub(1);
-  }
-  transfer->drained_.notify_all();
+  const std::lock_guard lock(transfer->drained_mutex_);
+  if (transfer->in_flight_.fetch_sub(1) == 1) transfer->busy_ns_ += now_ns() - transfer->busy_since_ns_;
+  transfer->drained_.notify_all();  // under the lock: once drain() sees zero, nothing here touches the Transfer
 }
 
 EventRef CudaTransfer::record(CuStream stream, std::exception_ptr* error) {
@@ -180,6 +190,13 @@ int CudaTransfer::stream_wait(const TransferEvent& event, uintptr_t stream, std:
 void CudaTransfer::synchronize(const TransferEvent& event) {
   check_cuda(*api_, make_current(), "cuCtxSetCurrent");
   check_cuda(*api_, api_->cuEventSynchronize(reinterpret_cast<CuEvent>(event.native())), "cuEventSynchronize");
+}
+
+TransferStats CudaTransfer::stats() const {
+  const std::lock_guard lock(drained_mutex_);
+  TransferStats out{copies_, bytes_, busy_ns_};
+  if (in_flight_.load() > 0) out.busy_ns += now_ns() - busy_since_ns_;
+  return out;
 }
 
 void CudaTransfer::drain() noexcept {

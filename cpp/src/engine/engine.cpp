@@ -783,6 +783,9 @@ StatsSnapshot Engine::stats() const {
   const StagingStats staging = impl_->staging->stats();
   snapshot.staging_bytes = staging.allocated_bytes;
   snapshot.staging_peak_in_use_bytes = staging.peak_in_use_bytes;
+  const TransferStats copies = impl_->transfer->stats();
+  snapshot.h2d_bytes = copies.bytes;
+  snapshot.h2d_busy_ns = copies.busy_ns;
   return snapshot;
 }
 void Engine::reset_stats() { impl_->stats.reset(); }

@@ -75,6 +75,10 @@ TEST(CudaTransfer, CopiesKeepTheirLeaseUntilTheDeviceHasReadIt) {
   EXPECT_EQ(slot[0], std::byte{0});
   EXPECT_TRUE(pool->try_acquire().has_value());
   EXPECT_EQ(transfer.copies_in_flight(), 0u);
+  const TransferStats stats = transfer.stats();
+  EXPECT_EQ(stats.copies, 1u);
+  EXPECT_EQ(stats.bytes, 4096u);
+  EXPECT_GT(stats.busy_ns, 0u) << "a copy was queued for a while";
 }
 
 TEST(CudaTransfer, FailuresAreCudaErrorsNamingTheCallAndReturnTheLease) {

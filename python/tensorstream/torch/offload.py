@@ -720,7 +720,7 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
-                   staging_peak_in_use_bytes=0, blocks={})
+                   staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, blocks={})
         return out
     s = engine.stats()
     if reset:
@@ -751,6 +751,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         transfer=engine.transfer_name,
         staging_bytes=s["staging_bytes"],
         staging_peak_in_use_bytes=s["staging_peak_in_use_bytes"],
+        h2d_bytes=s["h2d_bytes"],
+        h2d_throughput_gbps=s["h2d_bytes"] / s["h2d_busy_ns"] if s["h2d_busy_ns"] else 0.0,
         budget_bytes=budget,
         arena_bytes=state.arena.nbytes if state.arena is not None else 0,
         vram_usage_bytes=held + resident_weights,

@@ -69,6 +69,8 @@ def test_offload_to_cuda_matches_the_plain_model(ts_models, tmp_path, gpu, budge
     assert stats["device"].startswith("cuda:0")
     assert stats["slot_access"] == "device_by_copy" and stats["transfer"] == "cuda"
     assert stats["held_bytes"] <= stats["budget_bytes"]
+    assert stats["h2d_bytes"] >= stats["bytes_delivered"] - stats["row_bytes_read"] > 0, "every slot byte was copied"
+    assert stats["h2d_throughput_gbps"] > 0
     if gpu.double is not None:
         ops = gpu.double.operation_counts()
         assert ops.get("copy", 0) > 0, "weights reached the slots by device copies"

@@ -39,6 +39,7 @@ class CudaTransfer final : public Transfer {
   int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) override;
   void synchronize(const TransferEvent& event) override;
   void drain() noexcept override;
+  [[nodiscard]] TransferStats stats() const override;
 
   [[nodiscard]] CuStream copy_stream() const noexcept { return copy_stream_; }
   [[nodiscard]] uint64_t copies_in_flight() const noexcept { return in_flight_.load(); }
@@ -55,8 +56,12 @@ class CudaTransfer final : public Transfer {
   CuContext context_ = nullptr;
   CuStream copy_stream_ = nullptr;
   std::atomic<uint64_t> in_flight_{0};  // copies queued whose lease has not come back
-  std::mutex drained_mutex_;
+  mutable std::mutex drained_mutex_;    // also guards the counters below
   std::condition_variable drained_;
+  uint64_t copies_ = 0;
+  uint64_t bytes_ = 0;
+  uint64_t busy_ns_ = 0;
+  uint64_t busy_since_ns_ = 0;  // when in_flight_ went 0 -> 1
 };
 
 // Pinned host memory from cuMemHostAlloc (portable), for staging pools that feed a device.

@@ -43,6 +43,14 @@ class TransferEvent {
 };
 using EventRef = std::shared_ptr<const TransferEvent>;
 
+// What a Transfer moved: bytes copied to device slots and the wall time during which at least one copy was queued
+// or running (so bytes / busy time is the copy rate while copying).
+struct TransferStats {
+  uint64_t copies = 0;
+  uint64_t bytes = 0;
+  uint64_t busy_ns = 0;
+};
+
 class Transfer {
  public:
   virtual ~Transfer() = default;
@@ -70,6 +78,8 @@ class Transfer {
   virtual void synchronize(const TransferEvent& event) = 0;
   // Blocks until every queued copy has completed and its source was released. Never throws.
   virtual void drain() noexcept = 0;
+  // Counters so far (zero for host slots). Thread-safe; not a consistent cut across fields.
+  [[nodiscard]] virtual TransferStats stats() const { return {}; }
 };
 
 // Slots in host memory: nothing is ever copied or waited for.

@@ -38,6 +38,8 @@ struct StatsSnapshot {
   uint64_t in_flight_bytes = 0;
   uint64_t staging_bytes = 0;            // host staging buffers allocated (bounded; outside the budget)
   uint64_t staging_peak_in_use_bytes = 0;
+  uint64_t h2d_bytes = 0;                // device slots: bytes copied host -> device by the Transfer
+  uint64_t h2d_busy_ns = 0;              // time at least one such copy was queued or running
   std::vector<BlockStatsSnapshot> blocks;
 
   // bytes_read / io_busy time, in bytes per second (0 when nothing was read).
