@@ -72,6 +72,7 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["staging_peak_in_use_bytes"] = s.staging_peak_in_use_bytes;
   out["h2d_bytes"] = s.h2d_bytes;
   out["h2d_busy_ns"] = s.h2d_busy_ns;
+  out["direct_bytes"] = s.direct_bytes;
   out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
   out["hit_rate"] = s.hit_rate();
   nb::list blocks;
@@ -175,8 +176,11 @@ void bind_engine(nb::module_& m) {
             nb::gil_scoped_release release;
             auto reader = std::make_shared<const StoreReader>(StoreReader::open(storage, model_id));
             // The destination half of the backend table: host slots, CUDA on `device`, or CUDA on the test double.
+            const SlotAccess access = backend_traits(config.backend).reader == BackendKind::kGpuDirect
+                                          ? SlotAccess::kDeviceDirect
+                                          : SlotAccess::kDeviceByCopy;
             std::unique_ptr<Transfer> transfer = cuda_double != nullptr
-                                                     ? std::make_unique<CudaTransfer>(cuda_double->api, device)
+                                                     ? std::make_unique<CudaTransfer>(cuda_double->api, device, access)
                                                      : make_transfer(config.backend, device);
             new (self) PyEngine{std::make_unique<Engine>(
                 std::move(reader), std::span(reinterpret_cast<std::byte*>(arena_address), arena_bytes), config,

@@ -1,6 +1,7 @@
 #include "tensorstream/cuda/cuda_api.hpp"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <mutex>
 #include <utility>
@@ -236,6 +237,8 @@ std::shared_ptr<CudaApi> load_cuda(CudaAvailability* availability, const std::ve
         candidates.insert(candidates.end(), cufile_candidates.begin(), cufile_candidates.end());
         found.cufile_reason = api->load_cufile(candidates, &found.cufile_path);
         found.cufile = found.cufile_reason.empty();
+        // Without nvidia-fs, cuFile runs in compatibility mode: POSIX reads through its own bounce buffers.
+        found.gds = found.cufile && ::access("/proc/driver/nvidia-fs", F_OK) == 0;
         found.available = true;
         loaded = std::move(api);
       } else {

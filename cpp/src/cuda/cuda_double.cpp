@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdlib>
+#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -10,6 +11,8 @@
 #include <random>
 #include <thread>
 #include <unordered_map>
+
+#include <unistd.h>
 
 namespace tensorstream {
 
@@ -70,6 +73,13 @@ struct CudaDouble::State {
   std::map<void*, size_t> device;  // cuMemAlloc: host memory standing in for device memory
   std::map<std::string, CuResult> failures;
   std::vector<CudaDoubleOp> log;
+  // cuFile emulation.
+  bool cufile_open = false;
+  std::map<CuFileHandle, int> file_handles;  // handle -> fd
+  std::map<const std::byte*, size_t> registered;
+  uint64_t cufile_reads = 0;
+  uint64_t cufile_unregistered = 0;
+  int next_handle = 1;
   uint64_t sequence = 0;
   std::mt19937_64 rng;
 
@@ -482,6 +492,88 @@ CuResult CudaDouble::cuLaunchHostFunc(CuStream stream, CuHostFn function, void* 
   op.user_data = user_data;
   state_->push(*target, std::move(op));
   return kCudaSuccess;
+}
+
+bool CudaDouble::cufile_loaded() const { return state_->options.cufile; }
+
+CuFileError CudaDouble::cuFileDriverOpen() {
+  const std::lock_guard lock(state_->mutex);
+  if (!state_->options.cufile) return {5030, 0};
+  if (const CuResult failure = state_->take_failure("cuFileDriverOpen")) return {5001, failure};
+  state_->cufile_open = true;
+  return {};
+}
+
+CuFileError CudaDouble::cuFileDriverClose() {
+  const std::lock_guard lock(state_->mutex);
+  if (!state_->cufile_open) return {5030, 0};
+  state_->cufile_open = false;
+  return {};
+}
+
+CuFileError CudaDouble::cuFileHandleRegister(CuFileHandle* handle, CuFileDescr* descr) {
+  const std::lock_guard lock(state_->mutex);
+  if (!state_->cufile_open) return {5030, 0};
+  if (handle == nullptr || descr == nullptr || descr->type != 1 || descr->handle.fd < 0) return {5022, 0};
+  auto* made = reinterpret_cast<CuFileHandle>(static_cast<uintptr_t>(state_->next_handle++));
+  state_->file_handles[made] = descr->handle.fd;
+  *handle = made;
+  return {};
+}
+
+void CudaDouble::cuFileHandleDeregister(CuFileHandle handle) {
+  const std::lock_guard lock(state_->mutex);
+  state_->file_handles.erase(handle);
+}
+
+CuFileError CudaDouble::cuFileBufRegister(const void* device_pointer, size_t bytes, int /*flags*/) {
+  const std::lock_guard lock(state_->mutex);
+  if (!state_->cufile_open) return {5030, 0};
+  state_->registered[static_cast<const std::byte*>(device_pointer)] = bytes;
+  return {};
+}
+
+CuFileError CudaDouble::cuFileBufDeregister(const void* device_pointer) {
+  const std::lock_guard lock(state_->mutex);
+  return state_->registered.erase(static_cast<const std::byte*>(device_pointer)) == 1 ? CuFileError{}
+                                                                                       : CuFileError{5022, 0};
+}
+
+ssize_t CudaDouble::cuFileRead(CuFileHandle handle, void* device_pointer, size_t bytes, off_t file_offset,
+                               off_t device_offset) {
+  int fd = -1;
+  {
+    const std::lock_guard lock(state_->mutex);
+    if (const CuResult failure = state_->take_failure("cuFileRead")) return -static_cast<ssize_t>(failure);
+    const auto it = state_->file_handles.find(handle);
+    if (!state_->cufile_open || it == state_->file_handles.end()) return -EBADF;
+    fd = it->second;
+    ++state_->cufile_reads;
+    const auto* base = static_cast<const std::byte*>(device_pointer);
+    bool covered = false;
+    for (const auto& [start, length] : state_->registered) {
+      if (start <= base && base + device_offset + static_cast<off_t>(bytes) <= start + length) covered = true;
+    }
+    if (!covered) ++state_->cufile_unregistered;
+  }
+  // As cuFile: bytes read, or a negative errno. (The device pointer is host memory here.)
+  const ssize_t n = ::pread(fd, static_cast<std::byte*>(device_pointer) + device_offset, bytes, file_offset);
+  return n < 0 ? -static_cast<ssize_t>(errno) : n;
+}
+
+uint64_t CudaDouble::cufile_reads() const {
+  const std::lock_guard lock(state_->mutex);
+  return state_->cufile_reads;
+}
+
+uint64_t CudaDouble::cufile_unregistered_reads() const {
+  const std::lock_guard lock(state_->mutex);
+  return state_->cufile_unregistered;
+}
+
+uint64_t CudaDouble::live_cufile_handles() const {
+  const std::lock_guard lock(state_->mutex);
+  return state_->file_handles.size();
 }
 
 CuResult CudaDouble::cuGetErrorName(CuResult error, const char** text) {

@@ -57,8 +57,10 @@ struct CudaTransfer::PendingCopy {
   CudaTransfer* transfer = nullptr;
 };
 
-CudaTransfer::CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal) : api_(std::move(api)) {
+CudaTransfer::CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal, SlotAccess access)
+    : api_(std::move(api)), access_(access) {
   if (!api_) throw ConfigError("backend", "cuda needs a CUDA driver; none was given");
+  if (host_addressable(access_)) throw ConfigError("backend", "a CudaTransfer has device slots, not host slots");
   check_cuda(*api_, api_->cuInit(0), "cuInit");
   check_cuda(*api_, api_->cuDeviceGet(&device_, ordinal), "cuDeviceGet(" + std::to_string(ordinal) + ")");
   check_cuda(*api_, api_->cuDevicePrimaryCtxRetain(&context_, device_), "cuDevicePrimaryCtxRetain");

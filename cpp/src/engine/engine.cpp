@@ -18,6 +18,8 @@
 #include "engine/load_state.hpp"
 #include "engine/worker_pool.hpp"
 #include "io/mmap_backend.hpp"
+#include "tensorstream/cuda/cuda_transfer.hpp"
+#include "tensorstream/cuda/cufile_reader.hpp"
 #include "tensorstream/error.hpp"
 #include "tensorstream/io/direct_io.hpp"
 #include "tensorstream/memory/staging_pool.hpp"
@@ -153,6 +155,19 @@ struct Engine::Impl {
       throw ConfigError("backend", "'" + std::string(traits.name) +
                                        "' puts slots in device memory, which needs a device Transfer (the CUDA "
                                        "transfer stage); this engine has host slots");
+    }
+    if (!backend && traits.reader == BackendKind::kGpuDirect) {
+      // cuFile reads into the arena's device memory, over the transfer's driver and context.
+      auto* cuda = dynamic_cast<CudaTransfer*>(transfer.get());
+      if (cuda == nullptr) throw ConfigError("backend", "'gpudirect' needs a CUDA transfer (device slots)");
+      CudaAvailability found;
+      (void)load_cuda(&found);
+      backend = make_cufile_reader(cuda->api(), cuda->context(), arena, config.num_io_threads, found.gds,
+                                   &fallback_reason);
+      static std::atomic<bool> logged{false};  // once per process, like the io_uring fallback
+      if (!found.gds && !logged.exchange(true)) {
+        std::fprintf(stderr, "tensorstream.io: gpudirect: %s\n", fallback_reason.c_str());
+      }
     }
     if (!backend) {
       BackendOptions options;
@@ -547,6 +562,7 @@ struct Engine::Impl {
     }
     if (load->plan.kind == LoadPlan::Kind::kRegion) {
       load->stored_bytes += read.length;
+      if (access == SlotAccess::kDeviceDirect) stats.on_direct_read(read.length);  // storage -> device, unverified
       piece.reset();
       region_read_done(load, read);
       return;

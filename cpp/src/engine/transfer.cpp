@@ -36,12 +36,13 @@ std::unique_ptr<Transfer> make_transfer(BackendKind kind, int device_ordinal) {
   const BackendTraits& traits = backend_traits(kind);
   if (!traits.device_slots) return make_host_transfer();
   const std::string name(traits.name);
-  if (traits.reader == BackendKind::kGpuDirect) {
-    throw ConfigError("backend", "'" + name + "' reads with cuFile, which this build cannot do yet; use 'cuda'");
-  }
   CudaAvailability found;
   std::shared_ptr<CudaApi> api = load_cuda(&found);
   if (!api) throw ConfigError("backend", "'" + name + "' needs a CUDA device: " + found.reason);
+  if (traits.reader == BackendKind::kGpuDirect) {
+    if (!found.cufile) throw ConfigError("backend", "'" + name + "' needs cuFile: " + found.cufile_reason);
+    return std::make_unique<CudaTransfer>(std::move(api), device_ordinal, SlotAccess::kDeviceDirect);
+  }
   return std::make_unique<CudaTransfer>(std::move(api), device_ordinal);
 }
 

@@ -331,5 +331,62 @@ TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngi
   EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
 }
 
+// GPUDIRECT: raw blocks go storage -> device through cuFile (the double preads into the "device" range), unless
+// checksums are on: then every chunk comes through staging and is verified on the CPU (the bounce path).
+TEST_F(EngineOnCuda, GpuDirectReadsRawBlocksIntoTheSlotsOrBouncesWhenVerifying) {
+  const Watchdog dog("EngineOnCuda.GpuDirectReadsRawBlocksIntoTheSlotsOrBouncesWhenVerifying");
+  const auto api = make_double(100);
+  write(equal_blocks(4, 41), 0);
+  for (const bool verify : {false, true}) {
+    Arena arena(slot_bytes(4));
+    const uint64_t reads_before = api->cufile_reads();
+    {
+      Config c = config(4);
+      c.backend = BackendKind::kGpuDirect;
+      c.verify_checksums = verify;
+      Engine engine(store_, arena.span(), c, nullptr,
+                    std::make_unique<CudaTransfer>(api, 0, SlotAccess::kDeviceDirect));
+      EXPECT_EQ(engine.backend_name(), "cufile");
+      EXPECT_EQ(engine.transfer_name(), "gpudirect");
+      for (size_t b = 0; b < 4; ++b) {
+        Ticket ticket = engine.acquire(b);
+        ticket.wait();
+        EXPECT_TRUE(holds(b, ticket.data())) << b;
+        engine.release(b);
+      }
+      const StatsSnapshot stats = engine.stats();
+      if (verify) {
+        EXPECT_EQ(stats.direct_bytes, 0u) << "verified bytes come through staging";
+        EXPECT_GT(stats.h2d_bytes, 0u);
+        EXPECT_EQ(api->cufile_reads(), reads_before) << "staged reads are plain reads";
+      } else {
+        EXPECT_GT(stats.direct_bytes, 0u);
+        EXPECT_EQ(stats.h2d_bytes, 0u) << "raw blocks need no copy";
+        EXPECT_GT(api->cufile_reads(), reads_before);
+        EXPECT_EQ(api->cufile_unregistered_reads(), 0u) << "the arena is registered once";
+      }
+    }
+    EXPECT_EQ(api->live_cufile_handles(), 0u) << "file handles deregistered with the engine";
+  }
+}
+
+TEST_F(EngineOnCuda, AFailedCuFileReadIsAnIoErrorAndTheEngineStaysUsable) {
+  const Watchdog dog("EngineOnCuda.AFailedCuFileReadIsAnIoErrorAndTheEngineStaysUsable");
+  const auto api = make_double(0);
+  write(equal_blocks(2, 43), 0);
+  Arena arena(slot_bytes(2));
+  Config c = config(2);
+  c.backend = BackendKind::kGpuDirect;
+  c.verify_checksums = false;
+  Engine engine(store_, arena.span(), c, nullptr, std::make_unique<CudaTransfer>(api, 0, SlotAccess::kDeviceDirect));
+  api->fail_next("cuFileRead", 5);  // EIO
+  EXPECT_THROW(engine.acquire(0).wait(), IoError);
+  engine.release(0);
+  Ticket ticket = engine.acquire(0);
+  ticket.wait();
+  EXPECT_TRUE(holds(0, ticket.data()));
+  engine.release(0);
+}
+
 }  // namespace
 }  // namespace tensorstream

@@ -143,13 +143,24 @@ def _engine_backend(config: Config, placement: Placement) -> str:
                               "(or Config.device) to run on a GPU, or use BackendType.AUTO, PREAD, IO_URING or MMAP "
                               "on the CPU", field="backend")
         return config.backend.value
-    if config.backend.value == "gpudirect":
-        logger.warning("offload: GPUDIRECT reads (cuFile) are not built yet: %s reads through pinned staging "
-                       "(BackendType.CUDA)", placement.describe())
-        return "cuda"
-    if config.backend.value not in ("auto", "cuda"):
+    if config.backend.value not in ("auto", "cuda", "gpudirect"):
         raise ConfigError(f"invalid backend: {config.backend.name} reads into host memory; on {placement.name} use "
-                          "BackendType.CUDA (or AUTO)", field="backend")
+                          "BackendType.CUDA, GPUDIRECT or AUTO", field="backend")
+    if placement.double is not None:  # the double emulates cuFile (as compat mode: no GDS)
+        return "gpudirect" if config.backend.value == "gpudirect" else "cuda"
+    from ..cuda import cuda_available
+    status = cuda_available()
+    if config.backend.value == "gpudirect":
+        if status.cufile:
+            if not status.gds:
+                logger.warning("offload: GPUDIRECT on %s runs in cuFile's compatibility mode (no nvidia-fs kernel "
+                               "module): reads go through cuFile's bounce buffers", placement.describe())
+            return "gpudirect"
+        logger.warning("offload: GPUDIRECT needs cuFile (%s): %s reads through pinned staging (BackendType.CUDA)",
+                       status.cufile_reason, placement.describe())
+        return "cuda"
+    if config.backend.value == "auto" and status.gds:
+        return "gpudirect"  # real GDS: storage -> GPU by DMA for raw chunks
     return "cuda"
 
 
@@ -720,7 +731,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
-                   staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, blocks={})
+                   staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, direct_bytes=0,
+                   blocks={})
         return out
     s = engine.stats()
     if reset:
@@ -752,6 +764,7 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         staging_bytes=s["staging_bytes"],
         staging_peak_in_use_bytes=s["staging_peak_in_use_bytes"],
         h2d_bytes=s["h2d_bytes"],
+        direct_bytes=s["direct_bytes"],
         h2d_throughput_gbps=s["h2d_bytes"] / s["h2d_busy_ns"] if s["h2d_busy_ns"] else 0.0,
         budget_bytes=budget,
         arena_bytes=state.arena.nbytes if state.arena is not None else 0,

@@ -109,6 +109,19 @@ def test_the_guides_order_offload_then_to_cuda_and_back(ts_models, tmp_path, gpu
         assert gpu.double.live_streams == 0, "each placement's compute stream is destroyed with it"
 
 
+@pytest.mark.parametrize("verify", [False, True], ids=["unverified", "verified"])
+def test_gpudirect_reads_straight_into_the_slots_or_bounces_to_verify(ts_models, tmp_path, double, verify):
+    plain, model = _offload(ts_models, tmp_path, device="cuda:0", backend="gpudirect", verify_checksums=verify)
+    ts_models.assert_matches_plain("llama", plain, model, ts_models.input_ids())
+    stats = ts.get_model_statistics(model)
+    assert stats["backend"] == "cufile" and stats["transfer"] == "gpudirect"
+    assert stats["slot_access"] == "device_direct"
+    if verify:  # every byte that reached a weight was verified on the CPU, then copied
+        assert stats["direct_bytes"] == 0 and stats["h2d_bytes"] > 0
+    else:
+        assert stats["direct_bytes"] > 0
+
+
 def test_a_dtype_change_is_refused_and_the_model_stays_usable(ts_models, tmp_path, double):
     plain, model = _offload(ts_models, tmp_path, device="cuda:0")
     with pytest.raises(ts.ConfigError) as caught:

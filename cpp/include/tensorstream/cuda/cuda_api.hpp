@@ -105,6 +105,7 @@ struct CudaAvailability {
   int driver_version = 0;        // e.g. 12080
   int device_count = 0;
   bool cufile = false;           // libcufile loaded with every entry point (GPUDirect may still run in compat mode)
+  bool gds = false;              // ... and the nvidia-fs kernel module is loaded: reads go storage -> GPU by DMA
   std::string cufile_reason;     // why not
   std::string cufile_path;       // the library that was loaded
 };

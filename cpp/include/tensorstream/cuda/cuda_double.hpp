@@ -9,7 +9,9 @@
 //   - the next call of a named entry point can be made to fail with a chosen CUresult (fail_next);
 //   - every operation is logged in the order streams executed it (log()), and enqueue() runs a caller's function
 //     on a stream as a kernel would, for tests that check what a kernel saw.
-// cuFile entry points report "not loaded" (GPUDirect is exercised on a real device only).
+//   - cuFile is emulated (options.cufile): handles wrap the fd, cuFileRead is a pread into the device pointer
+//     (host memory here), and a read into a range never registered with cuFileBufRegister is counted, since real
+//     GDS would bounce it; with options.cufile false the cuFile calls report "not loaded".
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -34,6 +36,7 @@ struct CudaDoubleOptions {
   std::chrono::microseconds copy_latency{0};   // each copy waits this long on its stream before it runs
   uint64_t seed = 1;                            // for jitter: each copy's latency is uniform in [0, copy_latency]
   bool jitter = false;
+  bool cufile = true;  // emulate cuFile: cuFileRead is a pread into the "device" pointer (host memory)
 };
 
 struct CudaDoubleOp {
@@ -89,14 +92,18 @@ class CudaDouble final : public CudaApi {
   CuResult cuGetErrorName(CuResult error, const char** text) override;
   CuResult cuGetErrorString(CuResult error, const char** text) override;
 
-  [[nodiscard]] bool cufile_loaded() const override { return false; }
-  CuFileError cuFileDriverOpen() override { return {5030, 0}; }
-  CuFileError cuFileDriverClose() override { return {5030, 0}; }
-  CuFileError cuFileHandleRegister(CuFileHandle*, CuFileDescr*) override { return {5030, 0}; }
-  void cuFileHandleDeregister(CuFileHandle) override {}
-  CuFileError cuFileBufRegister(const void*, size_t, int) override { return {5030, 0}; }
-  CuFileError cuFileBufDeregister(const void*) override { return {5030, 0}; }
-  ssize_t cuFileRead(CuFileHandle, void*, size_t, off_t, off_t) override { return -1; }
+  [[nodiscard]] bool cufile_loaded() const override;
+  CuFileError cuFileDriverOpen() override;
+  CuFileError cuFileDriverClose() override;
+  CuFileError cuFileHandleRegister(CuFileHandle* handle, CuFileDescr* descr) override;
+  void cuFileHandleDeregister(CuFileHandle handle) override;
+  CuFileError cuFileBufRegister(const void* device_pointer, size_t bytes, int flags) override;
+  CuFileError cuFileBufDeregister(const void* device_pointer) override;
+  ssize_t cuFileRead(CuFileHandle handle, void* device_pointer, size_t bytes, off_t file_offset,
+                     off_t device_offset) override;
+  [[nodiscard]] uint64_t cufile_reads() const;             // cuFileRead calls
+  [[nodiscard]] uint64_t cufile_unregistered_reads() const;  // ... into memory no cuFileBufRegister covered
+  [[nodiscard]] uint64_t live_cufile_handles() const;
 
  private:
   struct State;

@@ -24,13 +24,17 @@ namespace tensorstream {
 class CudaTransfer final : public Transfer {
  public:
   // Retains device `ordinal`'s primary context and creates the copy stream. Throws CudaError naming the call.
-  CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal);
+  // `access`: kDeviceByCopy ("cuda"), or kDeviceDirect ("gpudirect": the engine's reader, make_cufile_reader,
+  // writes raw chunks into slots itself; the rest still comes through copies).
+  CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal, SlotAccess access = SlotAccess::kDeviceByCopy);
   ~CudaTransfer() override;
   CudaTransfer(const CudaTransfer&) = delete;
   CudaTransfer& operator=(const CudaTransfer&) = delete;
 
-  [[nodiscard]] std::string name() const override { return "cuda"; }
-  [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
+  [[nodiscard]] std::string name() const override {
+    return access_ == SlotAccess::kDeviceDirect ? "gpudirect" : "cuda";
+  }
+  [[nodiscard]] SlotAccess slot_access() const override { return access_; }
   [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override;
   int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
                      std::exception_ptr* error) override;
@@ -42,6 +46,8 @@ class CudaTransfer final : public Transfer {
   [[nodiscard]] TransferStats stats() const override;
 
   [[nodiscard]] CuStream copy_stream() const noexcept { return copy_stream_; }
+  [[nodiscard]] const std::shared_ptr<CudaApi>& api() const noexcept { return api_; }
+  [[nodiscard]] CuContext context() const noexcept { return context_; }
   [[nodiscard]] uint64_t copies_in_flight() const noexcept { return in_flight_.load(); }
 
  private:
@@ -52,6 +58,7 @@ class CudaTransfer final : public Transfer {
   EventRef record(CuStream stream, std::exception_ptr* error);
 
   const std::shared_ptr<CudaApi> api_;
+  const SlotAccess access_;
   CuDevice device_ = 0;
   CuContext context_ = nullptr;
   CuStream copy_stream_ = nullptr;

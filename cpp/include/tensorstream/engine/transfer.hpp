@@ -86,9 +86,10 @@ class Transfer {
 [[nodiscard]] std::unique_ptr<Transfer> make_host_transfer();
 
 // The destination half of the backend table (config.hpp's backend_traits): host slots for the host backends, a
-// CudaTransfer on device `device_ordinal` for "cuda". Without a usable CUDA driver, or for "gpudirect" (whose
-// cuFile reader is not built yet), a ConfigError naming the backend and the reason. Engine uses it when it is not
-// given a Transfer; make_backend() is the reader half.
+// CudaTransfer on device `device_ordinal` for "cuda" (and, with device-direct slots, for "gpudirect"). Without a
+// usable CUDA driver (or cuFile, for "gpudirect"), a ConfigError naming the backend and the reason. Engine uses it
+// when it is not given a Transfer; make_backend() is the reader half (the engine makes the cuFile reader itself,
+// over the transfer's driver and its arena).
 [[nodiscard]] std::unique_ptr<Transfer> make_transfer(BackendKind kind, int device_ordinal = 0);
 
 }  // namespace tensorstream
