@@ -152,6 +152,16 @@ Config Config::from_env(const Config& base) {
     }
     config.budget_bytes = static_cast<uint64_t>(gigabytes * 1e9);
   }
+  if (const auto text = env("TENSORSTREAM_HOST_CACHE_GB")) {
+    errno = 0;
+    char* end = nullptr;
+    const double gigabytes = std::strtod(text->c_str(), &end);
+    if (errno != 0 || end == text->c_str() || *end != '\0' || !std::isfinite(gigabytes) || gigabytes < 0 ||
+        gigabytes > 1e6) {
+      throw ConfigError("TENSORSTREAM_HOST_CACHE_GB", "'" + *text + "' is not a number of gigabytes >= 0");
+    }
+    config.host_cache_bytes = static_cast<uint64_t>(gigabytes * 1e9);
+  }
   config.validate();
   return config;
 }

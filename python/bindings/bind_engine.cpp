@@ -49,6 +49,7 @@ nb::dict config_dict(const Config& config) {
   out["prefetch_strategy"] = std::string(prefetch_name(config.prefetch));
   out["memory_pressure_mode"] = std::string(pressure_name(config.memory_pressure));
   out["verify_checksums"] = config.verify_checksums;
+  out["host_cache_bytes"] = config.host_cache_bytes;
   return out;
 }
 
@@ -73,6 +74,9 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["h2d_bytes"] = s.h2d_bytes;
   out["h2d_busy_ns"] = s.h2d_busy_ns;
   out["direct_bytes"] = s.direct_bytes;
+  out["host_tier_hits"] = s.host_tier_hits;
+  out["host_tier_bytes"] = s.host_tier_bytes;
+  out["host_tier_held_bytes"] = s.host_tier_held_bytes;
   out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
   out["hit_rate"] = s.hit_rate();
   nb::list blocks;
@@ -166,9 +170,10 @@ void bind_engine(nb::module_& m) {
              size_t arena_bytes, const std::string& backend, const std::string& direct_io, uint32_t num_io_threads,
              uint32_t queue_depth, uint64_t budget_bytes, const std::string& prefetch,
              const std::string& memory_pressure, bool verify_checksums, std::optional<std::vector<size_t>> blocks,
-             int device, const PyCudaDouble* cuda_double) {
-            const Config config = make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
-                                              memory_pressure, verify_checksums);
+             int device, const PyCudaDouble* cuda_double, uint64_t host_cache_bytes) {
+            Config config = make_config(backend, direct_io, num_io_threads, queue_depth, budget_bytes, prefetch,
+                                        memory_pressure, verify_checksums);
+            config.host_cache_bytes = host_cache_bytes;
             if (arena_address == 0) throw ConfigError("arena", "null arena address");
             if (cuda_double != nullptr && !backend_traits(config.backend).device_slots) {
               throw ConfigError("backend", "a CUDA double drives device slots: use backend 'cuda'");
@@ -189,7 +194,7 @@ void bind_engine(nb::module_& m) {
           "storage"_a, "model_id"_a, "arena_address"_a, "arena_bytes"_a, "backend"_a = "auto",
           "direct_io"_a = "auto", "num_io_threads"_a = 4, "queue_depth"_a = 32, "budget_bytes"_a = 0,
           "prefetch_strategy"_a = "adaptive", "memory_pressure_mode"_a = "balanced", "verify_checksums"_a = true,
-          "blocks"_a = nb::none(), "device"_a = 0, "cuda_double"_a = nb::none())
+          "blocks"_a = nb::none(), "device"_a = 0, "cuda_double"_a = nb::none(), "host_cache_bytes"_a = 0)
       .def("close",
            [](PyEngine& e) {
              std::unique_ptr<Engine> engine = std::move(e.engine);

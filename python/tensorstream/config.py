@@ -133,6 +133,10 @@ class Config:
     device: where the offloaded model computes: "cpu" (default) or "cuda" / "cuda:N" (slots and the resident set in
         that GPU's memory; vram_budget_gb then bounds both). ``offload(..., device=)`` and ``model.to(device)`` after
         offload do the same. Default: TENSORSTREAM_DEVICE, else "cpu".
+    host_cache_gb: on a GPU, gigabytes of pinned RAM that keep decoded blocks after they leave VRAM, so later passes
+        copy them at host-to-device speed instead of reading storage (0 disables it). Default:
+        TENSORSTREAM_HOST_CACHE_GB, else what the machine can spare (available memory, within the cgroup limit,
+        less 2 GB or 10 %, whichever is more). Unused on the CPU.
     debug_mode: log per-block timings to the ``tensorstream`` logger.
     min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
     trace_path: write a Chrome trace (trace-event JSON: reads, checksums, decodes, waits and compute per block, on a
@@ -155,6 +159,7 @@ class Config:
     direct_io: Optional[str] = None
     queue_depth: Optional[int] = None
     device: Optional[str] = None
+    host_cache_gb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.storage_path is None:
@@ -165,6 +170,8 @@ class Config:
             self.trace_path = _env_trace()
         if self.device is None:
             self.device = os.environ.get("TENSORSTREAM_DEVICE") or "cpu"
+        if self.host_cache_gb is None and os.environ.get("TENSORSTREAM_HOST_CACHE_GB"):
+            self.host_cache_gb = _core.config_from_env()["host_cache_bytes"] / 1e9  # strict parse, named on error
         if any(getattr(self, field) is None for field in _ENGINE_FIELDS):
             from_env = _core.config_from_env()  # strict: a malformed variable is a ConfigError naming it
             for field, key in _ENGINE_FIELDS.items():
@@ -197,11 +204,23 @@ class Config:
                               f"{', '.join(MEMORY_PRESSURE_MODES)}", field="memory_pressure_mode")
         _bool_field("verify_checksums", self.verify_checksums)
         self.device = _device_field(self.device)
+        if self.host_cache_gb is not None:
+            if isinstance(self.host_cache_gb, bool) or not isinstance(self.host_cache_gb, (int, float)) \
+                    or not math.isfinite(self.host_cache_gb) or self.host_cache_gb < 0:
+                raise ConfigError(f"invalid host_cache_gb: {self.host_cache_gb!r} must be a number of gigabytes >= 0 "
+                                  "(0 disables the host tier; None: what the machine can spare)", field="host_cache_gb")
         _bool_field("debug_mode", self.debug_mode)
         _int_field("min_layer_size", self.min_layer_size, 0, 1 << 62)
         if self.trace_path is not None:
             self.trace_path = check_trace_path(self.trace_path, "trace_path")
         return self
+
+    @property
+    def host_cache_bytes(self) -> int:
+        """Bytes of the host tier: host_cache_gb, else what the machine can spare now."""
+        if self.host_cache_gb is not None:
+            return int(self.host_cache_gb * 1e9)
+        return spare_memory_bytes()
 
     @property
     def budget_bytes(self) -> Optional[int]:
@@ -225,6 +244,34 @@ def _enum_field(name: str, enum_type: type, value: Any) -> Any:
     except ValueError:
         allowed = ", ".join(f"{enum_type.__name__}.{member.name}" for member in enum_type)
         raise ConfigError(f"invalid {name}: {value!r} is not one of {allowed}", field=name) from None
+
+
+def spare_memory_bytes() -> int:
+    """Memory this process could use without pushing the machine into swap: MemAvailable, within the cgroup's
+    limit, less a margin of 2 GB or 10 %, whichever is more (0 when that is negative)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        return 0
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as limit_file, open(usage_path) as usage_file:
+                limit_text, usage = limit_file.read().strip(), int(usage_file.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text.isdigit() and int(limit_text) < (1 << 60):
+            available = min(available, max(int(limit_text) - usage, 0))
+        break
+    return max(available - max(2_000_000_000, available // 10), 0)
 
 
 def _device_field(value: Any) -> str:

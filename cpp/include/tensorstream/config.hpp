@@ -48,6 +48,7 @@ struct Config {
   uint32_t num_io_threads = 4;   // workers that read, verify and decompress; 1..64
   uint32_t queue_depth = 32;     // chunk reads in flight at once; 1..4096
   uint64_t budget_bytes = 0;     // bytes of streamed weights held at once; 0 = the whole arena
+  uint64_t host_cache_bytes = 0; // device slots: decoded blocks kept in pinned host memory (HostTier); 0 = off
   PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
   MemoryPressureMode memory_pressure = MemoryPressureMode::kBalanced;
   bool verify_checksums = true;
@@ -55,8 +56,9 @@ struct Config {
   // Throws ConfigError naming the field and its allowed values.
   void validate() const;
   // `base` overridden by TENSORSTREAM_BACKEND, TENSORSTREAM_DIRECT_IO, TENSORSTREAM_IO_THREADS,
-  // TENSORSTREAM_QUEUE_DEPTH, TENSORSTREAM_PREFETCH, TENSORSTREAM_MEMORY_PRESSURE, TENSORSTREAM_VERIFY_CHECKSUMS
-  // and TENSORSTREAM_VRAM_BUDGET (GB, decimal). A malformed value is a ConfigError naming the variable.
+  // TENSORSTREAM_QUEUE_DEPTH, TENSORSTREAM_PREFETCH, TENSORSTREAM_MEMORY_PRESSURE, TENSORSTREAM_VERIFY_CHECKSUMS,
+  // TENSORSTREAM_VRAM_BUDGET and TENSORSTREAM_HOST_CACHE_GB (GB, decimal). A malformed value is a ConfigError
+  // naming the variable.
   [[nodiscard]] static Config from_env(const Config& base);
   [[nodiscard]] static Config from_env();
 };

@@ -43,7 +43,8 @@ class CuFileSession {
 
   [[nodiscard]] bool in_range(const void* buffer, size_t count) const noexcept {
     const auto* start = static_cast<const std::byte*>(buffer);
-    return start >= range_.data() && count <= static_cast<size_t>(range_.data() + range_.size() - start);
+    const std::byte* end = range_.data() + range_.size();
+    return start >= range_.data() && start < end && count <= static_cast<size_t>(end - start);
   }
 
   // Behaves like pread(2) (bytes, or -1 with errno), reading into device memory through cuFile.

@@ -22,6 +22,7 @@
 #include "tensorstream/cuda/cufile_reader.hpp"
 #include "tensorstream/error.hpp"
 #include "tensorstream/io/direct_io.hpp"
+#include "tensorstream/memory/host_tier.hpp"
 #include "tensorstream/memory/staging_pool.hpp"
 #include "tensorstream/residency/prefetcher.hpp"
 #include "tensorstream/residency/residency_manager.hpp"
@@ -126,6 +127,8 @@ struct Engine::Impl {
   // device slots, for decoded chunks on their way to the device (a worker waits for one when all are in copies).
   std::shared_ptr<StagingPool> staging;
   std::shared_ptr<StagingPool> decoded;
+  // Device slots with host_cache_bytes: decoded blocks kept in pinned RAM, copied to the device instead of read.
+  std::unique_ptr<HostTier> tier;
   // Started last, stopped first (see ~Impl): they call back into everything above.
   std::unique_ptr<WorkerPool> workers;
   std::unique_ptr<IoQueue> io;
@@ -192,6 +195,10 @@ struct Engine::Impl {
       decoded = StagingPool::create(manifest.chunk_size, 2 * uint64_t{config.num_io_threads},
                                     transfer->staging_allocator());
       block_ready.resize(manifest.blocks.size());
+      if (config.host_cache_bytes > 0) {
+        tier = std::make_unique<HostTier>(manifest.blocks.size(), config.host_cache_bytes,
+                                          transfer->staging_allocator());
+      }
     }
     workers = std::make_unique<WorkerPool>(config.num_io_threads, [](uint32_t i) {
       set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
@@ -470,6 +477,17 @@ struct Engine::Impl {
     }
     block_data[block] = load->data;
 
+    if (tier && plan.kind == LoadPlan::Kind::kChunks) {
+      load->from_tier = tier->find(block);
+      if (!load->from_tier.empty()) {  // held in RAM: one copy, no read
+        load->units_left = 1;
+        workers->post([this, load] { copy_from_tier(load); });
+        return load;
+      }
+      // A block in a streaming slot will leave VRAM again: keep its decoded bytes in the tier if there is room.
+      if (!residency.is_static(position[block])) load->tier_fill = tier->reserve(block, record.slot_size);
+    }
+
     switch (plan.kind) {
       case LoadPlan::Kind::kEmpty:
         load->units_left = 1;
@@ -613,6 +631,23 @@ struct Engine::Impl {
     unit_finished(load);
   }
 
+  // A block the host tier holds: copied from RAM to its device slot in one piece.
+  void copy_from_tier(const std::shared_ptr<LoadState>& load) {
+    try {
+      if (!load->failed()) {
+        const std::span<const std::byte> bytes = load->from_tier.subspan(0, load->data.size());
+        const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, bytes.size());
+        std::exception_ptr error;
+        if (transfer->copy_async(StagingLease{}, bytes, load->data, 0, &error) < 0) std::rethrow_exception(error);
+        stats.on_host_tier_hit(bytes.size());
+        load->decoded_bytes += bytes.size();
+      }
+    } catch (...) {
+      load->set_error(std::current_exception());
+    }
+    unit_finished(load);
+  }
+
   // One chunk read on its own: verify, decode into the slot (host) or into a buffer the Transfer copies (device).
   void process_chunk(std::unique_ptr<Piece> piece) {
     const std::shared_ptr<LoadState> load = piece->load;
@@ -656,6 +691,9 @@ struct Engine::Impl {
           } else {
             source = std::move(piece->staging);
           }
+          if (!load->tier_fill.empty()) {  // the host tier keeps the verified, decoded bytes too
+            std::memcpy(load->tier_fill.data() + slot_offset, bytes.data(), bytes.size());
+          }
           const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
           std::exception_ptr error;
           if (transfer->copy_async(std::move(source), bytes, load->data, slot_offset, &error) < 0) {
@@ -692,6 +730,7 @@ struct Engine::Impl {
         ok = false;
       }
     }
+    if (!load->tier_fill.empty()) tier->commit(load->block, ok);
     const uint64_t elapsed = now_ns() - load->start_ns;
     // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
     if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);
@@ -802,6 +841,7 @@ StatsSnapshot Engine::stats() const {
   const TransferStats copies = impl_->transfer->stats();
   snapshot.h2d_bytes = copies.bytes;
   snapshot.h2d_busy_ns = copies.busy_ns;
+  if (impl_->tier) snapshot.host_tier_held_bytes = impl_->tier->held_bytes();
   return snapshot;
 }
 void Engine::reset_stats() { impl_->stats.reset(); }

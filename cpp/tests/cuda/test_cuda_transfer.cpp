@@ -331,6 +331,49 @@ TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngi
   EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
 }
 
+// The host tier: blocks that leave VRAM are kept in pinned RAM and copied back instead of read again. Every load
+// (a block not in VRAM at its acquire) is served by the tier or by storage: bytes read from storage per pass are the
+// loads the tier could not serve, and the tier serves every block it holds (up to its capacity, the blocks that
+// streamed through VRAM first).
+TEST_F(EngineOnCuda, TheHostTierServesWhatVramCannotKeepAndStorageTheRest) {
+  const Watchdog dog("EngineOnCuda.TheHostTierServesWhatVramCannotKeepAndStorageTheRest", std::chrono::seconds(60));
+  const auto api = make_double(50);
+  write(equal_blocks(6, 51), 0);
+  const uint64_t block_stored = store_->manifest().blocks[0].end - store_->manifest().blocks[0].offset;
+  struct Case {
+    size_t vram_blocks;  // budget; balanced keeps a ring of 2, the rest static
+    size_t tier_blocks;
+  };
+  for (const Case& c : {Case{2, 6}, Case{2, 3}, Case{3, 2}, Case{2, 0}}) {
+    SCOPED_TRACE("vram " + std::to_string(c.vram_blocks) + " tier " + std::to_string(c.tier_blocks));
+    Arena arena(slot_bytes(c.vram_blocks));
+    Config config_c = config(c.vram_blocks);
+    config_c.host_cache_bytes = slot_bytes(c.tier_blocks);
+    Engine engine(store_, arena.span(), config_c, nullptr, std::make_unique<CudaTransfer>(api, 0));
+    const size_t streaming = 6 - (c.vram_blocks - 2);  // blocks outside VRAM's static set
+    for (int pass = 0; pass < 3; ++pass) {
+      engine.reset_stats();
+      for (size_t b = 0; b < 6; ++b) {
+        Ticket ticket = engine.acquire(b);
+        ticket.wait();
+        EXPECT_TRUE(holds(b, ticket.data())) << "pass " << pass << " block " << b;
+        engine.release(b);
+      }
+      const StatsSnapshot stats = engine.stats();
+      const uint64_t loads = stats.misses;
+      EXPECT_EQ(stats.host_tier_held_bytes, std::min(c.tier_blocks, streaming) * slot_bytes(1));
+      if (pass == 0) {
+        EXPECT_EQ(stats.host_tier_hits, 0u);
+        EXPECT_EQ(stats.bytes_read, 6 * block_stored);
+        continue;
+      }
+      EXPECT_EQ(stats.host_tier_hits, std::min<uint64_t>(std::min(c.tier_blocks, streaming), loads)) << pass;
+      EXPECT_EQ(stats.bytes_read, (loads - stats.host_tier_hits) * block_stored) << "pass " << pass;
+      if (c.tier_blocks >= streaming) EXPECT_EQ(stats.bytes_read, 0u) << "everything streamed is in RAM";
+    }
+  }
+}
+
 // GPUDIRECT: raw blocks go storage -> device through cuFile (the double preads into the "device" range), unless
 // checksums are on: then every chunk comes through staging and is verified on the CPU (the bounce path).
 TEST_F(EngineOnCuda, GpuDirectReadsRawBlocksIntoTheSlotsOrBouncesWhenVerifying) {

@@ -410,6 +410,7 @@ def bind_model(model: nn.Module, plan: OffloadPlan, stored: StoredModel) -> nn.M
                               prefetch_strategy=config.prefetch_strategy.value,
                               memory_pressure_mode=config.memory_pressure_mode,
                               verify_checksums=config.verify_checksums,
+                              host_cache_bytes=config.host_cache_bytes if placement.device_slots else 0,
                               blocks=[stored.block_index[b.name] for b in plan.engine_blocks])  # never "(resident)"
     except BaseException:
         placement.close()
@@ -732,7 +733,7 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
                    staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, direct_bytes=0,
-                   blocks={})
+                   host_tier_hits=0, host_tier_bytes=0, host_tier_held_bytes=0, tiers={}, blocks={})
         return out
     s = engine.stats()
     if reset:
@@ -765,6 +766,13 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         staging_peak_in_use_bytes=s["staging_peak_in_use_bytes"],
         h2d_bytes=s["h2d_bytes"],
         direct_bytes=s["direct_bytes"],
+        host_tier_hits=s["host_tier_hits"],
+        host_tier_bytes=s["host_tier_bytes"],
+        host_tier_held_bytes=s["host_tier_held_bytes"],
+        tiers={"vram": {"hits": s["hits"], "hit_rate": s["hit_rate"]},
+               "host": {"hits": s["host_tier_hits"], "bytes": s["host_tier_bytes"],
+                        "held_bytes": s["host_tier_held_bytes"], "hit_rate": _ratio(s["host_tier_hits"], s["misses"])},
+               "storage": {"loads": s["misses"] - s["host_tier_hits"], "bytes": s["bytes_read"] + row_bytes}},
         h2d_throughput_gbps=s["h2d_bytes"] / s["h2d_busy_ns"] if s["h2d_busy_ns"] else 0.0,
         budget_bytes=budget,
         arena_bytes=state.arena.nbytes if state.arena is not None else 0,

@@ -122,6 +122,45 @@ def test_gpudirect_reads_straight_into_the_slots_or_bounces_to_verify(ts_models,
         assert stats["direct_bytes"] > 0
 
 
+@pytest.mark.parametrize("compression", [False, True], ids=["raw", "compressed"])
+def test_the_host_tier_keeps_what_leaves_vram(ts_models, tmp_path, double, compression):
+    plain, model = _offload(ts_models, tmp_path, device="cuda:0", budget=0.3, host_cache_gb=1.0,
+                            compression_enabled=compression, prefetch_strategy="none")
+    ids = ts_models.input_ids()
+    ts_models.assert_matches_plain("llama", plain, model, ids)  # fills the tier on the first pass
+    ts.get_model_statistics(model, reset=True)
+    with torch.no_grad():
+        ts_models.assert_equal(ts_models.forward("llama", model, ids), ts_models.forward("llama", plain, ids))
+    stats = ts.get_model_statistics(model)
+    assert stats["tiers"]["host"]["hits"] > 0 and stats["host_tier_held_bytes"] > 0
+    assert stats["bytes_read"] - stats["row_bytes_read"] == 0, "everything that left VRAM came back from RAM"
+    assert stats["tiers"]["storage"]["loads"] == 0
+    _, off = _offload(ts_models, tmp_path / "off", device="cuda:0", budget=0.3, host_cache_gb=0,
+                      prefetch_strategy="none")
+    with torch.no_grad():
+        ts_models.forward("llama", off, ids)
+        ts.get_model_statistics(off, reset=True)
+        ts_models.forward("llama", off, ids)
+    assert ts.get_model_statistics(off)["host_tier_hits"] == 0 and ts.get_model_statistics(off)["bytes_read"] > 0
+
+
+def test_host_cache_values(tmp_path, monkeypatch):
+    from tensorstream.config import spare_memory_bytes
+    assert ts.Config(storage_path=str(tmp_path)).host_cache_bytes == spare_memory_bytes() >= 0
+    assert ts.Config(storage_path=str(tmp_path), host_cache_gb=0).host_cache_bytes == 0
+    monkeypatch.setenv("TENSORSTREAM_HOST_CACHE_GB", "1.5")
+    assert ts.Config(storage_path=str(tmp_path)).host_cache_bytes == 1_500_000_000
+    monkeypatch.setenv("TENSORSTREAM_HOST_CACHE_GB", "lots")
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.Config(storage_path=str(tmp_path))
+    assert caught.value.field == "TENSORSTREAM_HOST_CACHE_GB"
+    monkeypatch.delenv("TENSORSTREAM_HOST_CACHE_GB")
+    for bad in (-1, "2", float("nan"), True):
+        with pytest.raises(ts.ConfigError) as caught:
+            ts.Config(storage_path=str(tmp_path), host_cache_gb=bad)
+        assert caught.value.field == "host_cache_gb"
+
+
 def test_a_dtype_change_is_refused_and_the_model_stays_usable(ts_models, tmp_path, double):
     plain, model = _offload(ts_models, tmp_path, device="cuda:0")
     with pytest.raises(ts.ConfigError) as caught:
