@@ -74,6 +74,7 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["h2d_bytes"] = s.h2d_bytes;
   out["h2d_busy_ns"] = s.h2d_busy_ns;
   out["direct_bytes"] = s.direct_bytes;
+  out["device_stall_ns"] = s.device_stall_ns;
   out["host_tier_hits"] = s.host_tier_hits;
   out["host_tier_bytes"] = s.host_tier_bytes;
   out["host_tier_held_bytes"] = s.host_tier_held_bytes;

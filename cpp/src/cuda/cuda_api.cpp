@@ -42,6 +42,7 @@ class DriverCudaApi final : public CudaApi {
         {"cuEventRecord", reinterpret_cast<void**>(&event_record_)},
         {"cuEventQuery", reinterpret_cast<void**>(&event_query_)},
         {"cuEventSynchronize", reinterpret_cast<void**>(&event_synchronize_)},
+        {"cuEventElapsedTime", reinterpret_cast<void**>(&event_elapsed_time_)},
         {"cuMemcpyHtoDAsync_v2", reinterpret_cast<void**>(&memcpy_htod_async_)},
         {"cuMemAlloc_v2", reinterpret_cast<void**>(&mem_alloc_)},
         {"cuMemFree_v2", reinterpret_cast<void**>(&mem_free_)},
@@ -105,6 +106,9 @@ class DriverCudaApi final : public CudaApi {
   CuResult cuEventRecord(CuEvent event, CuStream stream) override { return event_record_(event, stream); }
   CuResult cuEventQuery(CuEvent event) override { return event_query_(event); }
   CuResult cuEventSynchronize(CuEvent event) override { return event_synchronize_(event); }
+  CuResult cuEventElapsedTime(float* milliseconds, CuEvent start, CuEvent end) override {
+    return event_elapsed_time_(milliseconds, start, end);
+  }
   CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) override {
     return memcpy_htod_async_(destination, source, bytes, stream);
   }
@@ -177,6 +181,7 @@ class DriverCudaApi final : public CudaApi {
   CuResult (*event_record_)(CuEvent, CuStream) = nullptr;
   CuResult (*event_query_)(CuEvent) = nullptr;
   CuResult (*event_synchronize_)(CuEvent) = nullptr;
+  CuResult (*event_elapsed_time_)(float*, CuEvent, CuEvent) = nullptr;
   CuResult (*memcpy_htod_async_)(CuDevicePtr, const void*, size_t, CuStream) = nullptr;
   CuResult (*mem_alloc_)(CuDevicePtr*, size_t) = nullptr;
   CuResult (*mem_free_)(CuDevicePtr) = nullptr;

@@ -40,6 +40,8 @@ struct CudaDouble::State {
   struct Event {
     uint64_t recorded = 0;   // generation of the latest cuEventRecord
     uint64_t completed = 0;  // generation its stream has reached
+    bool timing = true;      // created without CU_EVENT_DISABLE_TIMING
+    std::chrono::steady_clock::time_point completed_at;
   };
   struct Op {
     enum class Kind : uint8_t { kCopy, kComplete, kWait, kHostFunc, kKernel } kind = Kind::kCopy;
@@ -147,6 +149,7 @@ struct CudaDouble::State {
         }
         case Op::Kind::kComplete:
           op.event->completed = std::max(op.event->completed, op.generation);
+          op.event->completed_at = std::chrono::steady_clock::now();
           record_log("record", stream, op);
           break;
         case Op::Kind::kWait:
@@ -356,12 +359,13 @@ CuResult CudaDouble::cuStreamWaitEvent(CuStream stream, CuEvent event, unsigned 
   return kCudaSuccess;
 }
 
-CuResult CudaDouble::cuEventCreate(CuEvent* event, unsigned /*flags*/) {
+CuResult CudaDouble::cuEventCreate(CuEvent* event, unsigned flags) {
   const std::lock_guard lock(state_->mutex);
   if (const CuResult failure = state_->take_failure("cuEventCreate")) return failure;
   if (const CuResult no_context = state_->need_context()) return no_context;
   if (event == nullptr) return kCudaErrorInvalidValue;
   auto created = std::make_shared<State::Event>();
+  created->timing = (flags & kCuEventDisableTiming) == 0;
   *event = created.get();
   state_->events.emplace(created.get(), std::move(created));
   return kCudaSuccess;
@@ -402,6 +406,17 @@ CuResult CudaDouble::cuEventSynchronize(CuEvent event) {
   if (found == nullptr) return kCudaErrorInvalidHandle;
   const uint64_t target = found->recorded;
   state_->changed.wait(lock, [&] { return found->completed >= target; });
+  return kCudaSuccess;
+}
+
+CuResult CudaDouble::cuEventElapsedTime(float* milliseconds, CuEvent start, CuEvent end) {
+  const std::lock_guard lock(state_->mutex);
+  const std::shared_ptr<State::Event> first = state_->find_event(start);
+  const std::shared_ptr<State::Event> second = state_->find_event(end);
+  if (first == nullptr || second == nullptr || milliseconds == nullptr) return kCudaErrorInvalidHandle;
+  if (!first->timing || !second->timing || first->recorded == 0 || second->recorded == 0) return kCudaErrorInvalidHandle;
+  if (first->completed < first->recorded || second->completed < second->recorded) return kCudaErrorNotReady;
+  *milliseconds = std::chrono::duration<float, std::milli>(second->completed_at - first->completed_at).count();
   return kCudaSuccess;
 }
 

@@ -144,13 +144,13 @@ void CudaTransfer::copy_completed(void* opaque) {
   transfer->drained_.notify_all();  // under the lock: once drain() sees zero, nothing here touches the Transfer
 }
 
-EventRef CudaTransfer::record(CuStream stream, std::exception_ptr* error) {
+EventRef CudaTransfer::record(CuStream stream, std::exception_ptr* error, unsigned flags) {
   CuResult result = make_current();
   std::string call = "cuCtxSetCurrent";
   CuEvent event = nullptr;
   if (result == kCudaSuccess) {
     call = "cuEventCreate";
-    result = api_->cuEventCreate(&event, kCuEventDisableTiming);
+    result = api_->cuEventCreate(&event, flags);
   }
   if (result == kCudaSuccess) {
     call = "cuEventRecord";
@@ -187,6 +187,19 @@ int CudaTransfer::stream_wait(const TransferEvent& event, uintptr_t stream, std:
     return -1;
   }
   return 0;
+}
+
+EventRef CudaTransfer::record_timed(uintptr_t stream, std::exception_ptr* error) {
+  return record(reinterpret_cast<CuStream>(stream), error, 0);
+}
+
+std::optional<uint64_t> CudaTransfer::elapsed_ns(const TransferEvent& start, const TransferEvent& end) {
+  if (make_current() != kCudaSuccess) return std::nullopt;
+  float milliseconds = 0;
+  const CuResult result = api_->cuEventElapsedTime(&milliseconds, reinterpret_cast<CuEvent>(start.native()),
+                                                   reinterpret_cast<CuEvent>(end.native()));
+  if (result != kCudaSuccess || milliseconds < 0) return std::nullopt;  // not complete yet (or not timed)
+  return static_cast<uint64_t>(static_cast<double>(milliseconds) * 1e6);
 }
 
 void CudaTransfer::synchronize(const TransferEvent& event) {

@@ -111,6 +111,15 @@ struct Engine::Impl {
     EventRef fence;
   };
   std::vector<PendingFence> pending_fences;
+  // Device slots: timed events around each consumer stream's wait for a ready event, until both have completed
+  // and the stall is counted (resolve_stalls).
+  struct PendingStall {
+    size_t block = 0;
+    EventRef start;
+    EventRef end;
+  };
+  std::mutex stall_mutex;
+  std::vector<PendingStall> pending_stalls;
 
   std::mutex mutex;  // loads, acquire times, order flag
   std::condition_variable room_cv;
@@ -428,6 +437,42 @@ struct Engine::Impl {
                                      ") is not one of the blocks this engine streams");
     }
   }
+
+  // ---- stalls measured on the consumer's stream ---------------------------------------------------------------
+
+  void add_stall(size_t block, EventRef start, EventRef end) {
+    bool resolve = false;
+    {
+      const std::lock_guard lock(stall_mutex);
+      pending_stalls.push_back({block, std::move(start), std::move(end)});
+      resolve = pending_stalls.size() >= kStallsResolvedAt;
+    }
+    if (resolve) resolve_stalls();
+  }
+
+  // Counts the stalls whose events have completed; the others wait for a later call.
+  void resolve_stalls() {
+    std::vector<PendingStall> pending;
+    {
+      const std::lock_guard lock(stall_mutex);
+      pending.swap(pending_stalls);
+    }
+    std::vector<PendingStall> unresolved;
+    for (PendingStall& stall : pending) {
+      const std::optional<uint64_t> ns = transfer->elapsed_ns(*stall.start, *stall.end);
+      if (!ns) {
+        unresolved.push_back(std::move(stall));
+        continue;
+      }
+      stats.on_wait(stall.block, *ns);
+      stats.on_device_stall(*ns);
+    }
+    const std::lock_guard lock(stall_mutex);
+    pending_stalls.insert(pending_stalls.end(), std::make_move_iterator(unresolved.begin()),
+                          std::make_move_iterator(unresolved.end()));
+  }
+  // Resolving costs two event queries per stall: batch them, but keep the events a stream holds bounded.
+  static constexpr size_t kStallsResolvedAt = 256;
 
   // ---- loading --------------------------------------------------------------------------------------------------
 
@@ -792,8 +837,16 @@ void Ticket::wait() const {
 void Ticket::wait_on_stream(uintptr_t stream) const {
   const EventRef ready = wait_for_load();
   if (!ready || engine_ == nullptr) return;
+  Engine::Impl& impl = *engine_->impl_;
+  // Timed events around the wait measure the stall where it happens, on the stream (the host does not wait).
+  std::exception_ptr timing_error;  // a failed timing event costs the measurement, never the wait
+  EventRef start = impl.transfer->record_timed(stream, &timing_error);
   std::exception_ptr error;
-  if (engine_->impl_->transfer->stream_wait(*ready, stream, &error) < 0) std::rethrow_exception(error);
+  if (impl.transfer->stream_wait(*ready, stream, &error) < 0) std::rethrow_exception(error);
+  if (start) {
+    EventRef end = impl.transfer->record_timed(stream, &timing_error);
+    if (end) impl.add_stall(block_, std::move(start), std::move(end));
+  }
 }
 
 uintptr_t Ticket::ready_event() const noexcept { return ready_ ? ready_->native() : 0; }
@@ -831,6 +884,7 @@ void Engine::set_budget(uint64_t budget_bytes) {
 
 uint64_t Engine::budget_bytes() const { return impl_->residency.budget_bytes(); }
 StatsSnapshot Engine::stats() const {
+  impl_->resolve_stalls();
   StatsSnapshot snapshot = impl_->stats.snapshot();
   // Gauges come from the residency manager itself, never from a cached copy that a slower thread could overwrite.
   snapshot.resident_bytes = impl_->residency.resident_bytes();

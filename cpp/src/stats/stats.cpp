@@ -69,6 +69,7 @@ StatsSnapshot Stats::snapshot() const {
   s.direct_bytes = load(direct_bytes_);
   s.host_tier_hits = load(host_tier_hits_);
   s.host_tier_bytes = load(host_tier_bytes_);
+  s.device_stall_ns = load(device_stall_ns_);
   s.blocks.resize(num_blocks_);
   for (size_t i = 0; i < num_blocks_; ++i) {
     const BlockCounters& c = blocks_[i];
@@ -81,7 +82,7 @@ StatsSnapshot Stats::snapshot() const {
 void Stats::reset() noexcept {
   for (Counter* counter : {&bytes_read_, &bytes_delivered_, &acquires_, &hits_, &misses_, &prefetch_hits_,
                            &prefetches_issued_, &evictions_, &checksum_failures_, &io_errors_, &wait_ns_,
-                           &io_busy_ns_, &direct_bytes_, &host_tier_hits_, &host_tier_bytes_}) {
+                           &io_busy_ns_, &direct_bytes_, &host_tier_hits_, &host_tier_bytes_, &device_stall_ns_}) {
     counter->store(0, std::memory_order_relaxed);
   }
   for (size_t i = 0; i < num_blocks_; ++i) {

@@ -97,6 +97,31 @@ TEST_F(CudaDoubleTest, EventsCompleteWhenTheirStreamReachesThemAndWaitsHoldOther
   EXPECT_EQ(api_.live_streams(), 0u);
 }
 
+TEST_F(CudaDoubleTest, TimedEventsMeasureTheTimeBetweenThem) {
+  CuStream stream = nullptr;
+  ASSERT_EQ(api_.cuStreamCreate(&stream, 0), kCudaSuccess);
+  CuEvent start = nullptr;
+  CuEvent end = nullptr;
+  CuEvent untimed = nullptr;
+  ASSERT_EQ(api_.cuEventCreate(&start, 0), kCudaSuccess);
+  ASSERT_EQ(api_.cuEventCreate(&end, 0), kCudaSuccess);
+  ASSERT_EQ(api_.cuEventCreate(&untimed, kCuEventDisableTiming), kCudaSuccess);
+  std::vector<char> source(8, 'x');
+  std::vector<char> slot(8, '.');
+  ASSERT_EQ(api_.cuEventRecord(start, stream), kCudaSuccess);
+  ASSERT_EQ(api_.cuMemcpyHtoDAsync(device_pointer(slot.data()), source.data(), 8, stream), kCudaSuccess);  // 2 ms
+  ASSERT_EQ(api_.cuEventRecord(end, stream), kCudaSuccess);
+  ASSERT_EQ(api_.cuEventRecord(untimed, stream), kCudaSuccess);
+  float ms = 0;
+  EXPECT_EQ(api_.cuEventElapsedTime(&ms, start, end), kCudaErrorNotReady);
+  ASSERT_EQ(api_.cuStreamSynchronize(stream), kCudaSuccess);
+  ASSERT_EQ(api_.cuEventElapsedTime(&ms, start, end), kCudaSuccess);
+  EXPECT_GE(ms, 1.5f) << "the 2 ms copy lies between the two events";
+  EXPECT_EQ(api_.cuEventElapsedTime(&ms, start, untimed), kCudaErrorInvalidHandle) << "timing disabled";
+  for (CuEvent event : {start, end, untimed}) EXPECT_EQ(api_.cuEventDestroy(event), kCudaSuccess);
+  EXPECT_EQ(api_.cuStreamDestroy(stream), kCudaSuccess);
+}
+
 TEST_F(CudaDoubleTest, ContextBoundCallsNeedTheContextOnTheCallingThread) {
   CuResult from_other_thread = kCudaSuccess;
   std::thread([&] {

@@ -245,6 +245,12 @@ TEST_F(EngineOnCuda, KernelsWaitingOnTheReadyEventNeverSeeAPartialBlock) {
         engine.release(b, reinterpret_cast<uintptr_t>(compute));
       }
       ASSERT_EQ(api->cuStreamSynchronize(compute), kCudaSuccess);
+      if (chain_on_event) {
+        // The compute stream waited for copies of 3 ms each: measured there, with timed events, not on the host.
+        const StatsSnapshot stats = engine.stats();
+        EXPECT_GT(stats.device_stall_ns, 1'000'000u);
+        EXPECT_GE(stats.wait_ns, stats.device_stall_ns);
+      }
     }
     if (chain_on_event) {
       EXPECT_EQ(partial.load(), 0) << "a kernel ran before its block's copies completed";

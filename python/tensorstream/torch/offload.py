@@ -733,7 +733,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
                    staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, direct_bytes=0,
-                   host_tier_hits=0, host_tier_bytes=0, host_tier_held_bytes=0, tiers={}, blocks={})
+                   host_tier_hits=0, host_tier_bytes=0, host_tier_held_bytes=0, tiers={}, device_stall_time_s=0.0,
+                   blocks={})
         return out
     s = engine.stats()
     if reset:
@@ -783,6 +784,7 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         bytes_read=s["bytes_read"] + row_bytes,
         bytes_delivered=s["bytes_delivered"] + rows_delivered,
         stall_time_s=s["wait_ns"] / 1e9,
+        device_stall_time_s=s["device_stall_ns"] / 1e9,
         prefetch_hit_rate=_ratio(s["prefetch_hits"], s["acquires"]),
         acquires=s["acquires"],
         hits=s["hits"],

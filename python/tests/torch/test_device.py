@@ -76,10 +76,15 @@ def test_offload_to_cuda_matches_the_plain_model(ts_models, tmp_path, gpu, budge
         assert ops.get("copy", 0) > 0, "weights reached the slots by device copies"
         assert ops.get("wait", 0) > 0, "the compute stream waited for ready events"
         assert gpu.double.pinned_bytes > 0, "staging is pinned memory"
+        assert stats["device_stall_time_s"] > 0, "the compute stream's waits for copies are measured on it"
     else:
         held = torch.cuda.memory_allocated() - baseline
         assert held <= stats["arena_bytes"] + stats["resident_bytes"] + (8 << 20), "VRAM beyond arena + resident"
     model.cleanup_tensorstream()
+    if gpu.double is None:  # the arena and staging are gone; the model holds its own weights on the device again
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights += sum(b.numel() * b.element_size() for b in model.buffers())
+        assert torch.cuda.memory_allocated() - baseline <= weights + (8 << 20)
     if gpu.double is not None:
         assert gpu.double.pinned_bytes == 0 and gpu.double.live_events == 0 and gpu.double.live_streams == 0
     with torch.no_grad():

@@ -76,6 +76,7 @@ class CudaApi {
   virtual CuResult cuEventRecord(CuEvent event, CuStream stream) = 0;
   virtual CuResult cuEventQuery(CuEvent event) = 0;
   virtual CuResult cuEventSynchronize(CuEvent event) = 0;
+  virtual CuResult cuEventElapsedTime(float* milliseconds, CuEvent start, CuEvent end) = 0;
   virtual CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) = 0;
   virtual CuResult cuMemAlloc(CuDevicePtr* pointer, size_t bytes) = 0;   // for C++ users and tests; torch allocates
   virtual CuResult cuMemFree(CuDevicePtr pointer) = 0;                    // the arena in Python

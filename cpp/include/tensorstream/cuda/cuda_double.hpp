@@ -82,6 +82,7 @@ class CudaDouble final : public CudaApi {
   CuResult cuEventRecord(CuEvent event, CuStream stream) override;
   CuResult cuEventQuery(CuEvent event) override;
   CuResult cuEventSynchronize(CuEvent event) override;
+  CuResult cuEventElapsedTime(float* milliseconds, CuEvent start, CuEvent end) override;
   CuResult cuMemcpyHtoDAsync(CuDevicePtr destination, const void* source, size_t bytes, CuStream stream) override;
   CuResult cuMemAlloc(CuDevicePtr* pointer, size_t bytes) override;
   CuResult cuMemFree(CuDevicePtr pointer) override;

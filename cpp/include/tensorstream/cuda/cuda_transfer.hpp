@@ -42,6 +42,8 @@ class CudaTransfer final : public Transfer {
   [[nodiscard]] EventRef record_on_stream(uintptr_t stream) override;
   int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) override;
   void synchronize(const TransferEvent& event) override;
+  [[nodiscard]] EventRef record_timed(uintptr_t stream, std::exception_ptr* error) override;
+  [[nodiscard]] std::optional<uint64_t> elapsed_ns(const TransferEvent& start, const TransferEvent& end) override;
   void drain() noexcept override;
   [[nodiscard]] TransferStats stats() const override;
 
@@ -55,7 +57,7 @@ class CudaTransfer final : public Transfer {
   static void copy_completed(void* pending);  // the host function queued behind each copy
   // Makes the primary context current on the calling thread; returns its CUresult.
   CuResult make_current() noexcept;
-  EventRef record(CuStream stream, std::exception_ptr* error);
+  EventRef record(CuStream stream, std::exception_ptr* error, unsigned flags = kCuEventDisableTiming);
 
   const std::shared_ptr<CudaApi> api_;
   const SlotAccess access_;

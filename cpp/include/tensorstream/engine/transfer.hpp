@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -76,6 +77,13 @@ class Transfer {
   virtual int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) = 0;
   // Blocks the calling thread until `event` is complete. Throws CudaError.
   virtual void synchronize(const TransferEvent& event) = 0;
+  // Device slots: an event with timing on `stream`, and the time between two of them once both completed (nullopt
+  // before, and for host slots). How stalls are measured where they happen: on the consumer's stream.
+  [[nodiscard]] virtual EventRef record_timed(uintptr_t /*stream*/, std::exception_ptr* /*error*/) { return nullptr; }
+  [[nodiscard]] virtual std::optional<uint64_t> elapsed_ns(const TransferEvent& /*start*/,
+                                                           const TransferEvent& /*end*/) {
+    return std::nullopt;
+  }
   // Blocks until every queued copy has completed and its source was released. Never throws.
   virtual void drain() noexcept = 0;
   // Counters so far (zero for host slots). Thread-safe; not a consistent cut across fields.

@@ -40,6 +40,8 @@ struct StatsSnapshot {
   uint64_t staging_peak_in_use_bytes = 0;
   uint64_t h2d_bytes = 0;                // device slots: bytes copied host -> device by the Transfer
   uint64_t h2d_busy_ns = 0;              // time at least one such copy was queued or running
+  uint64_t device_stall_ns = 0;          // device slots: time consumer streams waited for ready events (part of
+                                         // wait_ns, measured with timed events on the stream)
   uint64_t host_tier_hits = 0;           // loads served from the host tier instead of storage
   uint64_t host_tier_bytes = 0;          // bytes those loads copied from it
   uint64_t host_tier_held_bytes = 0;     // gauge: bytes the host tier holds
@@ -64,6 +66,7 @@ class Stats {
   void on_checksum_failure() noexcept { add(checksum_failures_, 1); }
   void on_io_error() noexcept { add(io_errors_, 1); }
   void on_direct_read(uint64_t bytes) noexcept { add(direct_bytes_, bytes); }
+  void on_device_stall(uint64_t ns) noexcept { add(device_stall_ns_, ns); }
   void on_host_tier_hit(uint64_t bytes) noexcept {
     add(host_tier_hits_, 1);
     add(host_tier_bytes_, bytes);
@@ -85,7 +88,7 @@ class Stats {
   };
   Counter bytes_read_{0}, bytes_delivered_{0}, acquires_{0}, hits_{0}, misses_{0}, prefetch_hits_{0},
       prefetches_issued_{0}, evictions_{0}, checksum_failures_{0}, io_errors_{0}, wait_ns_{0}, io_busy_ns_{0},
-      direct_bytes_{0}, host_tier_hits_{0}, host_tier_bytes_{0};
+      direct_bytes_{0}, host_tier_hits_{0}, host_tier_bytes_{0}, device_stall_ns_{0};
   Counter io_busy_since_ns_{0};
   std::unique_ptr<BlockCounters[]> blocks_;
   size_t num_blocks_;
