@@ -44,12 +44,12 @@ logger = logging.getLogger("tensorstream")
 __all__ = ["TraceCollector", "start_trace", "write_trace", "KINDS", "DEFAULT_MAX_EVENTS"]
 
 # The kinds of span, in the order lanes are drawn by trace_plot.
-KINDS = ("compute", "stall", "read", "verify", "decompress", "transfer")
+KINDS = ("compute", "stall", "copy", "read", "verify", "decompress", "transfer")
 # As in the engine (TraceRecorder::kDefaultMaxEvents): about three events per 4 MiB chunk, so a million covers many
 # passes over a large model, while a trace left on for days stays bounded.
 DEFAULT_MAX_EVENTS = 1 << 20
 PID = 1
-_LANE_ORDER = {"caller": 0, "io": 1, "worker": 2}
+_LANE_ORDER = {"caller": 0, "copy": 1, "io": 2, "worker": 3}
 
 # One event: (kind, block, tensor, chunk, bytes, start_ns, end_ns, lane_kind, lane_index), as _core returns them.
 Event = Tuple[str, int, int, int, int, int, int, str, int]
@@ -215,6 +215,8 @@ def _lane_name(lane: Tuple[str, int], thread_names: Mapping[int, str]) -> str:
     if kind == "caller":
         name = thread_names.get(index)
         return f"{name} (thread {index})" if name else f"caller thread {index}"
+    if kind == "copy":
+        return "copy stream"
     return f"{kind} {index}"
 
 

@@ -38,7 +38,7 @@ LANE_MODES = ("compact", "detailed")
 READS_LABEL = "reads in flight"
 
 # One colour per kind (matplotlib's tab10), so the same kind looks the same in every plot.
-COLORS = {"compute": "#2ca02c", "stall": "#d62728", "read": "#1f77b4", "verify": "#ff7f0e",
+COLORS = {"compute": "#2ca02c", "stall": "#d62728", "copy": "#17becf", "read": "#1f77b4", "verify": "#ff7f0e",
           "decompress": "#9467bd", "transfer": "#8c564b"}
 # Kinds whose workers share one lane: a lane per worker would multiply lanes without telling more at a glance.
 MERGED_KINDS = ("verify", "decompress", "transfer")
@@ -198,6 +198,8 @@ def trace_lanes(trace: Mapping[str, Any], lanes: str = "compact") -> List[Lane]:
     callers = {tid for kind in ("compute", "stall") for tid, _span_ in by_kind[kind]}
     out = _by_caller(by_kind["compute"], "compute", names, len(callers) <= 1)
     out += _by_caller(by_kind["stall"], "stall", names, len(callers) <= 1)
+    if by_kind["copy"]:  # GPU: host-to-device copies on the copy stream, beside compute
+        out.append(Lane("copy stream", "copy", sorted(span for _tid, span in by_kind["copy"])))
     if by_kind["read"]:
         per_block: Dict[str, List[Tuple[float, float]]] = {}
         for _tid, span in by_kind["read"]:

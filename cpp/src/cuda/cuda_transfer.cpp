@@ -1,5 +1,6 @@
 #include "tensorstream/cuda/cuda_transfer.hpp"
 
+#include <algorithm>
 #include <chrono>
 
 #include "tensorstream/error.hpp"
@@ -55,6 +56,9 @@ std::unique_ptr<HostAllocator> make_pinned_allocator(std::shared_ptr<CudaApi> ap
 struct CudaTransfer::PendingCopy {
   StagingLease lease;
   CudaTransfer* transfer = nullptr;
+  CopyTag tag;
+  uint64_t bytes = 0;
+  uint64_t queued_ns = 0;
 };
 
 CudaTransfer::CudaTransfer(std::shared_ptr<CudaApi> api, int ordinal, SlotAccess access)
@@ -97,7 +101,7 @@ CuResult CudaTransfer::make_current() noexcept {
 }
 
 int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot,
-                                 uint64_t offset, std::exception_ptr* error) {
+                                 uint64_t offset, std::exception_ptr* error, CopyTag tag) {
   if (offset > slot.size() || bytes.size() > slot.size() - offset) {
     *error = std::make_exception_ptr(CudaError(kCudaErrorInvalidValue, "cuMemcpyHtoDAsync: copy of " +
                                                                            std::to_string(bytes.size()) +
@@ -116,7 +120,7 @@ int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte>
     *error = std::make_exception_ptr(CudaError(result, cuda_error_text(*api_, result, call)));
     return -1;  // nothing was queued: the lease returns now
   }
-  auto* pending = new PendingCopy{std::move(source), this};
+  auto* pending = new PendingCopy{std::move(source), this, tag, bytes.size(), now_ns()};
   {
     const std::lock_guard lock(drained_mutex_);
     if (in_flight_.fetch_add(1) == 0) busy_since_ns_ = now_ns();
@@ -138,9 +142,27 @@ int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte>
 void CudaTransfer::copy_completed(void* opaque) {
   auto* pending = static_cast<PendingCopy*>(opaque);
   CudaTransfer* transfer = pending->transfer;
+  const CopyTag tag = pending->tag;
+  const uint64_t bytes = pending->bytes;
+  const uint64_t queued_ns = pending->queued_ns;
   delete pending;  // returns the staging lease (which may let a queued read go)
   const std::lock_guard lock(transfer->drained_mutex_);
-  if (transfer->in_flight_.fetch_sub(1) == 1) transfer->busy_ns_ += now_ns() - transfer->busy_since_ns_;
+  const uint64_t done = now_ns();
+  TraceRecorder* trace = transfer->trace_.load();
+  if (trace != nullptr && trace->enabled()) {
+    TraceEvent event;
+    event.kind = TraceKind::kCopy;
+    event.start_ns = std::min(std::max(queued_ns, transfer->last_done_ns_), done);  // in order on the stream
+    event.end_ns = done;
+    event.bytes = bytes;
+    event.block = tag.block;
+    event.tensor = tag.tensor;
+    event.chunk = tag.chunk;
+    event.lane = {TraceLaneKind::kCopy, 0};
+    trace->record(event);
+  }
+  transfer->last_done_ns_ = done;
+  if (transfer->in_flight_.fetch_sub(1) == 1) transfer->busy_ns_ += done - transfer->busy_since_ns_;
   transfer->drained_.notify_all();  // under the lock: once drain() sees zero, nothing here touches the Transfer
 }
 

@@ -218,6 +218,7 @@ struct Engine::Impl {
                                                       result);
                                    });
     staging->set_on_available([this] { io->pump(); });  // a returned lease may unblock a queued staged read
+    transfer->set_trace(&trace);  // copy-stream spans, while tracing is on
   }
 
   ~Impl() {
@@ -226,6 +227,7 @@ struct Engine::Impl {
     io->shutdown();
     workers->shutdown();
     transfer->drain();  // copies still on the device hold staging leases until they complete
+    transfer->set_trace(nullptr);
     staging->set_on_available({});
   }
 
@@ -683,7 +685,8 @@ struct Engine::Impl {
         const std::span<const std::byte> bytes = load->from_tier.subspan(0, load->data.size());
         const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, bytes.size());
         std::exception_ptr error;
-        if (transfer->copy_async(StagingLease{}, bytes, load->data, 0, &error) < 0) std::rethrow_exception(error);
+        const CopyTag tag{static_cast<uint32_t>(load->block), -1, -1};
+        if (transfer->copy_async(StagingLease{}, bytes, load->data, 0, &error, tag) < 0) std::rethrow_exception(error);
         stats.on_host_tier_hit(bytes.size());
         load->decoded_bytes += bytes.size();
       }
@@ -741,7 +744,9 @@ struct Engine::Impl {
           }
           const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
           std::exception_ptr error;
-          if (transfer->copy_async(std::move(source), bytes, load->data, slot_offset, &error) < 0) {
+          const CopyTag tag{static_cast<uint32_t>(load->block), static_cast<int32_t>(read.tensor),
+                            static_cast<int32_t>(read.chunk)};
+          if (transfer->copy_async(std::move(source), bytes, load->data, slot_offset, &error, tag) < 0) {
             std::rethrow_exception(error);  // caught below, recorded in the load
           }
         }

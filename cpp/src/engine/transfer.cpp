@@ -15,7 +15,7 @@ class HostTransfer final : public Transfer {
   [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override { return make_pageable_allocator(); }
   // Host slots are written by the reader and the decoder directly; a copy, should one be asked for, is a memcpy.
   int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
-                     std::exception_ptr* /*error*/) override {
+                     std::exception_ptr* /*error*/, CopyTag /*tag*/) override {
     if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
     source.reset();
     return static_cast<int64_t>(bytes.size());

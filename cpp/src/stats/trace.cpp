@@ -27,6 +27,7 @@ std::string_view trace_kind_name(TraceKind kind) noexcept {
     case TraceKind::kDecompress: return "decompress";
     case TraceKind::kTransfer: return "transfer";
     case TraceKind::kStall: return "stall";
+    case TraceKind::kCopy: return "copy";
   }
   return "unknown";
 }
@@ -36,6 +37,7 @@ std::string_view trace_lane_kind_name(TraceLaneKind kind) noexcept {
     case TraceLaneKind::kIo: return "io";
     case TraceLaneKind::kWorker: return "worker";
     case TraceLaneKind::kCaller: return "caller";
+    case TraceLaneKind::kCopy: return "copy";
   }
   return "unknown";
 }

@@ -303,6 +303,35 @@ TEST_F(EngineOnCuda, ASlotIsRefilledOnlyAfterTheFenceOfItsLastReader) {
   EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
 }
 
+TEST_F(EngineOnCuda, TheTraceShowsTheCopyStream) {
+  const Watchdog dog("EngineOnCuda.TheTraceShowsTheCopyStream");
+  const auto api = make_double(300);
+  write(equal_blocks(3, 61), 5);
+  Arena arena(slot_bytes(3));
+  Engine engine(store_, arena.span(), config(3), nullptr, std::make_unique<CudaTransfer>(api, 0));
+  engine.enable_tracing();
+  for (size_t b = 0; b < 3; ++b) {
+    engine.acquire(b).wait();
+    engine.release(b);
+  }
+  const TraceBatch batch = engine.drain_trace();
+  uint64_t copied = 0;
+  uint64_t previous_end = 0;
+  size_t copies = 0;
+  for (const TraceEvent& event : batch.events) {
+    if (event.kind != TraceKind::kCopy) continue;
+    ++copies;
+    copied += event.bytes;
+    EXPECT_EQ(event.lane.kind, TraceLaneKind::kCopy);
+    EXPECT_LE(event.start_ns, event.end_ns);
+    EXPECT_GE(event.start_ns, previous_end) << "one stream: its copies never overlap";
+    EXPECT_GE(event.tensor, 0);
+    previous_end = event.end_ns;
+  }
+  EXPECT_EQ(copies, store_->manifest().chunks.size());
+  EXPECT_EQ(copied, engine.stats().h2d_bytes);
+}
+
 TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable) {
   const Watchdog dog("EngineOnCuda.AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable");
   const auto api = make_double(100);

@@ -23,7 +23,7 @@ class RecordingTransfer final : public Transfer {
   [[nodiscard]] SlotAccess slot_access() const override { return SlotAccess::kDeviceByCopy; }
   [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override { return make_pageable_allocator(); }
   int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
-                     std::exception_ptr* /*error*/) override {
+                     std::exception_ptr* /*error*/, CopyTag /*tag*/) override {
     if (!bytes.empty()) std::memcpy(slot.data() + offset, bytes.data(), bytes.size());
     source.reset();
     copied += bytes.size();

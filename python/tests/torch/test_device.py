@@ -166,6 +166,21 @@ def test_host_cache_values(tmp_path, monkeypatch):
         assert caught.value.field == "host_cache_gb"
 
 
+def test_the_trace_of_a_gpu_model_shows_the_copy_stream_beside_compute(ts_models, tmp_path, double):
+    import json
+    from tensorstream import trace_plot
+    trace_path = tmp_path / "trace.json"
+    plain, model = _offload(ts_models, tmp_path, device="cuda:0", trace_path=str(trace_path))
+    ts_models.assert_matches_plain("llama", plain, model, ts_models.input_ids())
+    ts.write_trace(model)
+    trace = json.loads(trace_path.read_text())
+    copies = [e for e in trace["traceEvents"] if e.get("cat") == "copy"]
+    assert copies and all(e["args"]["lane"] == "copy stream" for e in copies)
+    assert sum(e["args"]["bytes"] for e in copies) == ts.get_model_statistics(model)["h2d_bytes"]
+    lanes = [lane.label for lane in trace_plot.trace_lanes(trace)]
+    assert lanes.index("copy stream") == lanes.index("compute") + 2  # compute, stall, then the copy stream
+
+
 def test_a_dtype_change_is_refused_and_the_model_stays_usable(ts_models, tmp_path, double):
     plain, model = _offload(ts_models, tmp_path, device="cuda:0")
     with pytest.raises(ts.ConfigError) as caught:

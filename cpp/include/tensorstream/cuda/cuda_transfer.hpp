@@ -37,7 +37,7 @@ class CudaTransfer final : public Transfer {
   [[nodiscard]] SlotAccess slot_access() const override { return access_; }
   [[nodiscard]] std::unique_ptr<HostAllocator> staging_allocator() const override;
   int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot, uint64_t offset,
-                     std::exception_ptr* error) override;
+                     std::exception_ptr* error, CopyTag tag = {}) override;
   [[nodiscard]] EventRef record_ready(std::exception_ptr* error) override;
   [[nodiscard]] EventRef record_on_stream(uintptr_t stream) override;
   int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) override;
@@ -46,6 +46,7 @@ class CudaTransfer final : public Transfer {
   [[nodiscard]] std::optional<uint64_t> elapsed_ns(const TransferEvent& start, const TransferEvent& end) override;
   void drain() noexcept override;
   [[nodiscard]] TransferStats stats() const override;
+  void set_trace(TraceRecorder* trace) noexcept override { trace_.store(trace); }
 
   [[nodiscard]] CuStream copy_stream() const noexcept { return copy_stream_; }
   [[nodiscard]] const std::shared_ptr<CudaApi>& api() const noexcept { return api_; }
@@ -71,6 +72,8 @@ class CudaTransfer final : public Transfer {
   uint64_t bytes_ = 0;
   uint64_t busy_ns_ = 0;
   uint64_t busy_since_ns_ = 0;  // when in_flight_ went 0 -> 1
+  uint64_t last_done_ns_ = 0;   // when the latest copy completed (the copy stream runs them in order)
+  std::atomic<TraceRecorder*> trace_{nullptr};
 };
 
 // Pinned host memory from cuMemHostAlloc (portable), for staging pools that feed a device.

@@ -32,6 +32,7 @@
 #include "tensorstream/config.hpp"
 #include "tensorstream/engine/slot_access.hpp"
 #include "tensorstream/memory/staging_pool.hpp"
+#include "tensorstream/stats/trace.hpp"
 
 namespace tensorstream {
 
@@ -46,6 +47,13 @@ using EventRef = std::shared_ptr<const TransferEvent>;
 
 // What a Transfer moved: bytes copied to device slots and the wall time during which at least one copy was queued
 // or running (so bytes / busy time is the copy rate while copying).
+// What a copy is of, for the trace (block index in the store; tensor and chunk -1 for a whole block).
+struct CopyTag {
+  uint32_t block = 0;
+  int32_t tensor = -1;
+  int32_t chunk = -1;
+};
+
 struct TransferStats {
   uint64_t copies = 0;
   uint64_t bytes = 0;
@@ -65,7 +73,7 @@ class Transfer {
   // `source` from now on and releases it once the copy has completed. Returns bytes.size(), or a negative value with
   // *error set (the source is then released at once). Never blocks on the copy itself.
   virtual int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot,
-                             uint64_t offset, std::exception_ptr* error) = 0;
+                             uint64_t offset, std::exception_ptr* error, CopyTag tag = {}) = 0;
   // An event that completes once every copy queued so far has. Null for host slots (nothing to wait for), and null
   // with *error set on failure.
   [[nodiscard]] virtual EventRef record_ready(std::exception_ptr* error) = 0;
@@ -88,6 +96,9 @@ class Transfer {
   virtual void drain() noexcept = 0;
   // Counters so far (zero for host slots). Thread-safe; not a consistent cut across fields.
   [[nodiscard]] virtual TransferStats stats() const { return {}; }
+  // Where to record kCopy events (on lane {kCopy, 0}) while `trace` is enabled; null stops. The recorder must
+  // outlive the Transfer's copies (the engine drains them before its recorder goes).
+  virtual void set_trace(TraceRecorder* /*trace*/) noexcept {}
 };
 
 // Slots in host memory: nothing is ever copied or waited for.

@@ -27,16 +27,17 @@ namespace tensorstream {
 // What an event measures. kRead: an I/O request from submit to completion, or, for a block mapped instead of read,
 // prefaulting one chunk's pages. kVerify: one chunk's checksum. kDecompress: decoding one chunk. kTransfer: the
 // Transfer stage queuing one chunk's copy into a slot that is not host memory, or (chunk -1) recording a block's
-// ready event once all its copies are queued; host slots receive reads and decodes in place, so they have no transfer events. kStall: a
-// caller blocked in Ticket::wait.
-enum class TraceKind : uint8_t { kRead, kVerify, kDecompress, kTransfer, kStall };
+// ready event once all its copies are queued; host slots receive reads and decodes in place, so they have no
+// transfer events. kStall: a caller blocked in Ticket::wait. kCopy: a host-to-device copy on the copy stream, from
+// when the copy before it completed (or it was queued) to its own completion, as the host learns of them.
+enum class TraceKind : uint8_t { kRead, kVerify, kDecompress, kTransfer, kStall, kCopy };
 
 // Where an event ran. kIo: an I/O lane, index 0..queue_depth-1; each read in flight holds the lowest free lane
 // from submit to completion, so the reads of one lane never overlap (a pread pool or io_uring thread is not
 // visible through IoBackend, and what a reader wants to see is how many reads were in flight). kWorker: engine
 // worker `index` (0..num_io_threads-1). kCaller: any other thread, `index` being its OS thread id (gettid, the
-// same number as Python's threading.get_native_id()).
-enum class TraceLaneKind : uint8_t { kIo, kWorker, kCaller };
+// same number as Python's threading.get_native_id()). kCopy: a Transfer's copy stream (index 0).
+enum class TraceLaneKind : uint8_t { kIo, kWorker, kCaller, kCopy };
 
 [[nodiscard]] std::string_view trace_kind_name(TraceKind kind) noexcept;            // "read", "verify", ...
 [[nodiscard]] std::string_view trace_lane_kind_name(TraceLaneKind kind) noexcept;   // "io", "worker", "caller"
