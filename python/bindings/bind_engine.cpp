@@ -217,14 +217,14 @@ void bind_engine(nb::module_& m) {
            })
       .def(
           "release",
-          [](PyEngine& e, size_t block, uintptr_t stream) {
+          [](PyEngine& e, size_t block, std::optional<uintptr_t> stream) {
             Engine& engine = e.get();
             nb::gil_scoped_release release;
             engine.release(block, stream);
           },
-          "block"_a, "stream"_a = 0,
-          "Unpins the block; with device slots and a consumer stream (a native handle), records the fence later "
-          "copies into its slot wait for.")
+          "block"_a, "stream"_a = nb::none(),
+          "Unpins the block; with device slots and a consumer stream (a native handle, 0 being CUDA's legacy "
+          "default stream), records the fence later copies into its slot wait for.")
       .def("prefetch",
            [](PyEngine& e, size_t block) {
              Engine& engine = e.get();

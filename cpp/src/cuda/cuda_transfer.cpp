@@ -189,26 +189,32 @@ EventRef CudaTransfer::record(CuStream stream, std::exception_ptr* error, unsign
 EventRef CudaTransfer::record_ready(std::exception_ptr* error) { return record(copy_stream_, error); }
 
 EventRef CudaTransfer::record_on_stream(uintptr_t stream) {
-  if (stream == 0) return nullptr;
   std::exception_ptr error;
   EventRef event = record(reinterpret_cast<CuStream>(stream), &error);
   if (error) std::rethrow_exception(error);
   return event;
 }
 
-int CudaTransfer::stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) {
+int CudaTransfer::wait(const TransferEvent& event, CuStream stream, std::exception_ptr* error) {
   CuResult result = make_current();
   std::string call = "cuCtxSetCurrent";
   if (result == kCudaSuccess) {
     call = "cuStreamWaitEvent";
-    const CuStream target = stream == 0 ? copy_stream_ : reinterpret_cast<CuStream>(stream);
-    result = api_->cuStreamWaitEvent(target, reinterpret_cast<CuEvent>(event.native()), 0);
+    result = api_->cuStreamWaitEvent(stream, reinterpret_cast<CuEvent>(event.native()), 0);
   }
   if (result != kCudaSuccess) {
     *error = std::make_exception_ptr(CudaError(result, cuda_error_text(*api_, result, call)));
     return -1;
   }
   return 0;
+}
+
+int CudaTransfer::stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) {
+  return wait(event, reinterpret_cast<CuStream>(stream), error);
+}
+
+int CudaTransfer::copy_stream_wait(const TransferEvent& event, std::exception_ptr* error) {
+  return wait(event, copy_stream_, error);
 }
 
 EventRef CudaTransfer::record_timed(uintptr_t stream, std::exception_ptr* error) {

@@ -335,14 +335,14 @@ struct Engine::Impl {
     }
   }
 
-  void release(size_t block, uintptr_t consumer_stream) {
+  void release(size_t block, std::optional<uintptr_t> consumer_stream) {
     check_block(block);
     // The fence first, while the block is still pinned: once unpinned its slot may be given to another load.
     EventRef fence;
     std::exception_ptr fence_error;
-    if (!host_addressable(access) && consumer_stream != 0) {
+    if (!host_addressable(access) && consumer_stream) {
       try {
-        fence = transfer->record_on_stream(consumer_stream);
+        fence = transfer->record_on_stream(*consumer_stream);
       } catch (...) {
         fence_error = std::current_exception();
       }
@@ -569,7 +569,7 @@ struct Engine::Impl {
     for (const PendingFence& pending : pending_fences) {
       if (!overlapping(pending)) continue;
       std::exception_ptr error;
-      if (transfer->stream_wait(*pending.fence, 0, &error) < 0) load->set_error(error);
+      if (transfer->copy_stream_wait(*pending.fence, &error) < 0) load->set_error(error);
     }
     std::erase_if(pending_fences, overlapping);
   }
@@ -873,7 +873,9 @@ Engine::Engine(std::shared_ptr<const StoreReader> store, std::span<std::byte> ar
 Engine::~Engine() = default;
 
 Ticket Engine::acquire(size_t block) { return impl_->acquire(this, block); }
-void Engine::release(size_t block, uintptr_t consumer_stream) { impl_->release(block, consumer_stream); }
+void Engine::release(size_t block, std::optional<uintptr_t> consumer_stream) {
+  impl_->release(block, consumer_stream);
+}
 void Engine::prefetch(size_t block) { impl_->prefetch(block); }
 
 void Engine::set_budget(uint64_t budget_bytes) {

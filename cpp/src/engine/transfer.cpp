@@ -25,6 +25,7 @@ class HostTransfer final : public Transfer {
   int stream_wait(const TransferEvent& /*event*/, uintptr_t /*stream*/, std::exception_ptr* /*error*/) override {
     return 0;
   }
+  int copy_stream_wait(const TransferEvent& /*event*/, std::exception_ptr* /*error*/) override { return 0; }
   void synchronize(const TransferEvent& /*event*/) override {}
   void drain() noexcept override {}
 };

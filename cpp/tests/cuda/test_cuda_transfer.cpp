@@ -109,7 +109,7 @@ TEST(CudaTransfer, FailuresAreCudaErrorsNamingTheCallAndReturnTheLease) {
   error = nullptr;
   EXPECT_EQ(transfer.record_ready(&error), nullptr);
   EXPECT_TRUE(error);
-  EXPECT_EQ(transfer.record_on_stream(0), nullptr);
+  EXPECT_NE(transfer.record_on_stream(0), nullptr) << "0 is the legacy default stream, a stream like any other";
   api->fail_next("cuDevicePrimaryCtxRetain", kCudaErrorOutOfMemory);
   EXPECT_THROW(CudaTransfer(api, 0), CudaError);
   EXPECT_THROW(CudaTransfer(api, 5), CudaError);  // no such device
@@ -287,7 +287,7 @@ TEST_F(EngineOnCuda, ASlotIsRefilledOnlyAfterTheFenceOfItsLastReader) {
             if (!holds(b, slot)) ++overwritten;
             ++kernels;
           });
-          engine.release(b, fence ? reinterpret_cast<uintptr_t>(compute) : 0);
+          engine.release(b, fence ? std::optional<uintptr_t>(reinterpret_cast<uintptr_t>(compute)) : std::nullopt);
         }
       }
       ASSERT_EQ(api->cuStreamSynchronize(compute), kCudaSuccess);
@@ -330,6 +330,34 @@ TEST_F(EngineOnCuda, TheTraceShowsTheCopyStream) {
   }
   EXPECT_EQ(copies, store_->manifest().chunks.size());
   EXPECT_EQ(copied, engine.stats().h2d_bytes);
+}
+
+// PyTorch's default stream is CUDA's legacy default stream, whose handle is 0: a consumer on it must get the same
+// ordering (ready events waited for on it, fences recorded on it), not be taken for "no stream".
+TEST_F(EngineOnCuda, TheLegacyDefaultStreamIsAConsumerStreamLikeAnyOther) {
+  const Watchdog dog("EngineOnCuda.TheLegacyDefaultStreamIsAConsumerStreamLikeAnyOther", std::chrono::seconds(60));
+  const auto api = make_double(2000);
+  write(equal_blocks(4, 71), 0);
+  use_primary_context(*api);
+  Arena arena(slot_bytes(2));
+  std::atomic<int> wrong{0};
+  {
+    Engine engine(store_, arena.span(), config(2), nullptr, std::make_unique<CudaTransfer>(api, 0));
+    for (int pass = 0; pass < 2; ++pass) {
+      for (size_t b = 0; b < 4; ++b) {
+        Ticket ticket = engine.acquire(b);
+        ticket.wait_on_stream(0);
+        const std::span<const std::byte> slot = ticket.data();
+        api->enqueue(nullptr, [&, b, slot] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          if (!holds(b, slot)) ++wrong;
+        });
+        engine.release(b, 0);
+      }
+    }
+    ASSERT_EQ(api->cuStreamSynchronize(nullptr), kCudaSuccess);
+  }
+  EXPECT_EQ(wrong.load(), 0) << "a kernel on the legacy default stream saw a partial or overwritten block";
 }
 
 TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable) {

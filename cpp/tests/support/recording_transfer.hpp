@@ -33,12 +33,11 @@ class RecordingTransfer final : public Transfer {
     ++ready_events;
     return std::make_shared<Event>();
   }
-  [[nodiscard]] EventRef record_on_stream(uintptr_t stream) override {
-    return stream == 0 ? nullptr : std::make_shared<Event>();
-  }
+  [[nodiscard]] EventRef record_on_stream(uintptr_t /*stream*/) override { return std::make_shared<Event>(); }
   int stream_wait(const TransferEvent& /*event*/, uintptr_t /*stream*/, std::exception_ptr* /*error*/) override {
     return 0;
   }
+  int copy_stream_wait(const TransferEvent& /*event*/, std::exception_ptr* /*error*/) override { return 0; }
   void synchronize(const TransferEvent& /*event*/) override {}
   void drain() noexcept override {}
 

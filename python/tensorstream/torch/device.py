@@ -100,10 +100,11 @@ class Placement:
             return {}
         return {"device": self.ordinal, "cuda_double": self.double}
 
-    def current_stream(self) -> int:
-        """The native handle of the stream kernels run on now (0 for host slots)."""
+    def current_stream(self) -> Optional[int]:
+        """The native handle of the stream kernels run on now (None for host slots). 0 is a real stream: CUDA's
+        legacy default stream, which is what torch's default stream is."""
         if not self.device_slots:
-            return 0
+            return None
         if self.double is not None:
             return self.stream
         return torch.cuda.current_stream(self.torch_device).cuda_stream

@@ -41,6 +41,7 @@ class CudaTransfer final : public Transfer {
   [[nodiscard]] EventRef record_ready(std::exception_ptr* error) override;
   [[nodiscard]] EventRef record_on_stream(uintptr_t stream) override;
   int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) override;
+  int copy_stream_wait(const TransferEvent& event, std::exception_ptr* error) override;
   void synchronize(const TransferEvent& event) override;
   [[nodiscard]] EventRef record_timed(uintptr_t stream, std::exception_ptr* error) override;
   [[nodiscard]] std::optional<uint64_t> elapsed_ns(const TransferEvent& start, const TransferEvent& end) override;
@@ -59,6 +60,7 @@ class CudaTransfer final : public Transfer {
   // Makes the primary context current on the calling thread; returns its CUresult.
   CuResult make_current() noexcept;
   EventRef record(CuStream stream, std::exception_ptr* error, unsigned flags = kCuEventDisableTiming);
+  int wait(const TransferEvent& event, CuStream stream, std::exception_ptr* error);
 
   const std::shared_ptr<CudaApi> api_;
   const SlotAccess access_;

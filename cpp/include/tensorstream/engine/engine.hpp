@@ -53,7 +53,7 @@ class Ticket {
   void wait() const;
   [[nodiscard]] bool ready() const;
   // Device slots: blocks until the block's copies are queued (rethrowing the load's error), then makes `stream` (a
-  // native stream handle; 0: the legacy default stream) wait for the block's ready event. Host slots: wait().
+  // native stream handle; 0 is CUDA's legacy default stream) wait for the block's ready event. Host slots: wait().
   void wait_on_stream(uintptr_t stream) const;
   // The block's ready event as a native handle (a CUevent), 0 for host slots. Valid after wait*() while pinned.
   [[nodiscard]] uintptr_t ready_event() const noexcept;
@@ -86,9 +86,10 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   [[nodiscard]] Ticket acquire(size_t block);
-  // `consumer_stream`: device slots only, the native stream whose kernels read the block (0: none, the caller
-  // finished with the bytes on the host). Throws CudaError if the fence cannot be recorded (the block is released).
-  void release(size_t block, uintptr_t consumer_stream = 0);
+  // `consumer_stream`: device slots only, the native stream whose kernels read the block (0 is CUDA's legacy
+  // default stream; nullopt: none, the caller finished with the bytes on the host). Throws CudaError if the fence
+  // cannot be recorded (the block is released all the same).
+  void release(size_t block, std::optional<uintptr_t> consumer_stream = std::nullopt);
   // Starts a load without pinning (budget permitting); a no-op if resident, in flight or without room.
   void prefetch(size_t block);
 

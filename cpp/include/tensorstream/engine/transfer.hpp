@@ -11,8 +11,11 @@
 // the block's ready event (record_ready); a consumer makes its compute stream wait on it (stream_wait) instead of
 // blocking the host. When the consumer releases the block it hands over a fence, an event recorded on its compute
 // stream after the last kernel that reads the block (record_on_stream); before a later load copies into any part
-// of that slot, the copy stream waits for the fence (stream_wait with stream 0), so no queued kernel ever sees its
+// of that slot, the copy stream waits for the fence (copy_stream_wait), so no queued kernel ever sees its
 // weights overwritten.
+//
+// Streams are native handles, and 0 is a stream like any other: CUDA's legacy default stream (the one PyTorch's
+// default `torch.cuda.current_stream().cuda_stream` names).
 //
 // Results: calls made on engine workers (copy_async, record_ready, stream_wait) never throw; they return bytes or
 // a negative value and put the typed error (CudaError naming the call and the driver's error text) into *error.
@@ -78,14 +81,17 @@ class Transfer {
   // with *error set on failure.
   [[nodiscard]] virtual EventRef record_ready(std::exception_ptr* error) = 0;
   // An event recorded on the consumer's `stream` (its native handle): the fence a release hands over. Null for
-  // host slots or stream 0. Throws CudaError.
+  // host slots. Throws CudaError.
   [[nodiscard]] virtual EventRef record_on_stream(uintptr_t stream) = 0;
-  // Makes `stream` (0: the Transfer's copy stream) wait for `event` without blocking the host. Returns 0, or a
-  // negative value with *error set.
+  // Makes the consumer's `stream` wait for `event` without blocking the host. Returns 0, or a negative value with
+  // *error set.
   virtual int stream_wait(const TransferEvent& event, uintptr_t stream, std::exception_ptr* error) = 0;
+  // Makes the Transfer's own copy stream wait for `event` (a fence): later copies run after it.
+  virtual int copy_stream_wait(const TransferEvent& event, std::exception_ptr* error) = 0;
   // Blocks the calling thread until `event` is complete. Throws CudaError.
   virtual void synchronize(const TransferEvent& event) = 0;
-  // Device slots: an event with timing on `stream`, and the time between two of them once both completed (nullopt
+  // Device slots: an event with timing on the consumer's `stream`, and the time between two of them once both
+  // completed (nullopt
   // before, and for host slots). How stalls are measured where they happen: on the consumer's stream.
   [[nodiscard]] virtual EventRef record_timed(uintptr_t /*stream*/, std::exception_ptr* /*error*/) { return nullptr; }
   [[nodiscard]] virtual std::optional<uint64_t> elapsed_ns(const TransferEvent& /*start*/,
