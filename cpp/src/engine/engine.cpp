@@ -739,8 +739,9 @@ struct Engine::Impl {
           } else {
             source = std::move(piece->staging);
           }
-          if (!load->tier_fill.empty()) {  // the host tier keeps the verified, decoded bytes too
-            std::memcpy(load->tier_fill.data() + slot_offset, bytes.data(), bytes.size());
+          if (load->tier_fill) {  // the host tier keeps the verified, decoded bytes too
+            const std::span<std::byte> kept = tier->fill_buffer(load->block);
+            if (!kept.empty()) std::memcpy(kept.data() + slot_offset, bytes.data(), bytes.size());
           }
           const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
           std::exception_ptr error;
@@ -780,7 +781,7 @@ struct Engine::Impl {
         ok = false;
       }
     }
-    if (!load->tier_fill.empty()) tier->commit(load->block, ok);
+    if (load->tier_fill) tier->commit(load->block, ok);
     const uint64_t elapsed = now_ns() - load->start_ns;
     // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
     if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);

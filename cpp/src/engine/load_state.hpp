@@ -29,7 +29,7 @@ struct LoadState {
   std::atomic<uint64_t> stored_bytes{0};
   std::atomic<uint64_t> decoded_bytes{0};
   EventRef ready;  // device slots: completes once the block's copies have (set before `done`)
-  std::span<std::byte> tier_fill;        // host tier: the buffer this load fills chunk by chunk (empty: none)
+  bool tier_fill = false;                // host tier: this load fills the tier's buffer for its block
   std::span<const std::byte> from_tier;  // host tier: the block's bytes, copied instead of read (empty: read)
 
   std::mutex mutex;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -29,9 +30,12 @@ class HostTier {
   HostTier(const HostTier&) = delete;
   HostTier& operator=(const HostTier&) = delete;
 
-  // A buffer of `bytes` for `block` to be filled by its load, or an empty span when the block is held or being
-  // filled already, or does not fit. Allocation failures (pinned memory exhausted) also give an empty span.
-  [[nodiscard]] std::span<std::byte> reserve(size_t block, uint64_t bytes);
+  // Reserves room for `block` (`bytes`) to be filled by its load: false when the block is held or being filled
+  // already, or does not fit. Cheap: called under the engine's lock; the memory comes with fill_buffer().
+  [[nodiscard]] bool reserve(size_t block, uint64_t bytes);
+  // The reserved block's buffer, allocated by the first call (pinning memory can take a while: this runs on the
+  // engine's workers, never under its lock); empty if the allocation failed (the load then commits false).
+  [[nodiscard]] std::span<std::byte> fill_buffer(size_t block);
   // The load that reserved the buffer finished: with ok the block is held from now on, else its room is freed.
   void commit(size_t block, bool ok);
   // The block's bytes when the tier holds them completely, else an empty span. Valid for the tier's lifetime.
@@ -43,7 +47,10 @@ class HostTier {
   enum class State : uint8_t { kEmpty, kFilling, kHeld };
   struct Entry {
     State state = State::kEmpty;
+    uint64_t bytes = 0;       // reserved (rounded to 4 KiB)
     std::span<std::byte> buffer;
+    bool allocation_failed = false;
+    std::unique_ptr<std::once_flag> allocated;  // fill_buffer's first call allocates (a once_flag cannot move)
   };
   const uint64_t capacity_;
   const std::unique_ptr<HostAllocator> allocator_;
