@@ -186,11 +186,13 @@ EventRef CudaTransfer::record(CuStream stream, std::exception_ptr* error, unsign
   return std::make_shared<CudaEvent>(api_, event);
 }
 
-EventRef CudaTransfer::record_ready(std::exception_ptr* error) { return record(copy_stream_, error); }
+EventRef CudaTransfer::record_ready(std::exception_ptr* error) { return record(copy_stream_, error, 0); }
+
+EventRef CudaTransfer::record_copy_timed(std::exception_ptr* error) { return record(copy_stream_, error, 0); }
 
 EventRef CudaTransfer::record_on_stream(uintptr_t stream) {
   std::exception_ptr error;
-  EventRef event = record(reinterpret_cast<CuStream>(stream), &error);
+  EventRef event = record(reinterpret_cast<CuStream>(stream), &error, 0);
   if (error) std::rethrow_exception(error);
   return event;
 }

@@ -120,6 +120,11 @@ struct Engine::Impl {
   };
   std::mutex stall_mutex;
   std::vector<PendingStall> pending_stalls;
+  // Device slots: what ADAPTIVE learns from, in device time. A load runs from its copy_start event to its ready
+  // event; a block's kernels from the end of the consumer's wait (compute_start) to the fence of its release.
+  std::vector<PendingStall> pending_loads;     // (block, copy_start, ready), under stall_mutex
+  std::vector<PendingStall> pending_computes;  // (block, compute start, fence), under stall_mutex
+  std::vector<EventRef> compute_start;         // per block, set by Ticket::wait_on_stream, under stall_mutex
 
   std::mutex mutex;  // loads, acquire times, order flag
   std::condition_variable room_cv;
@@ -204,6 +209,7 @@ struct Engine::Impl {
       decoded = StagingPool::create(manifest.chunk_size, 2 * uint64_t{config.num_io_threads},
                                     transfer->staging_allocator());
       block_ready.resize(manifest.blocks.size());
+      compute_start.resize(manifest.blocks.size());
       if (config.host_cache_bytes > 0) {
         tier = std::make_unique<HostTier>(manifest.blocks.size(), config.host_cache_bytes,
                                           transfer->staging_allocator());
@@ -288,6 +294,7 @@ struct Engine::Impl {
 
   Ticket acquire(Engine* engine, size_t block) {
     check_block(block);
+    if (!host_addressable(access)) resolve_stalls();  // device timings reach ADAPTIVE as they complete
     std::vector<std::unique_ptr<QueuedRead>> to_submit;
     Ticket ticket;
     ticket.block_ = block;
@@ -349,6 +356,14 @@ struct Engine::Impl {
     }
     uint64_t started = 0;
     std::vector<size_t> evicted;  // non-empty only when the budget shrank below what pinned blocks held
+    bool device_timed = false;
+    if (fence) {
+      const std::lock_guard lock(stall_mutex);
+      if (compute_start[block]) {  // the kernels between the consumer's wait and this fence: device compute time
+        pending_computes.push_back({block, std::move(compute_start[block]), fence});
+        device_timed = true;
+      }
+    }
     {
       std::lock_guard lock(mutex);
       if (fence) {
@@ -361,7 +376,7 @@ struct Engine::Impl {
     }
     room_cv.notify_all();
     handle_evictions(evicted);
-    if (started != 0) prefetcher.on_compute_time(position[block], now_ns() - started);
+    if (started != 0 && !device_timed) prefetcher.on_compute_time(position[block], now_ns() - started);
     if (fence_error) std::rethrow_exception(fence_error);
   }
 
@@ -452,27 +467,45 @@ struct Engine::Impl {
     if (resolve) resolve_stalls();
   }
 
-  // Counts the stalls whose events have completed; the others wait for a later call.
+  // Counts the stalls whose events have completed and hands finished load and compute times to the prefetcher;
+  // pairs not complete yet wait for a later call.
   void resolve_stalls() {
-    std::vector<PendingStall> pending;
+    std::vector<PendingStall> stalls;
+    std::vector<PendingStall> load_times;
+    std::vector<PendingStall> compute_times;
     {
       const std::lock_guard lock(stall_mutex);
-      pending.swap(pending_stalls);
+      stalls.swap(pending_stalls);
+      load_times.swap(pending_loads);
+      compute_times.swap(pending_computes);
     }
-    std::vector<PendingStall> unresolved;
-    for (PendingStall& stall : pending) {
-      const std::optional<uint64_t> ns = transfer->elapsed_ns(*stall.start, *stall.end);
-      if (!ns) {
-        unresolved.push_back(std::move(stall));
-        continue;
+    auto resolve = [&](std::vector<PendingStall>& pending, auto&& use) {
+      std::vector<PendingStall> unresolved;
+      for (PendingStall& pair : pending) {
+        const std::optional<uint64_t> ns = transfer->elapsed_ns(*pair.start, *pair.end);
+        if (ns) {
+          use(pair.block, *ns);
+        } else {
+          unresolved.push_back(std::move(pair));
+        }
       }
-      stats.on_wait(stall.block, *ns);
-      stats.on_device_stall(*ns);
-    }
+      pending.swap(unresolved);
+    };
+    resolve(stalls, [&](size_t block, uint64_t ns) {
+      stats.on_wait(block, ns);
+      stats.on_device_stall(ns);
+    });
+    resolve(load_times, [&](size_t block, uint64_t ns) { prefetcher.on_load_time(position[block], ns); });
+    resolve(compute_times, [&](size_t block, uint64_t ns) { prefetcher.on_compute_time(position[block], ns); });
     const std::lock_guard lock(stall_mutex);
-    pending_stalls.insert(pending_stalls.end(), std::make_move_iterator(unresolved.begin()),
-                          std::make_move_iterator(unresolved.end()));
+    auto keep = [](std::vector<PendingStall>& into, std::vector<PendingStall>& from) {
+      into.insert(into.end(), std::make_move_iterator(from.begin()), std::make_move_iterator(from.end()));
+    };
+    keep(pending_stalls, stalls);
+    keep(pending_loads, load_times);
+    keep(pending_computes, compute_times);
   }
+
   // Resolving costs two event queries per stall: batch them, but keep the events a stream holds bounded.
   static constexpr size_t kStallsResolvedAt = 256;
 
@@ -520,7 +553,11 @@ struct Engine::Impl {
       block_mapped[block] = 1;
     } else {
       load->data = arena.subspan(slot_offset, record.slot_size);
-      if (!host_addressable(access)) wait_for_fences(load, slot_offset, slot_offset + record.slot_size);
+      if (!host_addressable(access)) {
+        wait_for_fences(load, slot_offset, slot_offset + record.slot_size);
+        std::exception_ptr timing_error;  // a failed timing event costs the measurement only
+        load->copy_start = transfer->record_copy_timed(&timing_error);
+      }
     }
     block_data[block] = load->data;
 
@@ -795,7 +832,12 @@ struct Engine::Impl {
       if (!ok) prefetched_pending[load->block] = 0;
       ++progress;
     }
-    if (ok) prefetcher.on_load_time(position[load->block], elapsed);
+    if (ok && load->copy_start && load->ready) {
+      const std::lock_guard lock(stall_mutex);  // device time, from the copy stream, once the ready event completes
+      pending_loads.push_back({load->block, load->copy_start, load->ready});
+    } else if (ok) {
+      prefetcher.on_load_time(position[load->block], elapsed);
+    }
     {
       std::lock_guard lock(load->mutex);
       load->done = true;
@@ -849,10 +891,12 @@ void Ticket::wait_on_stream(uintptr_t stream) const {
   EventRef start = impl.transfer->record_timed(stream, &timing_error);
   std::exception_ptr error;
   if (impl.transfer->stream_wait(*ready, stream, &error) < 0) std::rethrow_exception(error);
-  if (start) {
-    EventRef end = impl.transfer->record_timed(stream, &timing_error);
-    if (end) impl.add_stall(block_, std::move(start), std::move(end));
+  EventRef end = impl.transfer->record_timed(stream, &timing_error);  // the block's kernels start here
+  if (end) {
+    const std::lock_guard lock(impl.stall_mutex);
+    impl.compute_start[block_] = end;
   }
+  if (start && end) impl.add_stall(block_, std::move(start), std::move(end));
 }
 
 uintptr_t Ticket::ready_event() const noexcept { return ready_ ? ready_->native() : 0; }

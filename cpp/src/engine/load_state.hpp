@@ -29,6 +29,7 @@ struct LoadState {
   std::atomic<uint64_t> stored_bytes{0};
   std::atomic<uint64_t> decoded_bytes{0};
   EventRef ready;  // device slots: completes once the block's copies have (set before `done`)
+  EventRef copy_start;  // device slots: timed, on the copy stream when the load started (its device time)
   bool tier_fill = false;                // host tier: this load fills the tier's buffer for its block
   std::span<const std::byte> from_tier;  // host tier: the block's bytes, copied instead of read (empty: read)
 

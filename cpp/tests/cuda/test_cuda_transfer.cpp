@@ -360,6 +360,52 @@ TEST_F(EngineOnCuda, TheLegacyDefaultStreamIsAConsumerStreamLikeAnyOther) {
   EXPECT_EQ(wrong.load(), 0) << "a kernel on the legacy default stream saw a partial or overwritten block";
 }
 
+// ADAPTIVE sizes its lookahead from device time: how long a block's copies took on the copy stream and how long its
+// kernels ran on the compute stream. Host timings would see neither (kernels are only launched; copies only
+// queued): slow kernels would look instant and the lookahead would go to its maximum.
+TEST_F(EngineOnCuda, AdaptiveLearnsFromDeviceTimeNotHostTime) {
+  const Watchdog dog("EngineOnCuda.AdaptiveLearnsFromDeviceTimeNotHostTime", std::chrono::seconds(60));
+  write(equal_blocks(4, 81), 0);
+  struct Case {
+    int copy_latency_us;
+    int kernel_ms;
+  };
+  for (const Case c : {Case{0, 8}, Case{4000, 0}}) {
+    SCOPED_TRACE("copy " + std::to_string(c.copy_latency_us) + " us, kernel " + std::to_string(c.kernel_ms) + " ms");
+    CudaDoubleOptions options;
+    options.copy_latency = std::chrono::microseconds(c.copy_latency_us);
+    const auto api = std::make_shared<CudaDouble>(options);
+    use_primary_context(*api);
+    CuStream compute = nullptr;
+    ASSERT_EQ(api->cuStreamCreate(&compute, 0), kCudaSuccess);
+    Arena arena(slot_bytes(4));
+    {
+      Config config_c = config(4);
+      config_c.prefetch = PrefetchStrategy::kAdaptive;
+      config_c.memory_pressure = MemoryPressureMode::kAggressive;  // lookahead up to 4
+      config_c.budget_bytes = slot_bytes(3);  // one block always streams: loads go on every pass
+      Engine engine(store_, arena.span(), config_c, nullptr, std::make_unique<CudaTransfer>(api, 0));
+      for (int pass = 0; pass < 4; ++pass) {
+        for (size_t b = 0; b < 4; ++b) {
+          Ticket ticket = engine.acquire(b);
+          ticket.wait_on_stream(reinterpret_cast<uintptr_t>(compute));
+          const int kernel_ms = c.kernel_ms;
+          api->enqueue(compute, [kernel_ms] { std::this_thread::sleep_for(std::chrono::milliseconds(kernel_ms)); });
+          engine.release(b, reinterpret_cast<uintptr_t>(compute));
+        }
+        ASSERT_EQ(api->cuStreamSynchronize(compute), kCudaSuccess);
+      }
+      (void)engine.stats();  // resolves what completed
+      if (c.kernel_ms > 0) {
+        EXPECT_EQ(engine.lookahead(), 1u) << "kernels hide the copies: one block ahead is enough";
+      } else {
+        EXPECT_GT(engine.lookahead(), 1u) << "copies take longer than kernels: look further ahead";
+      }
+    }
+    EXPECT_EQ(api->cuStreamDestroy(compute), kCudaSuccess);
+  }
+}
+
 TEST_F(EngineOnCuda, AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable) {
   const Watchdog dog("EngineOnCuda.AnInjectedCopyErrorFailsThatLoadWithTheTypedErrorAndTheEngineStaysUsable");
   const auto api = make_double(100);

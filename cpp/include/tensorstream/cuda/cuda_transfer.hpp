@@ -2,7 +2,8 @@
 // memory on one device; bytes arrive in pinned staging buffers (cuMemHostAlloc through pinned_allocator()) and go
 // to the slot with cuMemcpyHtoDAsync on a copy stream of its own. Each copy's staging lease is released by a host
 // function queued behind the copy (cuLaunchHostFunc), so a buffer is reused only after the device has read it.
-// Ready events and fences are CUevents created with CU_EVENT_DISABLE_TIMING.
+// Ready events and fences are timed CUevents: the engine measures loads and kernels with them (ADAPTIVE's lookahead,
+// stall time), so what it learns is device time, not the host's launch time.
 //
 // It works in the device's primary context, the one PyTorch uses, retained for the Transfer's lifetime and made
 // current on each thread that calls in (once per thread). Streams passed in (consumer streams) are native CUstream
@@ -44,6 +45,7 @@ class CudaTransfer final : public Transfer {
   int copy_stream_wait(const TransferEvent& event, std::exception_ptr* error) override;
   void synchronize(const TransferEvent& event) override;
   [[nodiscard]] EventRef record_timed(uintptr_t stream, std::exception_ptr* error) override;
+  [[nodiscard]] EventRef record_copy_timed(std::exception_ptr* error) override;
   [[nodiscard]] std::optional<uint64_t> elapsed_ns(const TransferEvent& start, const TransferEvent& end) override;
   void drain() noexcept override;
   [[nodiscard]] TransferStats stats() const override;

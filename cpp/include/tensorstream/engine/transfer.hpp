@@ -77,11 +77,11 @@ class Transfer {
   // *error set (the source is then released at once). Never blocks on the copy itself.
   virtual int64_t copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot,
                              uint64_t offset, std::exception_ptr* error, CopyTag tag = {}) = 0;
-  // An event that completes once every copy queued so far has. Null for host slots (nothing to wait for), and null
-  // with *error set on failure.
+  // An event that completes once every copy queued so far has (timed, like record_timed's). Null for host slots
+  // (nothing to wait for), and null with *error set on failure.
   [[nodiscard]] virtual EventRef record_ready(std::exception_ptr* error) = 0;
-  // An event recorded on the consumer's `stream` (its native handle): the fence a release hands over. Null for
-  // host slots. Throws CudaError.
+  // An event recorded on the consumer's `stream` (its native handle): the fence a release hands over (timed, so
+  // the kernels' time can be measured up to it). Null for host slots. Throws CudaError.
   [[nodiscard]] virtual EventRef record_on_stream(uintptr_t stream) = 0;
   // Makes the consumer's `stream` wait for `event` without blocking the host. Returns 0, or a negative value with
   // *error set.
@@ -94,6 +94,8 @@ class Transfer {
   // completed (nullopt
   // before, and for host slots). How stalls are measured where they happen: on the consumer's stream.
   [[nodiscard]] virtual EventRef record_timed(uintptr_t /*stream*/, std::exception_ptr* /*error*/) { return nullptr; }
+  // The same on the Transfer's copy stream (where a load's device time starts).
+  [[nodiscard]] virtual EventRef record_copy_timed(std::exception_ptr* /*error*/) { return nullptr; }
   [[nodiscard]] virtual std::optional<uint64_t> elapsed_ns(const TransferEvent& /*start*/,
                                                            const TransferEvent& /*end*/) {
     return std::nullopt;
