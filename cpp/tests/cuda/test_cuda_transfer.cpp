@@ -58,7 +58,9 @@ CuContext use_primary_context(CudaApi& api) {
 
 TEST(CudaTransfer, CopiesKeepTheirLeaseUntilTheDeviceHasReadIt) {
   const Watchdog dog("CudaTransfer.CopiesKeepTheirLeaseUntilTheDeviceHasReadIt");
-  const auto api = make_double(5000);
+  CudaDoubleOptions options;
+  options.copy_latency = std::chrono::milliseconds(50);  // no jitter: the copy surely has not run at the check
+  const auto api = std::make_shared<CudaDouble>(options);
   CudaTransfer transfer(api, 0);
   EXPECT_EQ(transfer.slot_access(), SlotAccess::kDeviceByCopy);
   const auto pool = StagingPool::create(4096, 1, transfer.staging_allocator());
