@@ -88,16 +88,12 @@ CudaTransfer::~CudaTransfer() {
 std::unique_ptr<HostAllocator> CudaTransfer::staging_allocator() const { return make_pinned_allocator(api_, context_); }
 
 CuResult CudaTransfer::make_current() noexcept {
-  // Engine workers are long-lived: set the context once per thread and Transfer, not once per call.
-  thread_local const CudaTransfer* current_for = nullptr;
-  thread_local CuContext current_context = nullptr;
-  if (current_for == this && current_context == context_) return kCudaSuccess;
-  const CuResult result = api_->cuCtxSetCurrent(context_);
-  if (result == kCudaSuccess) {
-    current_for = this;
-    current_context = context_;
-  }
-  return result;
+  // Asked each time (a thread-local read in the driver), never cached: another library on the same thread (torch
+  // switching devices) may have made another context current since, and a cache keyed by this object's address
+  // would be fooled by a new Transfer at the address of an old one.
+  CuContext current = nullptr;
+  if (api_->cuCtxGetCurrent(&current) == kCudaSuccess && current == context_) return kCudaSuccess;
+  return api_->cuCtxSetCurrent(context_);
 }
 
 int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte> bytes, std::span<std::byte> slot,

@@ -49,13 +49,11 @@ class CuFileSession {
 
   // Behaves like pread(2) (bytes, or -1 with errno), reading into device memory through cuFile.
   ssize_t read(int fd, void* buffer, size_t count, off_t offset) {
-    thread_local const CuFileSession* current_for = nullptr;
-    if (current_for != this) {  // worker threads are long-lived: make the context current once each
-      if (api_->cuCtxSetCurrent(context_) != kCudaSuccess) {
-        errno = EIO;
-        return -1;
-      }
-      current_for = this;
+    CuContext current = nullptr;  // asked each time, never cached (see CudaTransfer::make_current)
+    if ((api_->cuCtxGetCurrent(&current) != kCudaSuccess || current != context_) &&
+        api_->cuCtxSetCurrent(context_) != kCudaSuccess) {
+      errno = EIO;
+      return -1;
     }
     CuFileHandle handle = handle_for(fd);
     if (handle == nullptr) {

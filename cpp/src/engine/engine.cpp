@@ -13,6 +13,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "engine/chunk_stage.hpp"
+#include "engine/device_timing.hpp"
 #include "engine/io_queue.hpp"
 #include "engine/load_plan.hpp"
 #include "engine/load_state.hpp"
@@ -27,10 +29,11 @@
 #include "tensorstream/residency/prefetcher.hpp"
 #include "tensorstream/residency/residency_manager.hpp"
 
-// The engine's orchestration: acquire / release / prefetch against the residency manager and the prefetcher,
-// starting loads as the load planner shapes them, and the per-chunk stage (verify, decode, transfer) that the
-// worker pool runs as reads complete. The pieces it drives live next to it: load_plan (what to read, where to),
-// io_queue (bounded submission, staging leases, reaping), worker_pool (verify / decode threads), load_state.
+// The engine's orchestration: acquire / release / prefetch against the residency manager and the prefetcher, and
+// loads, started as the load planner shapes them and finished when their last chunk is. The pieces it drives live
+// next to it: load_plan (what to read, where to), io_queue (bounded submission, staging leases, reaping),
+// worker_pool (the threads), chunk_stage (verify, decode, into the slot), device_timing (device-time
+// measurements), load_state (one load's progress).
 
 namespace tensorstream {
 
@@ -44,23 +47,13 @@ uint64_t now_ns() {
 // pinned by callers that wait themselves); failing loudly beats hanging forever.
 constexpr auto kNoRoomTimeout = std::chrono::seconds(60);
 
-// Maps the pages of `range` in one call (MADV_POPULATE_READ, Linux 5.14+) instead of one page fault per 4 KiB page
-// when the checksum first touches them; on older kernels the call fails and the faults happen as before.
-void prefault(std::span<const std::byte> range) {
-#ifndef MADV_POPULATE_READ
-  constexpr int MADV_POPULATE_READ = 22;
-#endif
-  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(range.data()) / page * page;
-  const auto end = reinterpret_cast<uintptr_t>(range.data()) + range.size();
-  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ);
-}
-
 // AUTO maps a block instead of reading it when at least this share of its pages is in the page cache (the same
 // threshold as the O_DIRECT decision: below it, reading directly beats faulting pages in one by one).
 constexpr double kWarmFraction = 0.5;
 }  // namespace
 
+using detail::ChunkStage;
+using detail::DeviceTiming;
 using detail::IoQueue;
 using detail::LoadPlan;
 using detail::LoadPlanInputs;
@@ -111,21 +104,6 @@ struct Engine::Impl {
     EventRef fence;
   };
   std::vector<PendingFence> pending_fences;
-  // Device slots: timed events around each consumer stream's wait for a ready event, until both have completed
-  // and the stall is counted (resolve_stalls).
-  struct PendingStall {
-    size_t block = 0;
-    EventRef start;
-    EventRef end;
-  };
-  std::mutex stall_mutex;
-  std::vector<PendingStall> pending_stalls;
-  // Device slots: what ADAPTIVE learns from, in device time. A load runs from its copy_start event to its ready
-  // event; a block's kernels from the end of the consumer's wait (compute_start) to the fence of its release.
-  std::vector<PendingStall> pending_loads;     // (block, copy_start, ready), under stall_mutex
-  std::vector<PendingStall> pending_computes;  // (block, compute start, fence), under stall_mutex
-  std::vector<EventRef> compute_start;         // per block, set by Ticket::wait_on_stream, under stall_mutex
-
   std::mutex mutex;  // loads, acquire times, order flag
   std::condition_variable room_cv;
   uint64_t progress = 0;  // bumped on every release / finished load, so NoRoom waiters see change
@@ -143,6 +121,8 @@ struct Engine::Impl {
   std::shared_ptr<StagingPool> decoded;
   // Device slots with host_cache_bytes: decoded blocks kept in pinned RAM, copied to the device instead of read.
   std::unique_ptr<HostTier> tier;
+  std::unique_ptr<DeviceTiming> timing;  // device slots: stalls, loads and kernels in device time
+  std::unique_ptr<ChunkStage> stage;
   // Started last, stopped first (see ~Impl): they call back into everything above.
   std::unique_ptr<WorkerPool> workers;
   std::unique_ptr<IoQueue> io;
@@ -209,12 +189,14 @@ struct Engine::Impl {
       decoded = StagingPool::create(manifest.chunk_size, 2 * uint64_t{config.num_io_threads},
                                     transfer->staging_allocator());
       block_ready.resize(manifest.blocks.size());
-      compute_start.resize(manifest.blocks.size());
       if (config.host_cache_bytes > 0) {
         tier = std::make_unique<HostTier>(manifest.blocks.size(), config.host_cache_bytes,
                                           transfer->staging_allocator());
       }
+      timing = std::make_unique<DeviceTiming>(*transfer, stats, prefetcher, position);
     }
+    stage = std::make_unique<ChunkStage>(ChunkStage::Context{*store, *transfer, trace, stats, config.verify_checksums,
+                                                             decoded.get(), tier.get()});
     workers = std::make_unique<WorkerPool>(config.num_io_threads, [](uint32_t i) {
       set_current_thread_lane({TraceLaneKind::kWorker, i});  // what this thread records shows as "worker i"
     });
@@ -294,7 +276,7 @@ struct Engine::Impl {
 
   Ticket acquire(Engine* engine, size_t block) {
     check_block(block);
-    if (!host_addressable(access)) resolve_stalls();  // device timings reach ADAPTIVE as they complete
+    if (timing) timing->resolve();  // device timings reach ADAPTIVE as they complete
     std::vector<std::unique_ptr<QueuedRead>> to_submit;
     Ticket ticket;
     ticket.block_ = block;
@@ -356,14 +338,8 @@ struct Engine::Impl {
     }
     uint64_t started = 0;
     std::vector<size_t> evicted;  // non-empty only when the budget shrank below what pinned blocks held
-    bool device_timed = false;
-    if (fence) {
-      const std::lock_guard lock(stall_mutex);
-      if (compute_start[block]) {  // the kernels between the consumer's wait and this fence: device compute time
-        pending_computes.push_back({block, std::move(compute_start[block]), fence});
-        device_timed = true;
-      }
-    }
+    // The kernels between the consumer's wait and this fence: the block's compute time, in device time.
+    const bool device_timed = timing && timing->released(block, fence);
     {
       std::lock_guard lock(mutex);
       if (fence) {
@@ -454,60 +430,6 @@ struct Engine::Impl {
                                      ") is not one of the blocks this engine streams");
     }
   }
-
-  // ---- stalls measured on the consumer's stream ---------------------------------------------------------------
-
-  void add_stall(size_t block, EventRef start, EventRef end) {
-    bool resolve = false;
-    {
-      const std::lock_guard lock(stall_mutex);
-      pending_stalls.push_back({block, std::move(start), std::move(end)});
-      resolve = pending_stalls.size() >= kStallsResolvedAt;
-    }
-    if (resolve) resolve_stalls();
-  }
-
-  // Counts the stalls whose events have completed and hands finished load and compute times to the prefetcher;
-  // pairs not complete yet wait for a later call.
-  void resolve_stalls() {
-    std::vector<PendingStall> stalls;
-    std::vector<PendingStall> load_times;
-    std::vector<PendingStall> compute_times;
-    {
-      const std::lock_guard lock(stall_mutex);
-      stalls.swap(pending_stalls);
-      load_times.swap(pending_loads);
-      compute_times.swap(pending_computes);
-    }
-    auto resolve = [&](std::vector<PendingStall>& pending, auto&& use) {
-      std::vector<PendingStall> unresolved;
-      for (PendingStall& pair : pending) {
-        const std::optional<uint64_t> ns = transfer->elapsed_ns(*pair.start, *pair.end);
-        if (ns) {
-          use(pair.block, *ns);
-        } else {
-          unresolved.push_back(std::move(pair));
-        }
-      }
-      pending.swap(unresolved);
-    };
-    resolve(stalls, [&](size_t block, uint64_t ns) {
-      stats.on_wait(block, ns);
-      stats.on_device_stall(ns);
-    });
-    resolve(load_times, [&](size_t block, uint64_t ns) { prefetcher.on_load_time(position[block], ns); });
-    resolve(compute_times, [&](size_t block, uint64_t ns) { prefetcher.on_compute_time(position[block], ns); });
-    const std::lock_guard lock(stall_mutex);
-    auto keep = [](std::vector<PendingStall>& into, std::vector<PendingStall>& from) {
-      into.insert(into.end(), std::make_move_iterator(from.begin()), std::make_move_iterator(from.end()));
-    };
-    keep(pending_stalls, stalls);
-    keep(pending_loads, load_times);
-    keep(pending_computes, compute_times);
-  }
-
-  // Resolving costs two event queries per stall: batch them, but keep the events a stream holds bounded.
-  static constexpr size_t kStallsResolvedAt = 256;
 
   // ---- loading --------------------------------------------------------------------------------------------------
 
@@ -688,115 +610,27 @@ struct Engine::Impl {
     }
   }
 
-  // Verifies one chunk of an all-raw block where it lies (in the slot, or in the mapping).
+  // Workers: the chunk stage (chunk_stage.hpp), then the unit is done.
   void verify_in_place(const std::shared_ptr<LoadState>& load, size_t k) {
-    const auto& entry = load->plan.in_place[k];
-    try {
-      if (!load->failed()) {
-        if (load->mapped()) {
-          // A mapped block is not read: its pages come in here, so this is its read in the trace.
-          const TraceSpan span(trace, TraceKind::kRead, load->block, static_cast<int64_t>(entry.tensor),
-                               static_cast<int64_t>(entry.chunk), entry.size);
-          prefault(load->data.subspan(entry.begin, entry.size));
-        }
-        if (config.verify_checksums) {
-          const TraceSpan span(trace, TraceKind::kVerify, load->block, static_cast<int64_t>(entry.tensor),
-                               static_cast<int64_t>(entry.chunk), entry.size);
-          store->check_chunk(entry.tensor, entry.chunk, load->data.subspan(entry.begin, entry.size));
-        }
-        load->decoded_bytes += entry.size;  // raw chunks: stored size == raw size
-      }
-    } catch (const CorruptionError&) {
-      stats.on_checksum_failure();
-      load->set_error(std::current_exception());
-    } catch (...) {
-      load->set_error(std::current_exception());
-    }
+    stage->verify_in_place(*load, k);
     unit_finished(load);
   }
 
-  // A block the host tier holds: copied from RAM to its device slot in one piece.
   void copy_from_tier(const std::shared_ptr<LoadState>& load) {
-    try {
-      if (!load->failed()) {
-        const std::span<const std::byte> bytes = load->from_tier.subspan(0, load->data.size());
-        const TraceSpan span(trace, TraceKind::kTransfer, load->block, -1, -1, bytes.size());
-        std::exception_ptr error;
-        const CopyTag tag{static_cast<uint32_t>(load->block), -1, -1};
-        if (transfer->copy_async(StagingLease{}, bytes, load->data, 0, &error, tag) < 0) std::rethrow_exception(error);
-        stats.on_host_tier_hit(bytes.size());
-        load->decoded_bytes += bytes.size();
-      }
-    } catch (...) {
-      load->set_error(std::current_exception());
-    }
+    stage->copy_from_tier(*load);
     unit_finished(load);
   }
 
-  // One chunk read on its own: verify, decode into the slot (host) or into a buffer the Transfer copies (device).
   void process_chunk(std::unique_ptr<Piece> piece) {
     const std::shared_ptr<LoadState> load = piece->load;
     const PlannedRead& read = piece->planned();
-    try {
-      if (!load->failed()) {
-        const TensorRecord& tensor = manifest.tensors[read.tensor];
-        const ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + read.chunk];
-        const std::span<const std::byte> stored =
-            read.staged ? piece->staging.bytes().subspan(read.skip, chunk.stored_size)
-                        : std::span<const std::byte>(piece->request.buffer);
-        const auto tensor_index = static_cast<int64_t>(read.tensor);
-        const auto chunk_index = static_cast<int64_t>(read.chunk);
-        if (config.verify_checksums) {
-          const TraceSpan span(trace, TraceKind::kVerify, load->block, tensor_index, chunk_index, stored.size());
-          store->check_chunk(read.tensor, read.chunk, stored);
-        }
-        const uint64_t slot_offset = tensor.slot_offset + read.chunk * manifest.chunk_size;
-        if (host_addressable(access)) {
-          if (chunk.codec != Codec::kRaw) {
-            thread_local std::vector<std::byte> scratch;
-            const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
-            store->decode_chunk(read.tensor, read.chunk, stored, load->data.subspan(slot_offset, chunk.raw_size),
-                                scratch);
-          } else if (read.staged) {
-            std::memcpy(load->data.data() + slot_offset, stored.data(), stored.size());
-          }
-        } else {
-          // The copy owns its source until the device has read it: the read's own buffer for a raw chunk, a decode
-          // buffer for a compressed one (the read's buffer then returns as soon as it is decoded).
-          StagingLease source;
-          std::span<const std::byte> bytes = stored;
-          if (chunk.codec != Codec::kRaw) {
-            source = decoded->acquire();
-            thread_local std::vector<std::byte> scratch;
-            const std::span<std::byte> out = source.bytes().subspan(0, chunk.raw_size);
-            const TraceSpan span(trace, TraceKind::kDecompress, load->block, tensor_index, chunk_index, chunk.raw_size);
-            store->decode_chunk(read.tensor, read.chunk, stored, out, scratch);
-            bytes = out;
-            piece->staging.reset();
-          } else {
-            source = std::move(piece->staging);
-          }
-          if (load->tier_fill) {  // the host tier keeps the verified, decoded bytes too
-            const std::span<std::byte> kept = tier->fill_buffer(load->block);
-            if (!kept.empty()) std::memcpy(kept.data() + slot_offset, bytes.data(), bytes.size());
-          }
-          const TraceSpan span(trace, TraceKind::kTransfer, load->block, tensor_index, chunk_index, bytes.size());
-          std::exception_ptr error;
-          const CopyTag tag{static_cast<uint32_t>(load->block), static_cast<int32_t>(read.tensor),
-                            static_cast<int32_t>(read.chunk)};
-          if (transfer->copy_async(std::move(source), bytes, load->data, slot_offset, &error, tag) < 0) {
-            std::rethrow_exception(error);  // caught below, recorded in the load
-          }
-        }
-        load->decoded_bytes += chunk.raw_size;
-      }
-    } catch (const CorruptionError&) {
-      stats.on_checksum_failure();
-      load->set_error(std::current_exception());
-    } catch (...) {
-      load->set_error(std::current_exception());
+    std::span<const std::byte> stored = piece->request.buffer;
+    if (read.staged) {
+      const ChunkRecord& chunk = manifest.chunks[manifest.tensors[read.tensor].first_chunk + read.chunk];
+      stored = piece->staging.bytes().subspan(read.skip, chunk.stored_size);
     }
-    piece.reset();  // returns its staging lease, which may let a queued read go
+    stage->process(*load, read, stored, std::move(piece->staging));
+    piece.reset();  // its staging lease (if the stage did not keep it for a copy) returns and may let a read go
     unit_finished(load);
   }
 
@@ -832,9 +666,8 @@ struct Engine::Impl {
       if (!ok) prefetched_pending[load->block] = 0;
       ++progress;
     }
-    if (ok && load->copy_start && load->ready) {
-      const std::lock_guard lock(stall_mutex);  // device time, from the copy stream, once the ready event completes
-      pending_loads.push_back({load->block, load->copy_start, load->ready});
+    if (ok && timing && load->copy_start && load->ready) {
+      timing->loaded(load->block, load->copy_start, load->ready);  // device time, once the ready event completes
     } else if (ok) {
       prefetcher.on_load_time(position[load->block], elapsed);
     }
@@ -892,11 +725,7 @@ void Ticket::wait_on_stream(uintptr_t stream) const {
   std::exception_ptr error;
   if (impl.transfer->stream_wait(*ready, stream, &error) < 0) std::rethrow_exception(error);
   EventRef end = impl.transfer->record_timed(stream, &timing_error);  // the block's kernels start here
-  if (end) {
-    const std::lock_guard lock(impl.stall_mutex);
-    impl.compute_start[block_] = end;
-  }
-  if (start && end) impl.add_stall(block_, std::move(start), std::move(end));
+  if (impl.timing) impl.timing->waited(block_, std::move(start), std::move(end));
 }
 
 uintptr_t Ticket::ready_event() const noexcept { return ready_ ? ready_->native() : 0; }
@@ -936,7 +765,7 @@ void Engine::set_budget(uint64_t budget_bytes) {
 
 uint64_t Engine::budget_bytes() const { return impl_->residency.budget_bytes(); }
 StatsSnapshot Engine::stats() const {
-  impl_->resolve_stalls();
+  if (impl_->timing) impl_->timing->resolve();
   StatsSnapshot snapshot = impl_->stats.snapshot();
   // Gauges come from the residency manager itself, never from a cached copy that a slower thread could overwrite.
   snapshot.resident_bytes = impl_->residency.resident_bytes();

@@ -6,7 +6,7 @@
 // stall time), so what it learns is device time, not the host's launch time.
 //
 // It works in the device's primary context, the one PyTorch uses, retained for the Transfer's lifetime and made
-// current on each thread that calls in (once per thread). Streams passed in (consumer streams) are native CUstream
+// current on each thread that calls in (checked on every call: something else may have changed it). Streams passed in (consumer streams) are native CUstream
 // handles, e.g. torch.cuda.current_stream().cuda_stream.
 //
 // Thread-safety: every method may be called from any thread, concurrently (Transfer's contract).
