@@ -6,8 +6,9 @@
 // stall time), so what it learns is device time, not the host's launch time.
 //
 // It works in the device's primary context, the one PyTorch uses, retained for the Transfer's lifetime and made
-// current on each thread that calls in (checked on every call: something else may have changed it). Streams passed in (consumer streams) are native CUstream
-// handles, e.g. torch.cuda.current_stream().cuda_stream.
+// current on each thread that calls in (checked on every call: something else may have changed it). Streams passed
+// in (consumer streams) are native CUstream handles, e.g. torch.cuda.current_stream().cuda_stream (0 for torch's
+// default stream: CUDA's legacy default stream).
 //
 // Thread-safety: every method may be called from any thread, concurrently (Transfer's contract).
 #pragma once
