@@ -491,7 +491,15 @@ struct Engine::Impl {
         return load;
       }
       // A block in a streaming slot will leave VRAM again: keep its decoded bytes in the tier if there is room.
-      if (!residency.is_static(position[block])) load->tier_fill = tier->reserve(block, record.slot_size);
+      if (!residency.is_static(position[block])) {
+        load->tier_fill = tier->reserve(block, record.slot_size, next_use_after(block), [this] {
+          // Evicted buffers go once every copy queued so far (those from them included) has completed.
+          std::exception_ptr error;
+          const EventRef queued = transfer->record_ready(&error);
+          if (!queued) return HostTier::RetireCheck{};  // no event: the buffers stay until the engine goes
+          return HostTier::RetireCheck([this, queued] { return transfer->elapsed_ns(*queued, *queued).has_value(); });
+        });
+      }
     }
 
     switch (plan.kind) {
@@ -520,6 +528,23 @@ struct Engine::Impl {
         break;
     }
     return load;
+  }
+
+  // For the host tier's next-use eviction: how many accesses after this one (of block `current`) each block is used
+  // next, from the learned order; empty before the order is known (the tier then evicts nothing).
+  HostTier::NextUse next_use_after(size_t current) {
+    if (!prefetcher.order_known()) return {};
+    auto order = std::make_shared<const std::vector<size_t>>(prefetcher.learned_order());  // positions
+    const auto at = std::find(order->begin(), order->end(), position[current]);
+    if (at == order->end()) return {};
+    const auto from = static_cast<size_t>(at - order->begin());
+    return [this, order, from](size_t block) -> std::optional<uint64_t> {
+      const size_t n = order->size();
+      for (size_t step = 1; step <= n; ++step) {
+        if ((*order)[(from + step) % n] == position[block]) return step;
+      }
+      return std::nullopt;
+    };
   }
 
   // Device slots, under `mutex`: orders this load's copies after the fences of earlier users of [begin, end).

@@ -101,3 +101,50 @@ TEST(HostTier, ConcurrentFillsOfOneBlockShareOneBuffer) {
 
 }  // namespace
 }  // namespace tensorstream
+
+namespace tensorstream {
+namespace {
+
+// Next-use eviction: with a known order, a block used sooner than a held one replaces it; the evicted buffer is
+// freed only once its retire check passes (copies queued from it are done).
+TEST(HostTierEviction, HeldBlocksUsedLaterMakeRoomOnceTheirCopiesAreDone) {
+  std::atomic<int64_t> live{0};
+  std::atomic<bool> fail{false};
+  HostTier tier(4, 2 * 4096, std::make_unique<TestAllocator>(&live, &fail));
+  for (size_t b : {0u, 1u}) {
+    ASSERT_TRUE(tier.reserve(b, 4096));
+    ASSERT_FALSE(tier.fill_buffer(b).empty());
+    tier.commit(b, true);
+  }
+  // Next uses: block 0 in 9 accesses, block 1 in 2, block 2 (being loaded) in 5.
+  const HostTier::NextUse next_use = [](size_t b) -> std::optional<uint64_t> {
+    const uint64_t distances[] = {9, 2, 5, 7};
+    return distances[b];
+  };
+  bool copies_done = false;
+  int checks_made = 0;
+  const auto make_check = [&]() -> HostTier::RetireCheck {
+    ++checks_made;
+    return [&] { return copies_done; };
+  };
+  EXPECT_FALSE(tier.reserve(2, 4096)) << "without an order, a full tier evicts nothing";
+  EXPECT_FALSE(tier.reserve(2, 4096, next_use, make_check)) << "block 0 is evicted, its room not back yet";
+  EXPECT_EQ(tier.evictions(), 1u);
+  EXPECT_EQ(checks_made, 1);
+  EXPECT_TRUE(tier.find(0).empty()) << "block 0 (used furthest ahead) left";
+  EXPECT_FALSE(tier.find(1).empty()) << "block 1 (used soonest) stays";
+  EXPECT_EQ(live.load(), 2) << "the evicted buffer waits for its copies";
+  EXPECT_FALSE(tier.reserve(2, 4096, next_use, make_check)) << "room on its way back: nothing more is evicted";
+  EXPECT_EQ(tier.evictions(), 1u);
+  copies_done = true;
+  ASSERT_TRUE(tier.reserve(2, 4096, next_use, make_check)) << "reclaimed: block 2 fits";
+  EXPECT_FALSE(tier.fill_buffer(2).empty());
+  tier.commit(2, true);
+  EXPECT_EQ(live.load(), 2);
+  // Block 3 is used later (7) than block 1 (2) but sooner than nothing held: block 2 (5) is used sooner too.
+  EXPECT_FALSE(tier.reserve(3, 4096, next_use, make_check)) << "every held block is used sooner than block 3";
+  EXPECT_EQ(tier.evictions(), 1u);
+}
+
+}  // namespace
+}  // namespace tensorstream
