@@ -78,6 +78,7 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["host_tier_hits"] = s.host_tier_hits;
   out["host_tier_bytes"] = s.host_tier_bytes;
   out["host_tier_held_bytes"] = s.host_tier_held_bytes;
+  out["host_tier_evictions"] = s.host_tier_evictions;
   out["io_throughput_bytes_per_s"] = s.io_throughput_bytes_per_s();
   out["hit_rate"] = s.hit_rate();
   nb::list blocks;

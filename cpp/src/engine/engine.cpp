@@ -534,10 +534,14 @@ struct Engine::Impl {
   // next, from the learned order; empty before the order is known (the tier then evicts nothing).
   HostTier::NextUse next_use_after(size_t current) {
     if (!prefetcher.order_known()) return {};
-    auto order = std::make_shared<const std::vector<size_t>>(prefetcher.learned_order());  // positions
-    const auto at = std::find(order->begin(), order->end(), position[current]);
-    if (at == order->end()) return {};
-    const auto from = static_cast<size_t>(at - order->begin());
+    auto [learned, where] = prefetcher.learned_order_and_position();  // positions; where: this access, if placed
+    auto order = std::make_shared<const std::vector<size_t>>(std::move(learned));
+    size_t from = where;
+    if (from >= order->size() || (*order)[from] != position[current]) {  // not placed: its first occurrence
+      const auto at = std::find(order->begin(), order->end(), position[current]);
+      if (at == order->end()) return {};
+      from = static_cast<size_t>(at - order->begin());
+    }
     return [this, order, from](size_t block) -> std::optional<uint64_t> {
       const size_t n = order->size();
       for (size_t step = 1; step <= n; ++step) {
@@ -801,7 +805,10 @@ StatsSnapshot Engine::stats() const {
   const TransferStats copies = impl_->transfer->stats();
   snapshot.h2d_bytes = copies.bytes;
   snapshot.h2d_busy_ns = copies.busy_ns;
-  if (impl_->tier) snapshot.host_tier_held_bytes = impl_->tier->held_bytes();
+  if (impl_->tier) {
+    snapshot.host_tier_held_bytes = impl_->tier->held_bytes();
+    snapshot.host_tier_evictions = impl_->tier->evictions();
+  }
   return snapshot;
 }
 void Engine::reset_stats() { impl_->stats.reset(); }

@@ -194,6 +194,11 @@ bool Prefetcher::order_known() const {
   return order_known_;
 }
 
+std::pair<std::vector<size_t>, size_t> Prefetcher::learned_order_and_position() const {
+  std::lock_guard lock(mutex_);
+  return {learned_order_, order_position_};
+}
+
 std::vector<size_t> Prefetcher::learned_order() const {
   std::lock_guard lock(mutex_);
   return learned_order_;

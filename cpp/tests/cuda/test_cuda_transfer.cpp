@@ -485,6 +485,35 @@ TEST_F(EngineOnCuda, TheHostTierServesWhatVramCannotKeepAndStorageTheRest) {
   }
 }
 
+// An order that does not simply repeat each block once (block 1 runs twice a pass, as a shared layer would): the tier
+// evicts by next use, and every load is still served by the tier or by storage, bytes exact.
+TEST_F(EngineOnCuda, TheHostTierEvictsByNextUseWhenTheOrderIsNotACycle) {
+  const Watchdog dog("EngineOnCuda.TheHostTierEvictsByNextUseWhenTheOrderIsNotACycle", std::chrono::seconds(60));
+  const auto api = make_double(50);
+  write(equal_blocks(5, 91), 0);
+  const uint64_t block_stored = store_->manifest().blocks[0].end - store_->manifest().blocks[0].offset;
+  Arena arena(slot_bytes(2));
+  Config c = config(2);
+  c.host_cache_bytes = slot_bytes(1);
+  Engine engine(store_, arena.span(), c, nullptr, std::make_unique<CudaTransfer>(api, 0));
+  const size_t pass_order[] = {0, 1, 2, 1, 3, 4};
+  uint64_t evictions = 0;
+  for (int pass = 0; pass < 6; ++pass) {
+    engine.reset_stats();
+    for (const size_t b : pass_order) {
+      Ticket ticket = engine.acquire(b);
+      ticket.wait();
+      EXPECT_TRUE(holds(b, ticket.data())) << "pass " << pass << " block " << b;
+      engine.release(b);
+    }
+    const StatsSnapshot stats = engine.stats();
+    EXPECT_EQ(stats.bytes_read, (stats.misses - stats.host_tier_hits) * block_stored) << "pass " << pass;
+    EXPECT_LE(stats.host_tier_held_bytes, slot_bytes(1));
+    evictions = stats.host_tier_evictions;
+  }
+  EXPECT_GT(evictions, 0u) << "with block 1 used twice a pass, the tier trades blocks by next use";
+}
+
 // GPUDIRECT: raw blocks go storage -> device through cuFile (the double preads into the "device" range), unless
 // checksums are on: then every chunk comes through staging and is verified on the CPU (the bounce path).
 TEST_F(EngineOnCuda, GpuDirectReadsRawBlocksIntoTheSlotsOrBouncesWhenVerifying) {

@@ -37,6 +37,8 @@ class Prefetcher {
   // The execution order of one pass, once a pass was seen (the first block accessed again closes a pass).
   [[nodiscard]] bool order_known() const;
   [[nodiscard]] std::vector<size_t> learned_order() const;
+  // The learned order and the index in it of the latest access (SIZE_MAX when not placed yet), read together.
+  [[nodiscard]] std::pair<std::vector<size_t>, size_t> learned_order_and_position() const;
   [[nodiscard]] uint32_t lookahead() const;
   [[nodiscard]] PrefetchStrategy strategy() const noexcept { return strategy_; }
   void set_max_lookahead(uint32_t max_lookahead);

@@ -45,6 +45,7 @@ struct StatsSnapshot {
   uint64_t host_tier_hits = 0;           // loads served from the host tier instead of storage
   uint64_t host_tier_bytes = 0;          // bytes those loads copied from it
   uint64_t host_tier_held_bytes = 0;     // gauge: bytes the host tier holds
+  uint64_t host_tier_evictions = 0;      // blocks the host tier let go for ones used sooner
   uint64_t direct_bytes = 0;             // device-direct slots: bytes read storage -> device (GPUDirect), which
                                          // the CPU never saw (only with verify_checksums off)
   std::vector<BlockStatsSnapshot> blocks;
