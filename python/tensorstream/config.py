@@ -137,6 +137,8 @@ class Config:
         copy them at host-to-device speed instead of reading storage (0 disables it). Default:
         TENSORSTREAM_HOST_CACHE_GB, else what the machine can spare (available memory, within the cgroup limit,
         less 2 GB or 10 %, whichever is more). Unused on the CPU.
+    progress: a progress bar while offload writes the store (bytes, GB/s, ETA, tensor) when it takes more than a
+        couple of seconds. Default None: on a terminal, unless TENSORSTREAM_PROGRESS=0.
     debug_mode: log per-block timings to the ``tensorstream`` logger.
     min_layer_size: blocks whose weights total fewer bytes stay resident instead of streaming.
     trace_path: write a Chrome trace (trace-event JSON: reads, checksums, decodes, waits and compute per block, on a
@@ -160,6 +162,7 @@ class Config:
     queue_depth: Optional[int] = None
     device: Optional[str] = None
     host_cache_gb: Optional[float] = None
+    progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.storage_path is None:
@@ -204,6 +207,9 @@ class Config:
                               f"{', '.join(MEMORY_PRESSURE_MODES)}", field="memory_pressure_mode")
         _bool_field("verify_checksums", self.verify_checksums)
         self.device = _device_field(self.device)
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(f"invalid progress: {self.progress!r} must be True, False or None (on a terminal)",
+                              field="progress")
         if self.host_cache_gb is not None:
             if isinstance(self.host_cache_gb, bool) or not isinstance(self.host_cache_gb, (int, float)) \
                     or not math.isfinite(self.host_cache_gb) or self.host_cache_gb < 0:

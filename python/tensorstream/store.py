@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, 
 
 from . import _core
 from .errors import ConfigError, IoError
+from .progress import WriteProgress, progress_enabled
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -162,6 +163,20 @@ def _iter_blocks(blocks: Blocks) -> Iterator[Tuple[str, Iterator[Tuple[str, "tor
         del tensors, tensors_of  # this block's tensors may be freed before the next block is produced
 
 
+def _total_bytes(blocks: Any) -> Optional[int]:
+    """The bytes of a mapping of mappings of tensors, for the progress bar; None when it is anything else (bad input
+    is reported by the writer's own checks, with their messages)."""
+    total = 0
+    for tensors in blocks.values():
+        if not isinstance(tensors, Mapping):
+            return None
+        for tensor in tensors.values():
+            if not (hasattr(tensor, "numel") and hasattr(tensor, "element_size")):
+                return None
+            total += int(tensor.numel()) * int(tensor.element_size())
+    return total
+
+
 def _nbytes(tensor: "torch.Tensor") -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -230,7 +245,8 @@ def _existing_result(storage: "_core.StorageDirectory", model_id: str) -> SaveRe
 
 def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[str] = None,
                 chunk_size: int = _core.DEFAULT_CHUNK_SIZE, compression_level: int = 0, replace: bool = False,
-                metadata: Optional[Mapping[str, str]] = None) -> SaveResult:
+                metadata: Optional[Mapping[str, str]] = None, progress: Optional[bool] = None,
+                total_bytes: Optional[int] = None) -> SaveResult:
     """Writes ``blocks`` (block name -> tensor name -> tensor, in mapping order) as one model and publishes it.
 
     The storage directory is created if needed. Tensors may live on any device; each is copied to contiguous
@@ -250,9 +266,14 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     ``chunk_size`` (bytes, a multiple of 4096 in [4 KiB, 64 MiB]) is the unit of checksums and compression;
     ``compression_level`` is 0 (off) or 1-9 (1-3: lz4, 4-9: zstd; chunks that do not shrink stay raw).
 
+    ``progress``: a progress bar (bytes written, GB/s, ETA, the tensor being written) for writes longer than a couple
+    of seconds; None: on a terminal unless TENSORSTREAM_PROGRESS=0 (progress.py). ``total_bytes``: the bytes a
+    streamed ``blocks`` will produce, for the bar's ETA (a mapping's total is known).
+
     Raises ConfigError for invalid arguments (model id, chunk size, level, names, tensors), IoError when the
     file system fails (the previous model of that id, if any, is untouched).
     """
+    show_progress = progress_enabled(progress)
     metadata_map = _metadata_dict(metadata)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise ConfigError(f"chunk_size must be an int, got {chunk_size!r}", field="chunk_size")
@@ -288,14 +309,18 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
                 return _existing_result(storage, target)
             if writer is None:
                 writer = new_writer(target)
-            for block_name, tensors in _iter_blocks(blocks):
-                writer.begin_block(block_name)
-                for name, tensor in tensors:
-                    writer.add_tensor(name, _dtype_name(tensor), list(tensor.shape), tensor.data_ptr(),
-                                      _nbytes(tensor))
-                    del tensor  # a host copy of a device tensor is freed before the next one is made
-                del tensors  # and a streamed block before the next block is produced
-            out = writer.commit()
+            if total_bytes is None and not _is_streamed(blocks):
+                total_bytes = _total_bytes(blocks)
+            with WriteProgress(show_progress, total_bytes, f"writing {target}") as bar:
+                for block_name, tensors in _iter_blocks(blocks):
+                    writer.begin_block(block_name)
+                    for name, tensor in tensors:
+                        nbytes = _nbytes(tensor)
+                        writer.add_tensor(name, _dtype_name(tensor), list(tensor.shape), tensor.data_ptr(), nbytes)
+                        bar.tensor_written(name, nbytes)
+                        del tensor  # a host copy of a device tensor is freed before the next one is made
+                    del tensors  # and a streamed block before the next block is produced
+                out = writer.commit()
     finally:
         # A failed write's temp directory is removed now, not when the traceback (which holds this frame) dies.
         writer = None

@@ -503,3 +503,42 @@ def test_concurrent_identical_writes_store_once(storage_path):
     assert ts.Storage(storage_path).models() == ["fp-" + ts.fingerprint(blocks)]
     assert os.listdir(storage_path / "tmp") == []
     assert ts.verify_storage_integrity(storage_path).ok
+
+
+# ---- progress bar (tensorstream/progress.py) ----------------------------------------------------------------------
+
+def test_progress_bar_shows_bytes_rate_and_tensor_when_asked(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tqdm")
+    import tensorstream.progress as progress
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)  # a test write is quicker than the delay that hides short writes
+    monkeypatch.setattr(progress, "REDRAW_S", 0.0)
+    blocks = {"layers.0": {"w": torch.ones(300_000)}, "layers.1": {"v": torch.ones(200_000)}}
+    ts.write_model(tmp_path, blocks, model_id="m", progress=True)
+    err = capsys.readouterr().err
+    assert "writing m" in err and "B/s" in err and ("2.00MB" in err or "2.00M" in err), err[-500:]
+    assert "1.20M/2.00M" in err and "B/s, w]" in err, err[-800:]  # bytes of the total, rate, the tensor written
+
+
+def test_progress_is_off_when_asked_or_not_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import tensorstream.progress as progress
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    blocks = {"b": {"w": torch.ones(1000)}}
+    ts.write_model(tmp_path, blocks, model_id="a", progress=False)
+    ts.write_model(tmp_path, blocks, model_id="b")  # stderr is captured here: not a terminal
+    monkeypatch.setenv("TENSORSTREAM_PROGRESS", "1")
+    ts.write_model(tmp_path, blocks, model_id="c", progress=False)  # the argument wins
+    assert "writing" not in capsys.readouterr().err
+    monkeypatch.setenv("TENSORSTREAM_PROGRESS", "0")
+    assert progress.progress_enabled(None) is False
+    monkeypatch.setenv("TENSORSTREAM_PROGRESS", "on")
+    assert progress.progress_enabled(None) is True
+    monkeypatch.setenv("TENSORSTREAM_PROGRESS", "sometimes")
+    with pytest.raises(ts.ConfigError) as caught:
+        progress.progress_enabled(None)
+    assert caught.value.field == "TENSORSTREAM_PROGRESS"
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.write_model(tmp_path, blocks, model_id="d", progress="yes")
+    assert caught.value.field == "progress"
+    with pytest.raises(ts.ConfigError) as caught:
+        ts.Config(storage_path=str(tmp_path), progress="yes")
+    assert caught.value.field == "progress"

@@ -189,7 +189,8 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
     that already exists must have the same fingerprint, or it would stream other weights (ConfigError).
     """
     result = write_model(config.storage_path, blocks, model_id=model_id,
-                         compression_level=config.store_compression_level, metadata=metadata)
+                         compression_level=config.store_compression_level, metadata=metadata,
+                         progress=config.progress)
     if result.outcome == "already_existed" and model_id is not None and result.fingerprint != fingerprint(blocks):
         raise ConfigError(f"model id '{model_id}' already holds other weights (or the same weights in other blocks) "
                           f"in {config.storage_path}; pass another model_id, or model_id=None for a content-addressed "
@@ -216,7 +217,9 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
     metadata = _metadata(model, partition)
     metadata["tensorstream.checkpoint"] = source.path
     result = write_model(root, iter_blocks(plan), model_id=model_id, compression_level=config.store_compression_level,
-                         metadata=metadata)
+                         metadata=metadata, progress=config.progress,
+                         total_bytes=partition.streamed_bytes + sum(r.tensor.numel() * r.tensor.element_size()
+                                                                   for r in resident))
     logger.info("offload: wrote model '%s' to %s from checkpoint %s (%d bytes)", model_id, root, source.path,
                 result.raw_bytes)
     return result.model_id, result.outcome
