@@ -16,8 +16,7 @@ from .maintenance import (BadChunk, CleanupReport, DefragReport, ModelDefrag, Mo
 from .store import ModelStore, SaveResult, Storage, fingerprint, open_model, write_model  # noqa: F401
 from .config import BackendType, Config, PrefetchStrategy, create_default_config  # noqa: F401
 from .cuda import CudaStatus, cuda_available  # noqa: F401
-from .torch import get_model_statistics, offload, optimize_memory_usage  # noqa: F401
-from .trace import write_trace  # noqa: F401
+from .torch import get_model_statistics, offload, optimize_memory_usage, write_trace  # noqa: F401
 
 __all__ = [
     "__version__",

@@ -5,7 +5,8 @@ Turned on by ``Config.trace_path`` (or ``TENSORSTREAM_TRACE=/path/trace.json``).
 engine's trace (C++, ``cpp/include/tensorstream/stats/trace.hpp``) and the hooks record one ``compute`` span per use
 of a block, from the moment its weights are bound (after any wait) to its post-forward hook. The trace is written
 when the model is cleaned up (``model.cleanup_tensorstream()``), when its engine is closed by garbage collection or
-at interpreter exit, and on demand with :func:`write_trace`.
+at interpreter exit, and on demand with ``tensorstream.write_trace`` (torch/offload.py: it finds the model's
+collector; this module knows nothing of models, so nothing here imports the PyTorch side).
 
 The file is Chrome trace-event JSON (open it in https://ui.perfetto.dev or chrome://tracing, or draw it with
 ``tensorstream trace-plot``)::
@@ -41,7 +42,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger("tensorstream")
 
-__all__ = ["TraceCollector", "start_trace", "write_trace", "KINDS", "DEFAULT_MAX_EVENTS"]
+__all__ = ["TraceCollector", "start_trace", "KINDS", "DEFAULT_MAX_EVENTS"]
 
 # The kinds of span, in the order lanes are drawn by trace_plot.
 KINDS = ("compute", "stall", "copy", "read", "verify", "decompress", "transfer")
@@ -270,25 +271,3 @@ def start_trace(engine: Any, config: Any, model_id: str, blocks: Sequence[Any], 
     engine.enable_tracing(max_events)
     collector._finalizer = weakref.finalize(owner, collector._final_write)
     return collector
-
-
-def write_trace(model: Any, path: Optional[str] = None) -> str:
-    """Writes the Chrome trace of an offloaded model so far to ``path`` (default: its ``Config.trace_path``) and
-    returns the path. Tracing continues; the file is rewritten whole each time.
-
-    Raises ConfigError: field ``model`` for a model that is not offloaded, ``trace_path`` when the model was
-    offloaded without tracing (set ``Config.trace_path`` or ``TENSORSTREAM_TRACE``), ``path`` for a path whose
-    directory does not exist or is not writable.
-    """
-    from .torch.offload import STATE_ATTR, OffloadState
-
-    state = getattr(model, "__dict__", {}).get(STATE_ATTR)
-    if not isinstance(state, OffloadState) or state.closed:
-        raise ConfigError("this model is not offloaded by TensorStream (a model's trace is written when it is cleaned "
-                          "up; call write_trace before cleanup_tensorstream)", field="model")
-    tracer = getattr(state.runtime, "tracer", None)
-    if tracer is None:
-        raise ConfigError("tracing is off for this model: offload it with Config(trace_path=...) or set "
-                          "TENSORSTREAM_TRACE=/path/trace.json", field="trace_path")
-    target = check_trace_path(path, "path") if path is not None else tracer.path
-    return tracer.write(target)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import Config
 
-__all__ = ["offload", "get_model_statistics", "optimize_memory_usage"]
+__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "write_trace"]
 
 
 def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None,
@@ -166,3 +166,12 @@ def optimize_memory_usage(model: "nn.Module", target_utilization: float = 0.8) -
     from .offload import optimize_memory_usage as _optimize
 
     return _optimize(model, target_utilization)
+
+
+def write_trace(model: "nn.Module", path: Optional[str] = None) -> str:
+    """Writes the Chrome trace of an offloaded model so far to ``path`` (default: its ``Config.trace_path``) and
+    returns the path; tracing continues. ConfigError (field ``model``, ``trace_path`` or ``path``) when the model is
+    not offloaded, was offloaded without tracing, or the path cannot be written."""
+    from .offload import write_trace as _write_trace
+
+    return _write_trace(model, path)

@@ -41,7 +41,8 @@ from .. import _core
 from ..config import Config, device_backends
 from ..errors import ConfigError, StoreNotFoundError
 from ..store import fingerprint, open_model, write_model
-from ..trace import start_trace, write_trace
+from ..config import check_trace_path
+from ..trace import start_trace
 from .arena import ALIGNMENT, Arena, BudgetPlan, plan_budget, slot_bytes
 from .hooks import StreamBlock, StreamingRuntime, placeholder
 from .checkpoint import Checkpoint, iter_blocks, plan_blocks
@@ -810,6 +811,26 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         blocks=blocks,
     )
     return out
+
+
+def write_trace(model: Any, path: Optional[str] = None) -> str:
+    """See :func:`tensorstream.write_trace`: the Chrome trace of an offloaded model so far, to ``path`` (default:
+    its ``Config.trace_path``); returns the path. Tracing continues; the file is rewritten whole each time.
+
+    Raises ConfigError: field ``model`` for a model that is not offloaded, ``trace_path`` when the model was
+    offloaded without tracing (set ``Config.trace_path`` or ``TENSORSTREAM_TRACE``), ``path`` for a path whose
+    directory does not exist or is not writable.
+    """
+    state = getattr(model, "__dict__", {}).get(STATE_ATTR)
+    if not isinstance(state, OffloadState) or state.closed:
+        raise ConfigError("this model is not offloaded by TensorStream (a model's trace is written when it is cleaned "
+                          "up; call write_trace before cleanup_tensorstream)", field="model")
+    tracer = getattr(state.runtime, "tracer", None)
+    if tracer is None:
+        raise ConfigError("tracing is off for this model: offload it with Config(trace_path=...) or set "
+                          "TENSORSTREAM_TRACE=/path/trace.json", field="trace_path")
+    target = check_trace_path(path, "path") if path is not None else tracer.path
+    return tracer.write(target)
 
 
 # ---- budget ------------------------------------------------------------------------------------------------------
