@@ -34,6 +34,7 @@ import bench_common as bc  # noqa: E402
 
 import tensorstream as ts  # noqa: E402
 from tensorstream import _core  # noqa: E402
+from tensorstream.torch.arena import Arena  # noqa: E402
 from tensorstream.torch.device import use_cuda_double  # noqa: E402
 
 
@@ -108,9 +109,8 @@ def write_store(root: Path, blocks: int, block_bytes: int) -> str:
 def stream_store(gpu: Gpu, root: Path, model_id: str, blocks: int, nbytes: int) -> float:
     """Seconds to bring every block of the store into VRAM through the engine (cuda backend), copies complete."""
     storage = _core.StorageDirectory.open_existing(str(root))
-    arena = torch.empty(nbytes + 4096, dtype=torch.uint8, device=gpu.device)
-    address = arena.data_ptr() + (-arena.data_ptr()) % 4096
-    engine = _core.Engine(storage, model_id, address, nbytes, backend="cuda", prefetch_strategy="none",
+    arena = Arena(nbytes, gpu.device)
+    engine = _core.Engine(storage, model_id, arena.address, nbytes, backend="cuda", prefetch_strategy="none",
                           device=0, cuda_double=gpu.double)
     try:
         def load_all():

@@ -173,13 +173,14 @@ class Config:
             self.trace_path = _env_trace()
         if self.device is None:
             self.device = os.environ.get("TENSORSTREAM_DEVICE") or "cpu"
-        if self.host_cache_gb is None and os.environ.get("TENSORSTREAM_HOST_CACHE_GB"):
-            self.host_cache_gb = _core.config_from_env()["host_cache_bytes"] / 1e9  # strict parse, named on error
-        if any(getattr(self, field) is None for field in _ENGINE_FIELDS):
+        wants_host_cache = self.host_cache_gb is None and bool(os.environ.get("TENSORSTREAM_HOST_CACHE_GB"))
+        if wants_host_cache or any(getattr(self, field) is None for field in _ENGINE_FIELDS):
             from_env = _core.config_from_env()  # strict: a malformed variable is a ConfigError naming it
             for field, key in _ENGINE_FIELDS.items():
                 if getattr(self, field) is None:
                     setattr(self, field, from_env[key])
+            if wants_host_cache:
+                self.host_cache_gb = from_env["host_cache_bytes"] / 1e9
         self.validate()
 
     def validate(self) -> "Config":

@@ -1,18 +1,12 @@
 #include "tensorstream/cuda/cuda_transfer.hpp"
 
 #include <algorithm>
-#include <chrono>
 
 #include "tensorstream/error.hpp"
 
 namespace tensorstream {
 
 namespace {
-
-uint64_t now_ns() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
 
 class CudaEvent final : public TransferEvent {
  public:
@@ -116,10 +110,10 @@ int64_t CudaTransfer::copy_async(StagingLease source, std::span<const std::byte>
     *error = std::make_exception_ptr(CudaError(result, cuda_error_text(*api_, result, call)));
     return -1;  // nothing was queued: the lease returns now
   }
-  auto* pending = new PendingCopy{std::move(source), this, tag, bytes.size(), now_ns()};
+  auto* pending = new PendingCopy{std::move(source), this, tag, bytes.size(), trace_now_ns()};
   {
     const std::lock_guard lock(drained_mutex_);
-    if (in_flight_.fetch_add(1) == 0) busy_since_ns_ = now_ns();
+    if (in_flight_.fetch_add(1) == 0) busy_since_ns_ = trace_now_ns();
     ++copies_;
     bytes_ += bytes.size();
   }
@@ -143,7 +137,7 @@ void CudaTransfer::copy_completed(void* opaque) {
   const uint64_t queued_ns = pending->queued_ns;
   delete pending;  // returns the staging lease (which may let a queued read go)
   const std::lock_guard lock(transfer->drained_mutex_);
-  const uint64_t done = now_ns();
+  const uint64_t done = trace_now_ns();
   TraceRecorder* trace = transfer->trace_.load();
   if (trace != nullptr && trace->enabled()) {
     TraceEvent event;
@@ -236,7 +230,7 @@ void CudaTransfer::synchronize(const TransferEvent& event) {
 TransferStats CudaTransfer::stats() const {
   const std::lock_guard lock(drained_mutex_);
   TransferStats out{copies_, bytes_, busy_ns_};
-  if (in_flight_.load() > 0) out.busy_ns += now_ns() - busy_since_ns_;
+  if (in_flight_.load() > 0) out.busy_ns += trace_now_ns() - busy_since_ns_;
   return out;
 }
 

@@ -38,11 +38,6 @@
 namespace tensorstream {
 
 namespace {
-uint64_t now_ns() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
-
 // A caller blocked this long without any load finishing or block being released is deadlocked (every slot is
 // pinned by callers that wait themselves); failing loudly beats hanging forever.
 constexpr auto kNoRoomTimeout = std::chrono::seconds(60);
@@ -73,6 +68,7 @@ struct Engine::Impl {
   std::shared_ptr<const StoreReader> store;
   const Manifest& manifest;
   std::span<std::byte> arena;
+  bool arena_aligned;  // 4 KiB aligned: reads straight into slots may use O_DIRECT
   Config config;
   std::unique_ptr<IoBackend> backend;
   std::string fallback_reason;
@@ -133,6 +129,7 @@ struct Engine::Impl {
       : store(std::move(store_in)),
         manifest(store->manifest()),
         arena(arena_in),
+        arena_aligned(reinterpret_cast<uintptr_t>(arena_in.data()) % kDirectIoAlignment == 0),
         config(validated(config_in)),
         backend(std::move(backend_in)),
         transfer(transfer_in ? std::move(transfer_in) : make_transfer(config.backend)),
@@ -294,7 +291,7 @@ struct Engine::Impl {
         }
         continue;
       }
-      acquired_at_ns[block] = now_ns();
+      acquired_at_ns[block] = trace_now_ns();
       prefetched_pending[block] = 0;
       std::vector<size_t> evicted = to_store(std::move(decision.evicted));
       switch (decision.action) {
@@ -352,7 +349,7 @@ struct Engine::Impl {
     }
     room_cv.notify_all();
     handle_evictions(evicted);
-    if (started != 0 && !device_timed) prefetcher.on_compute_time(position[block], now_ns() - started);
+    if (started != 0 && !device_timed) prefetcher.on_compute_time(position[block], trace_now_ns() - started);
     if (fence_error) std::rethrow_exception(fence_error);
   }
 
@@ -440,7 +437,7 @@ struct Engine::Impl {
     const BlockRecord& record = manifest.blocks[block];
     auto load = std::make_shared<LoadState>();
     load->block = block;
-    load->start_ns = now_ns();
+    load->start_ns = trace_now_ns();
     loads[block] = load;
 
     // A view of the page cache instead of a read: always with a mapping backend, and with AUTO for warm blocks.
@@ -455,7 +452,7 @@ struct Engine::Impl {
     inputs.access = access;
     inputs.map = view_source != nullptr;
     inputs.verify = config.verify_checksums;
-    inputs.slots_aligned = reinterpret_cast<uintptr_t>(arena.data()) % kDirectIoAlignment == 0;
+    inputs.slots_aligned = arena_aligned;
     inputs.direct = !inputs.map && direct_fd &&
                     should_read_direct(config.direct_io, store->data_fd(), record.offset,
                                        align_up(record.end - record.offset, kBlockAlignment));
@@ -682,7 +679,7 @@ struct Engine::Impl {
       }
     }
     if (load->tier_fill) tier->commit(load->block, ok);
-    const uint64_t elapsed = now_ns() - load->start_ns;
+    const uint64_t elapsed = trace_now_ns() - load->start_ns;
     // Counted before the block leaves the loading state, so whoever sees nothing in flight sees these bytes.
     if (ok) stats.on_load_done(load->block, load->stored_bytes.load(), load->decoded_bytes.load(), elapsed);
     if (ok && load->mapped()) stats.add_io_busy_ns(elapsed);  // its bytes came in by page faults during the load
@@ -716,9 +713,9 @@ EventRef Ticket::wait_for_load() const {
   if (!load_) return ready_;
   std::unique_lock lock(load_->mutex);
   if (!load_->done) {
-    const uint64_t start = now_ns();
+    const uint64_t start = trace_now_ns();
     load_->done_cv.wait(lock, [&] { return load_->done; });
-    const uint64_t end = now_ns();
+    const uint64_t end = trace_now_ns();
     if (engine_ != nullptr) {
       engine_->impl_->stats.on_wait(block_, end - start);
       TraceRecorder& trace = engine_->impl_->trace;

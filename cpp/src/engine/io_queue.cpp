@@ -2,16 +2,8 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 
 namespace tensorstream::detail {
-
-namespace {
-uint64_t now_ns() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
-}  // namespace
 
 IoQueue::IoQueue(IoBackend& backend, uint32_t depth, StagingPool* staging, Stats& stats, TraceRecorder& trace,
                  Handler handler)
@@ -74,7 +66,7 @@ void IoQueue::take_ready(std::vector<ReadRequest>& batch, std::vector<std::uniqu
       read->request.buffer = read->staging.bytes().subspan(0, read->staged_length);
     }
     pending_.pop_front();
-    if (in_flight_ == 0) stats_.on_io_started(now_ns());
+    if (in_flight_ == 0) stats_.on_io_started(trace_now_ns());
     ++in_flight_;
     if (tracing) assign_io_lane(*read, submit_ns);
     batch.push_back(read->request);
@@ -148,7 +140,7 @@ void IoQueue::reap_loop() {
         std::vector<ReadRequest> batch;
         take_ready(batch, failed);
         if (!batch.empty()) backend_.submit(batch);
-        if (in_flight_ == 0) stats_.on_io_idle(now_ns());
+        if (in_flight_ == 0) stats_.on_io_idle(trace_now_ns());
       }
       if (traced) trace_.record(event);
       handler_(std::move(read), completions[i].result);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "support/fault_backend.hpp"
+#include "support/sanitizers.hpp"
 
 namespace tensorstream {
 namespace {
@@ -16,18 +17,8 @@ namespace {
 using testing::Watchdog;
 
 // Two checks below race on purpose (a source reused under a queued copy; a kernel that skips an event), to show the
-// double exposes what CUDA would; ThreadSanitizer rightly reports those races, so they are skipped under it.
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kUnderTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kUnderTsan = true;
-#else
-constexpr bool kUnderTsan = false;
-#endif
-#else
-constexpr bool kUnderTsan = false;
-#endif
+// double exposes what CUDA would; they are skipped under ThreadSanitizer, which rightly reports those races.
+using testing::kUnderTsan;
 
 class CudaDoubleTest : public ::testing::Test {
  protected:

@@ -12,8 +12,10 @@
 #include <thread>
 
 #include "support/fault_backend.hpp"
+#include "support/sanitizers.hpp"
 #include "support/store_fixture.hpp"
 #include "support/temp_dir.hpp"
+#include "support/test_arena.hpp"
 #include "tensorstream/cuda/cuda_double.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/error.hpp"
@@ -26,19 +28,10 @@ using testing::TestBlock;
 using testing::Watchdog;
 
 // The "rule broken on purpose" halves race by design (a kernel reads a slot while a copy writes it): that is what
-// they show the double detects. ThreadSanitizer rightly reports them, so under it only the halves that keep the
-// rules run, and there TSan checks the engine's ordering too (a missed wait would be a reported race).
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kUnderTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kUnderTsan = true;
-#else
-constexpr bool kUnderTsan = false;
-#endif
-#else
-constexpr bool kUnderTsan = false;
-#endif
+// they show the double detects. Under ThreadSanitizer only the halves that keep the rules run, and there TSan checks
+// the engine's ordering too (a missed wait would be a reported race).
+using testing::kUnderTsan;
+using Arena = testing::TestArena;
 
 std::shared_ptr<CudaDouble> make_double(int latency_us) {
   CudaDoubleOptions options;
@@ -119,20 +112,6 @@ TEST(CudaTransfer, FailuresAreCudaErrorsNamingTheCallAndReturnTheLease) {
 
 // ---- the engine on the double --------------------------------------------------------------------------------
 
-class Arena {
- public:
-  explicit Arena(size_t bytes) : bytes_(bytes), data_(static_cast<std::byte*>(std::aligned_alloc(4096, bytes))) {
-    std::memset(data_, 0xEE, bytes);
-  }
-  ~Arena() { std::free(data_); }
-  Arena(const Arena&) = delete;
-  Arena& operator=(const Arena&) = delete;
-  [[nodiscard]] std::span<std::byte> span() const { return {data_, bytes_}; }
-
- private:
-  size_t bytes_;
-  std::byte* data_;
-};
 
 class EngineOnCuda : public ::testing::Test {
  protected:

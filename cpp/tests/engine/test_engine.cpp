@@ -12,6 +12,7 @@
 #include "support/fault_backend.hpp"
 #include "support/recording_transfer.hpp"
 #include "support/store_fixture.hpp"
+#include "support/test_arena.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorstream/cuda/cuda_api.hpp"
 #include "tensorstream/error.hpp"
@@ -23,24 +24,10 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing::TempDir;
+using Arena = testing::TestArena;
 using testing::RecordingTransfer;
 using testing::TestBlock;
 
-// 4 KiB-aligned memory standing in for the arena PyTorch owns.
-class Arena {
- public:
-  explicit Arena(size_t bytes) : bytes_(bytes), data_(static_cast<std::byte*>(std::aligned_alloc(4096, bytes))) {
-    std::memset(data_, 0xEE, bytes);
-  }
-  ~Arena() { std::free(data_); }
-  Arena(const Arena&) = delete;
-  Arena& operator=(const Arena&) = delete;
-  [[nodiscard]] std::span<std::byte> span() const { return {data_, bytes_}; }
-
- private:
-  size_t bytes_;
-  std::byte* data_;
-};
 
 // N blocks of one 60000-byte tensor each (slot size 61440): equal blocks for the cyclic-order tests.
 std::vector<TestBlock> equal_blocks(size_t count, uint64_t seed) {

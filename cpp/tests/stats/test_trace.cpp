@@ -16,6 +16,7 @@
 #include "support/fault_backend.hpp"
 #include "support/recording_transfer.hpp"
 #include "support/store_fixture.hpp"
+#include "support/test_arena.hpp"
 #include "support/temp_dir.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/error.hpp"
@@ -136,18 +137,6 @@ TEST(TraceRecorder, SpanRecordsItsThreadsLaneEvenWhenTheScopeThrows) {
 // ---- the engine's events ------------------------------------------------------------------------------------------
 
 // 4 KiB-aligned memory standing in for the arena PyTorch owns.
-class Arena {
- public:
-  explicit Arena(size_t bytes) : bytes_(bytes), data_(static_cast<std::byte*>(std::aligned_alloc(4096, bytes))) {}
-  ~Arena() { std::free(data_); }
-  Arena(const Arena&) = delete;
-  Arena& operator=(const Arena&) = delete;
-  [[nodiscard]] std::span<std::byte> span() const { return {data_, bytes_}; }
-
- private:
-  size_t bytes_;
-  std::byte* data_;
-};
 
 
 // The pread pool, except that no read completes until open() is called: a caller that waits is then sure to
@@ -238,7 +227,7 @@ class TraceEngineTest : public ::testing::Test {
     options.compression_level = compression_level;
     (void)testing::write_test_model(*storage_, "m", blocks, options);
     store_ = std::make_shared<const StoreReader>(StoreReader::open(*storage_, "m"));
-    arena_ = std::make_unique<Arena>(total_slot_bytes());
+    arena_ = std::make_unique<testing::TestArena>(total_slot_bytes());
   }
 
   [[nodiscard]] uint64_t total_slot_bytes() const {
@@ -282,7 +271,7 @@ class TraceEngineTest : public ::testing::Test {
   TempDir dir_;
   std::unique_ptr<StorageDirectory> storage_;
   std::shared_ptr<const StoreReader> store_;
-  std::unique_ptr<Arena> arena_;
+  std::unique_ptr<testing::TestArena> arena_;
 };
 
 TEST_F(TraceEngineTest, OffMeansNoEvents) {

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from .arena import Arena
 
 logger = logging.getLogger("tensorstream")
 
-__all__ = ["Placement", "resolve_placement", "use_cuda_double", "DeviceArena"]
+__all__ = ["Placement", "resolve_placement", "use_cuda_double"]
 
 _DOUBLE_LOCK = threading.Lock()
 _DOUBLE: Optional[Any] = None  # the active _core.CudaDouble, if any
@@ -44,28 +44,6 @@ def use_cuda_double(double: Any) -> Iterator[Any]:
     finally:
         with _DOUBLE_LOCK:
             _DOUBLE = previous
-
-
-class DeviceArena:
-    """``nbytes`` of device memory from torch's allocator, 4 KiB aligned (the slots' 4 KiB offsets then stay aligned
-    for GPUDirect reads; tensors need 256 bytes)."""
-
-    ALIGNMENT = 4096
-
-    def __init__(self, nbytes: int, device: torch.device) -> None:
-        self.nbytes = int(nbytes)
-        self._raw = torch.empty(self.nbytes + self.ALIGNMENT, dtype=torch.uint8, device=device)
-        offset = (-self._raw.data_ptr()) % self.ALIGNMENT
-        self.tensor = self._raw[offset:offset + self.nbytes]
-        self.address = self.tensor.data_ptr()
-        self.huge_pages = False
-
-    def contains(self, address: int, nbytes: int) -> bool:
-        return self.address <= address and address + nbytes <= self.address + self.nbytes
-
-    def bytes_at(self, address: int, nbytes: int) -> torch.Tensor:
-        start = address - self.address
-        return self.tensor[start:start + nbytes]
 
 
 @dataclasses.dataclass
@@ -89,10 +67,8 @@ class Placement:
             self.double.destroy_stream(self.stream)
             self.stream = 0
 
-    def arena(self, nbytes: int) -> Union[Arena, DeviceArena]:
-        if self.device_slots and self.double is None:
-            return DeviceArena(nbytes, self.torch_device)
-        return Arena(nbytes)
+    def arena(self, nbytes: int) -> Arena:
+        return Arena(nbytes, self.torch_device)  # the double's "device" memory is host memory: torch_device is cpu
 
     def engine_options(self) -> dict:
         """Keyword arguments of ``_core.Engine`` for this placement."""
