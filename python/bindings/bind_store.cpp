@@ -7,8 +7,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
+#include <map>
+#include <cstring>
+
 #include "bindings.hpp"
 #include "tensorstream/error.hpp"
+#include "tensorstream/format/codec.hpp"
 #include "tensorstream/store/storage_directory.hpp"
 #include "tensorstream/store/store_reader.hpp"
 #include "tensorstream/store/store_writer.hpp"
@@ -64,6 +69,69 @@ nb::dict tensor_info(const Manifest& manifest, size_t index) {
   return info;
 }
 
+// For benchmarks/codecs.py: encodes `bytes` chunk by chunk on this thread, decodes them `repeats` times (best
+// time kept), checks the round trip, and reports sizes, codecs used and seconds. Timing in C++ keeps the Python
+// call overhead out of per-chunk figures.
+struct CodecMeasurement {
+  uint64_t raw_bytes = 0;
+  uint64_t stored_bytes = 0;
+  double encode_s = 0;
+  double decode_s = 0;
+  std::map<std::string, int64_t> codecs;  // codec name -> chunks
+};
+
+CodecMeasurement measure_codec(std::span<const std::byte> bytes, uint32_t shuffle, int level, const std::string& floats,
+                       uint64_t chunk_size, int repeats) {
+  if (chunk_size == 0) throw ConfigError("chunk_size", "must be positive");
+  CompressionChoice choice = compression_for_level(level);
+  if (floats == "grouped") {
+    choice.floats = FloatCoding::kGrouped;
+  } else if (floats == "exponent") {
+    choice.floats = FloatCoding::kExponent;
+  } else if (floats == "smaller") {
+    choice.floats = FloatCoding::kSmaller;
+  } else if (floats != "level") {
+    throw ConfigError("floats", "'" + floats + "' is not one of level, grouped, exponent, smaller");
+  }
+  using Clock = std::chrono::steady_clock;
+  struct Encoded {
+    Codec codec;
+    std::vector<std::byte> stored;
+  };
+  std::vector<Encoded> chunks;
+  std::vector<std::byte> scratch;
+  CodecMeasurement result;
+  const auto encode_start = Clock::now();
+  for (uint64_t begin = 0; begin < bytes.size(); begin += chunk_size) {
+    const auto raw = bytes.subspan(begin, std::min<uint64_t>(chunk_size, bytes.size() - begin));
+    Encoded chunk;
+    chunk.codec = compress_chunk(raw, choice, shuffle, chunk.stored, scratch);
+    if (chunk.codec == Codec::kRaw) chunk.stored.assign(raw.begin(), raw.end());
+    result.stored_bytes += chunk.stored.size();
+    chunks.push_back(std::move(chunk));
+  }
+  result.encode_s = std::chrono::duration<double>(Clock::now() - encode_start).count();
+  std::vector<std::byte> out(std::min<uint64_t>(chunk_size, bytes.size()));
+  for (int repeat = 0; repeat < std::max(repeats, 1); ++repeat) {
+    const auto start = Clock::now();
+    uint64_t begin = 0;
+    for (const Encoded& chunk : chunks) {
+      const auto expected = bytes.subspan(begin, std::min<uint64_t>(chunk_size, bytes.size() - begin));
+      const std::span<std::byte> target(out.data(), expected.size());
+      if (!decompress_chunk(chunk.stored, chunk.codec, chunk.codec == Codec::kRaw ? 0 : shuffle, target, scratch) ||
+          (repeat == 0 && std::memcmp(target.data(), expected.data(), expected.size()) != 0)) {
+        throw Error("measure_codec: chunk at " + std::to_string(begin) + " does not round-trip");
+      }
+      begin += expected.size();
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    result.decode_s = repeat == 0 ? seconds : std::min(result.decode_s, seconds);  // the first pass also compares
+  }
+  for (const Encoded& chunk : chunks) ++result.codecs[std::string(codec_name(chunk.codec))];
+  result.raw_bytes = bytes.size();
+  return result;
+}
+
 // Python-side handle for a FingerprintBuilder (the C++ type is move-only and not default-copyable).
 struct PyFingerprint {
   FingerprintBuilder builder;
@@ -77,6 +145,26 @@ void bind_store(nb::module_& m) {
   m.attr("TENSOR_ALIGNMENT") = kTensorAlignment;
   m.def("is_valid_model_id", [](const std::string& id) { return is_valid_model_id(id); });
   m.def("dtype_size", [](const std::string& name) { return dtype_size(parse_dtype(name)); });
+  m.def(
+      "measure_codec",
+      [](uintptr_t address, size_t nbytes, uint32_t shuffle, int level, const std::string& floats,
+         uint64_t chunk_size, int repeats) {
+        const auto bytes = memory(address, nbytes);
+        CodecMeasurement measured;
+        {
+          nb::gil_scoped_release release;
+          measured = measure_codec(bytes, shuffle, level, floats, chunk_size, repeats);
+        }
+        nb::dict result;
+        result["raw_bytes"] = measured.raw_bytes;
+        result["stored_bytes"] = measured.stored_bytes;
+        result["encode_s"] = measured.encode_s;
+        result["decode_s"] = measured.decode_s;
+        result["codecs"] = measured.codecs;
+        return result;
+      },
+      "address"_a, "nbytes"_a, "shuffle"_a, "level"_a, "floats"_a = "level", "chunk_size"_a = kDefaultChunkSize,
+      "repeats"_a = 3);
 
   nb::class_<ModelLock>(m, "ModelLock");
 

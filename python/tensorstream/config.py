@@ -122,7 +122,8 @@ class Config:
         streamed weights (at least one block).
     backend: a BackendType (or its value as a string). Default: TENSORSTREAM_BACKEND, else AUTO.
     prefetch_strategy: a PrefetchStrategy (or its value). Default: TENSORSTREAM_PREFETCH, else ADAPTIVE.
-    compression_enabled / compression_level: store chunks compressed (1-3 lz4, 4-9 zstd; see docs/format.md §5).
+    compression_enabled / compression_level: store chunks compressed (floats: the exponent codec, from 6 also zstd,
+        the smaller kept; other dtypes: 1-3 lz4, 4-9 zstd; see docs/format.md §5).
     num_io_threads: 1..64 workers that read, verify and decode. Default: TENSORSTREAM_IO_THREADS, else 4.
     memory_pressure_mode: "conservative", "balanced" or "aggressive" (docs/configuration.md). Default:
         TENSORSTREAM_MEMORY_PRESSURE, else "balanced".

@@ -264,7 +264,8 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     model that exists is kept (``"already_existed"``) unless ``replace=True``, which replaces it atomically.
 
     ``chunk_size`` (bytes, a multiple of 4096 in [4 KiB, 64 MiB]) is the unit of checksums and compression;
-    ``compression_level`` is 0 (off) or 1-9 (1-3: lz4, 4-9: zstd; chunks that do not shrink stay raw).
+    ``compression_level`` is 0 (off) or 1-9 (floats: the exponent codec, from 6 also zstd, the smaller kept;
+    other dtypes 1-3: lz4, 4-9: zstd; chunks that do not shrink stay raw).
 
     ``progress``: a progress bar (bytes written, GB/s, ETA, the tensor being written) for writes longer than a couple
     of seconds; None: on a terminal unless TENSORSTREAM_PROGRESS=0 (progress.py). ``total_bytes``: the bytes a

@@ -152,7 +152,9 @@ def test_config_from_env_is_strict(monkeypatch):
 
 def test_waiting_releases_the_gil(tmp_path):
     """While one thread blocks in the engine, another Python thread keeps running."""
-    blocks = {f"layers.{i}": {f"layers.{i}.w": compressible_bf16(4_000_000, i)} for i in range(4)}
+    # Stored as int16 so that they take zstd (about 1 GB/s of decode per core), not the exponent codec of floats,
+    # which decodes 8 MB faster than the 10 ms this test needs a call to take.
+    blocks = {f"layers.{i}": {f"layers.{i}.w": compressible_bf16(16_000_000, i).view(torch.int16)} for i in range(4)}
     ts.write_model(tmp_path, blocks, model_id="m", compression_level=5)
     _raw, arena = aligned_arena(sum(slot_bytes(tmp_path)))
     engine = make_engine(tmp_path, arena, prefetch_strategy="none", num_io_threads=1)

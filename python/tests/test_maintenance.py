@@ -21,8 +21,10 @@ CHUNK = 4096
 
 def sweep_blocks(kind: str):
     """Two blocks with multi-chunk, single-chunk and tiny tensors; sizes leave padding between tensors and blocks."""
-    if kind == "compressed":
+    if kind == "exponent":  # floats take the exponent codec
         make = lambda n, seed: compressible_bf16(n, seed=seed)  # noqa: E731
+    elif kind == "zstd":  # the same bytes as int16 take zstd
+        make = lambda n, seed: compressible_bf16(n, seed=seed).view(torch.int16)  # noqa: E731
     else:
         make = lambda n, seed: random_tensor((n,), torch.bfloat16, seed=seed)  # noqa: E731
     return {
@@ -31,7 +33,7 @@ def sweep_blocks(kind: str):
     }
 
 
-SWEEP_LEVELS = {"raw": 0, "compressed": 5, "incompressible": 5}
+SWEEP_LEVELS = {"raw": 0, "exponent": 5, "zstd": 5, "incompressible": 5}
 
 
 def region_of(chunks, offset):
@@ -53,7 +55,7 @@ def padding_offsets(chunks, data_size):
     return out
 
 
-@pytest.mark.parametrize("kind", ["raw", "compressed", "incompressible"])
+@pytest.mark.parametrize("kind", ["raw", "exponent", "zstd", "incompressible"])
 def test_bit_flip_sweep_never_returns_wrong_bytes(storage_path, kind):
     blocks = sweep_blocks(kind)
     model_id = f"sweep-{kind}"
@@ -64,7 +66,7 @@ def test_bit_flip_sweep_never_returns_wrong_bytes(storage_path, kind):
     path = data_path(storage_path, model_id)
     size = path.stat().st_size
     codecs = {c["codec"] for c in chunks if c["tensor"] in ("t0", "t2")}
-    assert codecs == ({"zstd"} if kind == "compressed" else {"raw"})
+    assert codecs == ({kind} if kind in ("exponent", "zstd") else {"raw"})
     assert len([c for c in chunks if c["tensor"] == "t0"]) == 3  # 10000 raw bytes in 4 KiB chunks
 
     offsets = set(range(0, size, 97))

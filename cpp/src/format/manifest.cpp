@@ -628,6 +628,10 @@ class ManifestValidator {
     if (!codec) fail("chunk.codec", path_, site() + " has the unknown codec " + quote(codec_text));
 
     const uint64_t shuffle = integer_at(chunk, "shuffle");
+    if (*codec == Codec::kExponent && shuffle == 0) {
+      fail("chunk.shuffle", path_,
+           site() + " has codec exponent and shuffle 0; an exponent chunk needs shuffle = its float dtype's size");
+    }
     if (shuffle != 0) {
       const bool allowed = *codec != Codec::kRaw && dtype_is_groupable_float(tensor.dtype) &&
                            shuffle == dtype_size(tensor.dtype);
@@ -635,7 +639,7 @@ class ManifestValidator {
         fail("chunk.shuffle", path_,
              site() + " has shuffle " + std::to_string(shuffle) + " with codec " +
                  std::string(codec_name(*codec)) + " and dtype " + std::string(dtype_name(tensor.dtype)) +
-                 "; only lz4/zstd chunks of float16, bfloat16 or float32 may shuffle, by the dtype size");
+                 "; only lz4/zstd/exponent chunks of float16, bfloat16 or float32 may shuffle, by the dtype size");
       }
     }
 

@@ -83,7 +83,7 @@ detail::StoreWriterHooks& installed_hooks() {
 struct PipelineChunk {
   std::span<const std::byte> raw;     // the caller's bytes
   std::vector<std::byte> owned;       // compressed bytes, or a copy of raw when it does not shrink
-  bool is_compressed = false;
+  Codec codec = Codec::kRaw;  // as encoded; kRaw: stored as is
   std::span<const std::byte> stored;  // what is written: owned, or raw at compression level 0
   uint64_t chunk_index = 0;           // within its tensor
   size_t record = 0;                  // its ChunkRecord in manifest.chunks
@@ -211,9 +211,9 @@ struct StoreWriter::Impl {
     if (hooks.encode_started) hooks.encode_started(batch.number);
     for (size_t i = share; i < batch.count; i += shares) {
       PipelineChunk& chunk = batch.chunks[i];
-      chunk.is_compressed = compress_chunk(chunk.raw, compression, batch.shuffle, chunk.owned, scratch[share]);
+      chunk.codec = compress_chunk(chunk.raw, compression, batch.shuffle, chunk.owned, scratch[share]);
       // Stored raw: copied, so the batch owns what it writes and may outlive the caller's tensor.
-      if (!chunk.is_compressed) chunk.owned.assign(chunk.raw.begin(), chunk.raw.end());
+      if (chunk.codec == Codec::kRaw) chunk.owned.assign(chunk.raw.begin(), chunk.raw.end());
     }
   }
 
@@ -226,8 +226,8 @@ struct StoreWriter::Impl {
       chunk.offset = cursor;
       chunk.stored_size = encoded.stored.size();
       chunk.raw_size = encoded.raw.size();
-      chunk.codec = encoded.is_compressed ? compression.codec : Codec::kRaw;
-      chunk.shuffle = encoded.is_compressed ? batch.shuffle : 0;
+      chunk.codec = encoded.codec;
+      chunk.shuffle = encoded.codec != Codec::kRaw ? batch.shuffle : 0;
       encoded.record = manifest.chunks.size();
       cursor += encoded.stored.size();
       manifest.chunks.push_back(chunk);
@@ -330,7 +330,7 @@ struct StoreWriter::Impl {
         const uint64_t begin = i * chunk_size;
         PipelineChunk& chunk = batch.chunks[i - first];
         chunk.raw = bytes.subspan(begin, std::min(chunk_size, nbytes - begin));
-        chunk.is_compressed = false;
+        chunk.codec = Codec::kRaw;
         chunk.chunk_index = i;
       }
       const uint64_t begin = first * chunk_size;

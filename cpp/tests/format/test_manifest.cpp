@@ -684,6 +684,14 @@ TEST_F(ManifestTest, Rule_chunk_shuffle) {
     SCOPED_TRACE("shuffle on a dtype that is not a 16/32-bit float");
     expect_rule(with_json([](ManifestJson& doc) { tensor(doc, 0, 0)["dtype"] = "int16"; }), "chunk.shuffle");
   }
+  {
+    SCOPED_TRACE("an exponent chunk without shuffle (its element size)");
+    expect_rule(with_json([](ManifestJson& doc) {
+                  chunk(doc, 0, 0, 0)["codec"] = "exponent";
+                  chunk(doc, 0, 0, 0)["shuffle"] = 0;
+                }),
+                "chunk.shuffle");
+  }
 }
 
 TEST_F(ManifestTest, Rule_chunk_size) {

@@ -97,9 +97,10 @@ BuiltModel build_model(const ModelSpec& spec) {
         ChunkRecord chunk;
         chunk.offset = cursor;
         std::span<const std::byte> stored = piece;
-        if (compress_chunk(piece, tensor_spec.compression, tensor_spec.shuffle, compressed, scratch)) {
+        const Codec codec = compress_chunk(piece, tensor_spec.compression, tensor_spec.shuffle, compressed, scratch);
+        if (codec != Codec::kRaw) {
           stored = compressed;
-          chunk.codec = tensor_spec.compression.codec;
+          chunk.codec = codec;
           chunk.shuffle = tensor_spec.shuffle;
         }
         chunk.stored_size = stored.size();
