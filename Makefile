@@ -57,7 +57,7 @@ fuzz: $(BUILD)-fuzz/cpp/tests/fuzz_manifest
 	$(BUILD)-fuzz/cpp/tests/fuzz_manifest -max_total_time=$${FUZZ_SECONDS:-600} $(BUILD)-fuzz/corpus cpp/tests/fuzz/seeds
 
 test-python:
-	$(PYTHON) -m pytest -q python/tests
+	$(PYTHON) -m pytest -q -rs python/tests
 
 # S1-S3 and M1-M3 (benchmarks/run_all.py) in about 14 minutes on a 2-core machine; results in benchmarks/results/.
 bench: build

