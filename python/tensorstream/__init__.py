@@ -16,7 +16,8 @@ from .maintenance import (BadChunk, CleanupReport, DefragReport, ModelDefrag, Mo
 from .store import ModelStore, SaveResult, Storage, fingerprint, open_model, write_model  # noqa: F401
 from .config import BackendType, Config, PrefetchStrategy, create_default_config  # noqa: F401
 from .cuda import CudaStatus, cuda_available  # noqa: F401
-from .torch import get_model_statistics, offload, optimize_memory_usage, write_trace  # noqa: F401
+from .torch import (from_pretrained, get_model_statistics, offload, optimize_memory_usage,  # noqa: F401
+                    write_trace)
 
 __all__ = [
     "__version__",
@@ -29,7 +30,8 @@ __all__ = [
     "read_execution_order", "VerifyReport", "ModelVerification", "BadChunk", "CleanupReport", "DefragReport",
     "ModelDefrag",
     # configuration and PyTorch offloading
-    "Config", "BackendType", "PrefetchStrategy", "create_default_config", "offload", "get_model_statistics",
+    "Config", "BackendType", "PrefetchStrategy", "create_default_config", "from_pretrained", "offload",
+    "get_model_statistics",
     "optimize_memory_usage", "write_trace",
     # the GPU path
     "cuda_available", "CudaStatus",

@@ -6,9 +6,11 @@
     tensorstream defrag PATH [--model M]       rewrite models in their recorded execution order
     tensorstream validate [--storage PATH]     the production validation suite (environment, storage, a model)
     tensorstream trace-plot TRACE.json [-o OUT.png] [--lanes compact|detailed]   draw a Chrome trace as a PNG
+    tensorstream convert CHECKPOINT [--storage-path P] [--dtype bf16] [--compression-level N] [--replace]
+                                               write a Hugging Face checkpoint into the store
 
 PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
-line on stderr). None of these commands imports torch, except validate; trace-plot needs matplotlib.
+line on stderr). None of these commands imports torch, except validate and convert; trace-plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -195,6 +197,48 @@ def _cmd_trace_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .torch.pretrained import convert, default_storage_path
+
+    import transformers
+
+    if args.compression_level is not None and not 0 <= args.compression_level <= 9:
+        raise _config_error(f"--compression-level {args.compression_level} is outside 0..9", "compression_level")
+    model_class = None
+    if args.model_class is not None:
+        model_class = getattr(transformers, args.model_class, None)
+        if not isinstance(model_class, type):
+            raise _config_error(f"--model-class {args.model_class!r} is not a transformers class", "model_class")
+    level = args.compression_level or 0
+    config = Config(storage_path=args.storage_path or default_storage_path(), compression_enabled=level > 0,
+                    compression_level=level or 5, min_layer_size=args.min_layer_size,
+                    progress=False if args.no_progress else None)
+    result = convert(args.checkpoint, config, torch_dtype=args.dtype, model_class=model_class,
+                     model_id=args.model_id, replace=args.replace)
+    if args.json:
+        _print_json(result.to_dict())
+        return EXIT_OK
+    if result.outcome == "already_existed":
+        print(f"{result.model_id}: already in {result.storage_path}, nothing written (--replace rewrites it)")
+    else:
+        rate = f", {result.raw_bytes / result.seconds / 1e9:.2f} GB/s" if result.seconds > 0 else ""
+        print(f"{result.model_id}: {result.outcome} in {result.storage_path}: {_size(result.raw_bytes)} -> "
+              f"{_size(result.stored_bytes)} ({_ratio(result.raw_bytes, result.stored_bytes)}) in "
+              f"{result.seconds:.1f} s{rate}")
+    return EXIT_OK
+
+
+def _config_error(message: str, field: str) -> TensorStreamError:
+    from .errors import ConfigError
+
+    return ConfigError(message, field=field)
+
+
 # ---- entry point ---------------------------------------------------------------------------------------------
 
 
@@ -248,6 +292,27 @@ def _parser() -> argparse.ArgumentParser:
                    "coloured by block, verify, decompress, transfer; detailed: one lane per thread and kind, "
                    "reads per I/O lane")
     p.set_defaults(func=_cmd_trace_plot)
+    p = sub.add_parser("convert", help="write a Hugging Face checkpoint into a store (no model is run)",
+                       description="Writes a checkpoint folder (config.json and safetensors, single or sharded) or a "
+                       "hub id in the local Hugging Face cache into the store, one block at a time, under the model "
+                       "id tensorstream.from_pretrained derives for the same settings: a later from_pretrained "
+                       "writes nothing. Prints the model id, sizes and speed.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder or cached hub id")
+    p.add_argument("--storage-path", "-s", metavar="PATH", default=None,
+                   help="storage directory (default: $TENSORSTREAM_STORAGE_PATH, else ~/.cache/tensorstream/store)")
+    p.add_argument("--dtype", type=lambda text: DTYPE_NAMES.get(text.lower(), text), default=None,
+                   metavar="DTYPE", help="cast while writing: bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--compression-level", type=int, default=None, metavar="N",
+                   help="0 (default) stores raw; 1-9 compress (floats: the exponent codec; docs/configuration.md)")
+    p.add_argument("--model-id", default=None, help="store id (default: derived from the checkpoint and settings)")
+    p.add_argument("--model-class", default=None, metavar="NAME",
+                   help="transformers class to build, e.g. LlamaForCausalLM (default: the config's architecture)")
+    p.add_argument("--min-layer-size", type=int, default=1 << 20, metavar="BYTES",
+                   help="blocks smaller than this stay resident (as Config.min_layer_size; default 1 MiB)")
+    p.add_argument("--replace", action="store_true", help="rewrite the model even when the store holds it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -162,3 +162,59 @@ def test_main_in_process_engine_error(store, capsys):
 
     assert main(["inspect", str(store / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+# ---- convert -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
+def test_convert_writes_the_model_from_pretrained_then_finds(tiny_checkpoint, tmp_path):
+    from tensorstream.torch.offload import stored_compression_level
+
+    store = tmp_path / "store"
+    first = run_cli("convert", tiny_checkpoint, "--storage-path", store, "--dtype", "bf16", "--compression-level",
+                    "5", "--min-layer-size", "0", "--json")
+    assert first.returncode == 0, first.stderr
+    written = json.loads(first.stdout)
+    assert written["outcome"] == "published" and written["model_id"].startswith("tiny-llama-")
+    assert written["stored_bytes"] < written["raw_bytes"]
+    with ts.open_model(store, written["model_id"]) as model:
+        assert {model.info(n)["dtype"] for n in model.tensor_names()} == {"bfloat16"}
+        assert stored_compression_level(model) == 5
+    again = run_cli("convert", tiny_checkpoint, "-s", store, "--dtype", "bf16", "--compression-level", "5",
+                    "--min-layer-size", "0")
+    assert again.returncode == 0 and "nothing written" in again.stdout and written["model_id"] in again.stdout
+    # from_pretrained with the same settings derives the same id and writes nothing.
+    model = ts.from_pretrained(tiny_checkpoint, ts.Config(storage_path=str(store), compression_enabled=True,
+                                                         compression_level=5, min_layer_size=0),
+                               torch_dtype=torch.bfloat16)
+    try:
+        from tensorstream.torch.offload import STATE_ATTR
+
+        state = model.__dict__[STATE_ATTR]
+        assert state.model_id == written["model_id"] and state.write_outcome == "already_existed"
+    finally:
+        model.cleanup_tensorstream()
+    replaced = run_cli("convert", tiny_checkpoint, "-s", store, "--dtype", "bf16", "--compression-level", "5",
+                       "--min-layer-size", "0", "--replace", "--json")
+    assert replaced.returncode == 0 and json.loads(replaced.stdout)["outcome"] == "replaced"
+
+
+def test_convert_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path):
+    for args, words in [((tmp_path / "absent",), "does not exist"),
+                        ((tiny_checkpoint, "--compression-level", "12"), "outside 0..9"),
+                        ((tiny_checkpoint, "--dtype", "int8"), "torch_dtype"),
+                        ((tiny_checkpoint, "--model-class", "NoSuchModel"), "not a transformers class")]:
+        result = run_cli("convert", *args, "-s", tmp_path / "store")
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,8 +1,9 @@
-"""PyTorch integration: ``offload``, ``get_model_statistics``, ``optimize_memory_usage``.
+"""PyTorch integration: ``from_pretrained``, ``offload``, ``get_model_statistics``, ``optimize_memory_usage``.
 
 ``torch`` is imported when one of these functions is first called, so ``import tensorstream`` works without it.
 Implementation: partition.py (model -> blocks), arena.py (memory and budget), hooks.py (acquire / bind / release /
-evict), offload.py (the steps below, statistics, budget tuning, cleanup).
+evict), offload.py (the steps below, statistics, budget tuning, cleanup), pretrained.py (a Hugging Face checkpoint
+folder to an offloaded model).
 """
 
 from __future__ import annotations
@@ -16,11 +17,41 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..config import Config
 
-__all__ = ["offload", "get_model_statistics", "optimize_memory_usage", "write_trace"]
+__all__ = ["from_pretrained", "offload", "get_model_statistics", "optimize_memory_usage", "write_trace"]
+
+
+def from_pretrained(path: Union[str, "os.PathLike[str]"], config: Optional["Config"] = None, *,
+                    torch_dtype: Any = None, model_class: Any = None, model_id: Optional[str] = None,
+                    device: Any = None, rewrite: bool = False, **hf_kwargs: Any) -> "nn.Module":
+    """A Hugging Face model streamed from the store, in one call: the offloaded model, in eval mode, ready for
+    ``generate()``. Outputs are bit-identical to ``transformers``' ``from_pretrained`` of the same checkpoint.
+
+    ``path``: a checkpoint folder (``config.json`` with ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``), or a hub id already in the local Hugging Face cache (nothing is downloaded).
+    ``config``: a :class:`tensorstream.Config` (default ``Config()``; without a ``storage_path`` from it or
+    TENSORSTREAM_STORAGE_PATH, the store is ``~/.cache/tensorstream/store``). ``torch_dtype``: the dtype to compute
+    and store in (weights are cast while the store is written; default: the checkpoint config's dtype, else
+    float32). ``model_class``: the transformers class to build (default: the config's ``architectures[0]``, else
+    ``AutoModel``). ``model_id``: the store id (default: derived from the checkpoint, dtype, class and compression
+    level, so a second call writes nothing). ``device``, ``rewrite``: as for :func:`offload`. Other keyword
+    arguments go to ``AutoConfig.from_pretrained`` (e.g. ``trust_remote_code``, ``revision``). The command line
+    ``tensorstream convert CHECKPOINT`` writes the same store model without running it.
+
+    The model is built without weights and the store is written straight from the checkpoint when it does not hold
+    the id yet: memory stays about one block above the budget, never the whole model; a progress bar shows on a
+    terminal. A checkpoint that does not match its config (a missing tensor, another shape), a missing shard or a
+    truncated file is a ConfigError naming the file and the tensor, raised before the store is touched or, at the
+    latest, before the new model is published: no partial store is left.
+    """
+    from .pretrained import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, config, torch_dtype=torch_dtype, model_class=model_class, model_id=model_id,
+                            device=device, rewrite=rewrite, **hf_kwargs)
 
 
 def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = None,
-            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None) -> "nn.Module":
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None,
+            rewrite: bool = False) -> "nn.Module":
     """Streams ``model``'s weights from ``config.storage_path`` from now on; returns the same model object.
 
     ``model`` either holds its weights (on the CPU; they are written to the store, then freed) or is built without
@@ -114,10 +145,15 @@ def offload(model: "nn.Module", config: "Config", *, model_id: Optional[str] = N
 
     ``cleanup_tensorstream()`` on such a model reads every streamed weight into memory: the model then holds all its
     weights (that needs the RAM this path avoided).
+
+    **Encoding.** A model the store already holds is reused as stored. When it was stored with another compression
+    level than ``config`` asks for, a WARNING on the ``tensorstream`` logger says what differs and how to rewrite
+    it; ``rewrite=True`` writes it anew with the config's encoding (from the model's weights, or from
+    ``checkpoint=``) and replaces the stored one atomically.
     """
     from .offload import offload as _offload
 
-    return _offload(model, config, model_id=model_id, checkpoint=checkpoint, device=device)
+    return _offload(model, config, model_id=model_id, checkpoint=checkpoint, device=device, rewrite=rewrite)
 
 
 def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, Any]:

@@ -119,8 +119,19 @@ class Checkpoint:
                 if length is None or length > _MAX_HEADER_BYTES:
                     raise ValueError("no valid header length")
                 header = json.loads(f.read(length))
+                file_size = os.fstat(f.fileno()).st_size
             shapes = {key: tuple(int(d) for d in value["shape"]) for key, value in header.items()
                       if key != "__metadata__"}
+            data_size = file_size - 8 - length
+            for key, value in header.items():
+                if key == "__metadata__":
+                    continue
+                end = int(value["data_offsets"][1])
+                if end > data_size:
+                    raise _error(f"checkpoint file {file} is truncated: tensor '{key}' ends at data byte {end}, the "
+                                 f"file holds {max(data_size, 0)} data bytes ({file_size} bytes in all)")
+        except ConfigError:
+            raise
         except FileNotFoundError:
             raise _error(f"checkpoint file {file} does not exist") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -130,6 +141,9 @@ class Checkpoint:
 
     def shape(self, key: str) -> Tuple[int, ...]:
         file = self.files[key]
+        if not os.path.isfile(file):
+            raise _error(f"checkpoint file {file}, which the index names for tensor '{key}', does not exist (a "
+                         "missing shard)")
         shapes = self._header(file)
         if key not in shapes:
             raise _error(f"checkpoint index lists tensor '{key}' in {file}, which does not hold it")
