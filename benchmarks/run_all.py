@@ -3,6 +3,7 @@
 
 Runs, each as its own process with a share of the time budget (DESIGN.md §8: arms interleaved, medians of rounds):
 
+  C1  codecs.py        chunk codecs on real trained weights: stored/raw against the order-0 bound, GB/s per core
   S3  store_write.py   writing a store (checksums on; uncompressed and compressed) over dd conv=fsync
   S1  engine_read.py   cold read of a >= 4 GiB store per backend over fio / dd with O_DIRECT
   S2  engine_read.py   warm read per backend over a 2-thread buffered pread and over memcpy
@@ -47,13 +48,15 @@ def suites(stem: Path, quick: bool) -> list:
     (benchmarks/README.md): the generation suite needs about half of the 15 minutes."""
     py = [sys.executable]
     if quick:
-        return [("store_write", "S3", py + [str(HERE / "store_write.py"), "--smoke"], 0.1),
+        return [("codecs", "C1", py + [str(HERE / "codecs.py"), "--smoke"], 0.05),
+                ("store_write", "S3", py + [str(HERE / "store_write.py"), "--smoke"], 0.1),
                 ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py"), "--smoke"], 0.1),
                 ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--size-gib", "0.25",
                                                  "--budget-gib", "0.125", "--rounds", "1", "--min-rounds", "1",
                                                  "--tokens", "3", "--trace-out", str(stem) + "-trace.json",
                                                  "--trace-png"], 0.8)]
-    return [("store_write", "S3", py + [str(HERE / "store_write.py")], 0.14),
+    return [("codecs", "C1", py + [str(HERE / "codecs.py")], 0.05),
+            ("store_write", "S3", py + [str(HERE / "store_write.py")], 0.14),
             ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py")], 0.30),
             ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--trace-out", str(stem) + "-trace.json",
                                              "--trace-png"], 0.56)]

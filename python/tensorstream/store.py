@@ -260,8 +260,9 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     model already exists (``"already_existed"``) the stream is not read at all.
 
     ``model_id=None`` stores the model under ``fp-<fingerprint>``: when a model with that id exists, nothing is
-    written and the outcome is ``"already_existed"`` (the same weights offloaded twice are stored once). A named
-    model that exists is kept (``"already_existed"``) unless ``replace=True``, which replaces it atomically.
+    written and the outcome is ``"already_existed"`` (the same weights offloaded twice are stored once). A model
+    that exists is kept (``"already_existed"``) unless ``replace=True``, which rewrites it (with this call's chunk
+    size and compression) and replaces it atomically.
 
     ``chunk_size`` (bytes, a multiple of 4096 in [4 KiB, 64 MiB]) is the unit of checksums and compression;
     ``compression_level`` is 0 (off) or 1-9 (floats: the exponent codec, from 6 also zstd, the smaller kept;
@@ -305,7 +306,7 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
 
     try:
         with _model_lock(storage, target):
-            if storage.has_model(target) and (model_id is None or not replace):
+            if storage.has_model(target) and not replace:
                 writer = None  # the only reference: its temp directory is removed now
                 return _existing_result(storage, target)
             if writer is None:

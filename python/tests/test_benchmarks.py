@@ -95,6 +95,26 @@ def test_store_write_smoke(disk_dir, tmp_path):
     assert not list(disk_dir.glob("ts-bench-*"))  # the scratch directory is removed
 
 
+def test_codecs_smoke_on_a_real_model(tmp_path):
+    from tensorstream.testing.real_models import RealModelUnavailable, model_dir
+
+    try:
+        model_dir("minilm")
+    except RealModelUnavailable as error:
+        pytest.skip(f"real model 'minilm' unavailable: {error}")
+    report = run_smoke("codecs.py", tmp_path / "codecs.json")
+    (result,) = report["results"]
+    assert (result["model"], result["dtype"]) == ("minilm", "bfloat16")
+    assert set(result["arms"]) == {"lz4-1", "zstd-1", "zstd-3", "zstd-19", "exponent", "smaller-6"}
+    assert 0.6 < result["bound"] < 0.7  # trained bf16: about 2.7 of the 8 exponent bits carry information
+    stored = pairs(report, "C1 stored/raw minilm bfloat16")
+    assert ("exponent", "order-0 bound") in stored and len(stored) == 6
+    exponent = next(r for r in report["summary"] if r["metric"] == "C1 stored/raw minilm bfloat16"
+                    and r["arm"] == "exponent")
+    assert exponent["target"] == 1.02 and not exponent["higher_is_better"]
+    assert {r["metric"] for r in report["summary"]} >= {"C1 decode minilm bfloat16", "C1 encode minilm bfloat16"}
+
+
 def test_generation_smoke_reports_every_figure_and_equal_tokens(disk_dir):
     """M1-M3 on a tiny Llama: each arm in its own process (cgroup where allowed), tokens equal to the plain model's,
     the M1/M2/M3 rows present, and the traced run's Chrome trace written."""

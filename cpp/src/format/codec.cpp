@@ -10,6 +10,7 @@
 #include <array>
 #include <bit>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -147,6 +148,11 @@ size_t compress_literals(std::span<const std::byte> plane, std::byte* dst, size_
   return ZSTD_isError(result) ? 0 : result;
 }
 
+// The slice of a float chunk the grouped codec is tried on first, and the gain over the exponent codec that slice
+// must show before the whole chunk is encoded again (below, the exponent result is kept).
+constexpr size_t kProbeBytes = 64 * 1024;
+constexpr double kProbeGain = 0.98;
+
 // Stored form: the exponent plane's frame, then planes 0 .. size - 2 raw. Returns false when not smaller.
 bool compress_exponent(std::span<const std::byte> raw, uint32_t size, std::vector<std::byte>& out,
                        std::vector<std::byte>& scratch) {
@@ -262,11 +268,26 @@ Codec compress_chunk(std::span<const std::byte> raw, CompressionChoice choice, u
   const bool exponent_fits = shuffle == 2 || shuffle == 4;
   const bool try_exponent =
       exponent_fits && (choice.codec == Codec::kExponent || choice.floats != FloatCoding::kGrouped);
-  const bool try_grouped = choice.codec != Codec::kExponent && (!exponent_fits || choice.floats != FloatCoding::kExponent);
+  const bool try_grouped =
+      choice.codec != Codec::kExponent && (!exponent_fits || choice.floats != FloatCoding::kExponent);
   if (!try_exponent) return try_grouped && compress_grouped(raw, choice, shuffle, out, scratch) ? choice.codec : Codec::kRaw;
   const bool exponent_shrinks = compress_exponent(raw, shuffle, out, scratch);
-  if (!try_grouped) return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
   thread_local std::vector<std::byte> grouped;
+  if (!try_grouped && choice.codec != Codec::kExponent && raw.size() > 2 * kProbeBytes) {
+    // Trained weights' bytes under the exponent are close to random: only the exponent plane shrinks, and a second
+    // encode would just cost time. Weights with few distinct values (dequantised ones) repeat whole byte groups,
+    // which LZ matching finds and an order-0 coder cannot; a slice from the middle of the chunk tells which case
+    // this is for a sixty-fourth of a 4 MiB chunk's encode.
+    const size_t begin = (raw.size() / 2) / shuffle * shuffle;
+    thread_local std::vector<std::byte> probe_scratch;
+    const double exponent_ratio = exponent_shrinks ? static_cast<double>(out.size()) / raw.size() : 1.0;
+    const bool probe_shrinks = compress_grouped(raw.subspan(begin, kProbeBytes), choice, shuffle, grouped,
+                                                probe_scratch);
+    const double probe_ratio = probe_shrinks ? static_cast<double>(grouped.size()) / kProbeBytes : 1.0;
+    if (probe_ratio >= kProbeGain * exponent_ratio) return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
+  } else if (!try_grouped) {
+    return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
+  }
   if (!compress_grouped(raw, choice, shuffle, grouped, scratch)) return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
   if (exponent_shrinks && out.size() <= grouped.size()) return Codec::kExponent;
   out.swap(grouped);

@@ -182,7 +182,7 @@ def _metadata(model: nn.Module, partition: Partition) -> Dict[str, str]:
 
 
 def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], model_id: Optional[str],
-                 metadata: Dict[str, str]) -> "tuple[str, str]":
+                 metadata: Dict[str, str], rewrite: bool = False) -> "tuple[str, str]":
     """Writes (or finds) the model in the store; returns (model id, outcome).
 
     The fingerprint (docs/format.md §6) covers block names, which tensors each block holds, their names, dtypes,
@@ -191,7 +191,7 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
     """
     result = write_model(config.storage_path, blocks, model_id=model_id,
                          compression_level=config.store_compression_level, metadata=metadata,
-                         progress=config.progress)
+                         progress=config.progress, replace=rewrite)
     if result.outcome == "already_existed" and model_id is not None and result.fingerprint != fingerprint(blocks):
         raise ConfigError(f"model id '{model_id}' already holds other weights (or the same weights in other blocks) "
                           f"in {config.storage_path}; pass another model_id, or model_id=None for a content-addressed "
@@ -200,12 +200,12 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
 
 
 def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, checkpoint: Any, partition: Partition,
-                           resident: List[ResidentTensor]) -> "Tuple[str, str]":
+                           resident: List[ResidentTensor], rewrite: bool = False) -> "Tuple[str, str]":
     """Finds model ``model_id`` of a meta model in the store, or writes it from ``checkpoint`` block by block when
-    it is not there (StoreNotFoundError when it is not there and there is no checkpoint)."""
+    it is not there or ``rewrite`` (StoreNotFoundError when it is not there and there is no checkpoint)."""
     root = config.storage_path
     if os.path.isdir(root) and os.path.exists(os.path.join(root, "STORE")):
-        if _core.StorageDirectory.open_existing(root).has_model(model_id):
+        if _core.StorageDirectory.open_existing(root).has_model(model_id) and not (rewrite and checkpoint is not None):
             return model_id, "already_existed"  # the checkpoint is not even opened
     if checkpoint is None:
         raise StoreNotFoundError(
@@ -217,13 +217,48 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
     plan = plan_blocks(source, model, partition, resident)  # every tensor found and its shape checked first
     metadata = _metadata(model, partition)
     metadata["tensorstream.checkpoint"] = source.path
+    metadata[LEVEL_KEY] = str(config.store_compression_level)
     result = write_model(root, iter_blocks(plan), model_id=model_id, compression_level=config.store_compression_level,
-                         metadata=metadata, progress=config.progress,
+                         metadata=metadata, progress=config.progress, replace=rewrite,
                          total_bytes=partition.streamed_bytes + sum(r.tensor.numel() * r.tensor.element_size()
                                                                    for r in resident))
     logger.info("offload: wrote model '%s' to %s from checkpoint %s (%d bytes)", model_id, root, source.path,
                 result.raw_bytes)
     return result.model_id, result.outcome
+
+
+# Store metadata: the compression level a model was written with (absent in stores written before it was kept).
+LEVEL_KEY = "tensorstream.compression_level"
+
+
+def stored_compression_level(store: Any) -> Optional[int]:
+    """The level ``store`` (an open ModelStore) was written with: from its metadata, else 0 when every chunk is raw,
+    else None (compressed at an unknown level)."""
+    text = store.metadata.get(LEVEL_KEY)
+    if text is not None and text.isdigit():
+        return int(text)
+    compressed = any(store.info(name)["compressed"] for name in store.tensor_names())
+    return None if compressed else 0
+
+
+def _warn_on_other_encoding(store: Any, config: Config) -> None:
+    """A reused model whose encoding is not the one the config asks for: say so, and how to rewrite it. The weights
+    are the same (the fingerprint or the named id says so); only their encoding on disk differs."""
+    stored = stored_compression_level(store)
+    wanted = config.store_compression_level
+    if stored == wanted:
+        return
+
+    def describe(level: Optional[int]) -> str:
+        if level is None:
+            return "compressed (level unknown)"
+        return "raw (compression off)" if level == 0 else f"compression level {level}"
+
+    logger.warning("offload: model '%s' in %s is stored %s, but the config asks for %s; it is reused as stored. To "
+                   "rewrite it with the config's encoding, pass offload(..., rewrite=True) or run `tensorstream "
+                   "convert CHECKPOINT --storage-path %s --model-id %s --compression-level %d --replace`",
+                   store.model_id, config.storage_path, describe(stored), describe(wanted), config.storage_path,
+                   store.model_id, wanted)
 
 
 def _tie_weights(model: nn.Module) -> None:
@@ -262,6 +297,7 @@ class OffloadPlan:
     engine_blocks: List[Block]       # the blocks the engine streams
     resident: List[ResidentTensor]   # parameters and persistent buffers that never stream
     placement: Placement             # where slots and resident tensors live, and how hooks wait (device.py)
+    rewrite: bool = False            # write the model anew even when the store holds it (another encoding)
 
 
 @dataclasses.dataclass
@@ -277,15 +313,17 @@ class StoredModel:
 
 
 def offload(model: nn.Module, config: Config, *, model_id: Optional[str] = None,
-            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None) -> nn.Module:
+            checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None, device: Any = None,
+            rewrite: bool = False) -> nn.Module:
     """See :func:`tensorstream.offload`. Three stages; only the last changes the model."""
-    plan = plan_offload(model, config, model_id, checkpoint, device)
+    plan = plan_offload(model, config, model_id, checkpoint, device, rewrite)
     stored = store_model(model, plan)
     return bind_model(model, plan, stored)
 
 
 def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
-                 checkpoint: Optional[Union[str, "os.PathLike[str]"]], device: Any = None) -> OffloadPlan:
+                 checkpoint: Optional[Union[str, "os.PathLike[str]"]], device: Any = None,
+                 rewrite: bool = False) -> OffloadPlan:
     """Checks the model and the config (ConfigError naming the field), resolves the device (``device=``, else
     ``config.device``) and partitions the model (partition.py)."""
     if not isinstance(model, nn.Module):
@@ -331,7 +369,7 @@ def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
                        type(model).__name__, config.min_layer_size)
     return OffloadPlan(config=config, model_id=model_id, checkpoint=checkpoint, on_meta=on_meta, partition=partition,
                        by_rows=by_rows, engine_blocks=[b for b in streamed if b.name not in row_names],
-                       resident=resident_tensors(model, partition), placement=placement)
+                       resident=resident_tensors(model, partition), placement=placement, rewrite=bool(rewrite))
 
 
 def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
@@ -340,17 +378,21 @@ def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
     config, partition, streamed = plan.config, plan.partition, plan.partition.streamed
     if plan.on_meta:
         stored_id, outcome = _store_for_meta_model(model, config, plan.model_id, plan.checkpoint, partition,
-                                                   plan.resident)
+                                                   plan.resident, plan.rewrite)
     elif streamed or plan.resident:
         blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
         if plan.resident:
             blocks[RESIDENT_BLOCK] = {r.name: r.tensor.detach() for r in plan.resident}
-        stored_id, outcome = _write_store(config, blocks, plan.model_id, _metadata(model, partition))
+        metadata = _metadata(model, partition)
+        metadata[LEVEL_KEY] = str(config.store_compression_level)
+        stored_id, outcome = _write_store(config, blocks, plan.model_id, metadata, plan.rewrite)
         del blocks
     else:
         return StoredModel(None, "nothing_to_stream")  # no parameter, no persistent buffer
     stored = StoredModel(stored_id, outcome)
     with open_model(config.storage_path, stored_id) as store:
+        if outcome == "already_existed":
+            _warn_on_other_encoding(store, config)
         if plan.on_meta:
             check_against_store(store, partition, plan.resident, config.storage_path)
             with torch.inference_mode(False):

@@ -512,3 +512,64 @@ def test_offload_applies_the_budget_variable(ts_models, tmp_path, monkeypatch):
     model = ts_models.track(ts.offload(copy.deepcopy(plain),
                                        ts.Config(storage_path=str(tmp_path), min_layer_size=0)))
     assert ts.get_model_statistics(model)["requested_budget_bytes"] == int(budget * 1e9)
+
+
+# ---- an encoding that differs from the config's is said, and can be rewritten -------------------------------------
+
+def test_reusing_a_model_stored_with_another_encoding_warns_and_rewrite_rewrites(ts_models, tmp_path, caplog):
+    from tensorstream.torch.offload import stored_compression_level
+
+    store = tmp_path / "store"
+    _plain, raw = ts_models.offload("llama", store, budget=0.5)
+    model_id = state_of(raw).model_id
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        expected = raw(ids).logits
+    caplog.set_level(logging.WARNING, logger="tensorstream")
+    _plain, again = ts_models.offload("llama", store, budget=0.5, compression_enabled=True)
+    assert state_of(again).model_id == model_id and state_of(again).write_outcome == "already_existed"
+    warnings = [r.getMessage() for r in caplog.records if "asks for" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "stored raw (compression off)" in warnings[0] and "compression level 5" in warnings[0]
+    assert "rewrite=True" in warnings[0] and "--replace" in warnings[0]
+    with ts.open_model(store, model_id) as stored:
+        assert stored_compression_level(stored) == 0
+
+    caplog.clear()
+    plain = ts_models.plain("llama")
+    rewritten = ts_models.track(ts.offload(copy.deepcopy(plain), ts_models.make_config(
+        store, compression_enabled=True), rewrite=True))
+    assert state_of(rewritten).model_id == model_id and state_of(rewritten).write_outcome == "replaced"
+    assert not [r for r in caplog.records if "asks for" in r.getMessage()]
+    with ts.open_model(store, model_id) as stored:
+        assert stored_compression_level(stored) == 5
+        assert any(stored.info(n)["compressed"] for n in stored.tensor_names())
+    with torch.no_grad():
+        ts_models.assert_equal(rewritten(ids).logits, expected, "rewritten")
+    # And the other way round: asking for raw where a compressed model is stored is said too.
+    _plain, raw_again = ts_models.offload("llama", store, budget=0.5)
+    assert any("stored compression level 5, but the config asks for raw" in r.getMessage() for r in caplog.records)
+
+
+def test_a_meta_model_rewritten_from_its_checkpoint(ts_models, tmp_path, caplog):
+    from tensorstream.torch.offload import stored_compression_level
+
+    plain = ts_models.plain("llama")
+    plain.save_pretrained(str(tmp_path / "checkpoint"))
+    store = tmp_path / "store"
+    first = ts_models.track(ts.offload(ts_models.meta_model(plain), ts_models.make_config(store), model_id="llama",
+                                       checkpoint=tmp_path / "checkpoint"))
+    caplog.set_level(logging.WARNING, logger="tensorstream")
+    packed = ts_models.make_config(store, compression_enabled=True, compression_level=7)
+    reused = ts_models.track(ts.offload(ts_models.meta_model(plain), packed, model_id="llama",
+                                        checkpoint=tmp_path / "checkpoint"))
+    assert state_of(reused).write_outcome == "already_existed"
+    assert any("compression level 7" in r.getMessage() for r in caplog.records)
+    rewritten = ts_models.track(ts.offload(ts_models.meta_model(plain), packed, model_id="llama",
+                                           checkpoint=tmp_path / "checkpoint", rewrite=True))
+    assert state_of(rewritten).write_outcome == "replaced"
+    with ts.open_model(store, "llama") as stored:
+        assert stored_compression_level(stored) == 7
+    ids = ts_models.input_ids()
+    with torch.no_grad():
+        ts_models.assert_equal(rewritten(ids).logits, first(ids).logits, "rewritten from the checkpoint")

@@ -33,7 +33,7 @@ enum class Codec : uint8_t { kRaw, kLz4, kZstd, kExponent };
 // How chunks of floats (those with a shuffle) are coded.
 enum class FloatCoding : uint8_t {
   kGrouped,   // `codec` on the byte-grouped chunk, as for other dtypes
-  kExponent,  // the exponent codec
+  kExponent,  // the exponent codec; `codec` too when a probe of the chunk's middle shows it smaller
   kSmaller,   // both; the smaller result is kept (costs one extra encode per chunk)
 };
 
