@@ -20,6 +20,12 @@ model. The arms:
             accelerate keeps what fits the budget in RAM and reads the rest from the checkpoint on every use
   plain     from_pretrained of the whole model, no memory limit (it does not fit in one): the compute time and the
             reference tokens
+  ts-pretrained
+            tensorstream.from_pretrained(checkpoint) onto a store written once (tensorstream convert, in setup): the
+            one-call start of a user whose store is there (M2, warm store: target <= 0.5 x plain)
+  ts-pretrained-cold
+            the same onto an empty store, so the store is written in the run (M2, cold: target <= 1.1 x plain); run
+            once, after the rounds
 
 accelerate's cpu_offload does not apply: it keeps every weight in RAM and moves it to the execution device, which is
 the CPU here. Each process measures from its own start (imports included) to the first generated token (M2: time to
@@ -50,8 +56,11 @@ from pathlib import Path
 import bench_common as common
 from bench_common import GB, GIB, REPO, RESULTS, default_base_dir, evict, summary_row
 
-ARMS = ("ts-none", "ts-next_layer", "ts-adaptive", "accelerate-disk", "accelerate-auto", "plain")
+ARMS = ("ts-none", "ts-next_layer", "ts-adaptive", "accelerate-disk", "accelerate-auto", "plain", "ts-pretrained",
+        "ts-pretrained-cold")
 TS_ARMS = ARMS[:3]
+PRETRAINED_STORE = "store-pretrained"  # tensorstream convert of the checkpoint, written once in setup
+COLD_STORE = "store-cold"              # ts-pretrained-cold: empty before its run, removed after it
 UNLIMITED = " (no limit)"  # key suffix of the M2 runs
 M2_TOKENS = 2  # the first token (M2) and one more
 MODEL_ID = "bench-llama"
@@ -215,6 +224,14 @@ def child(args) -> int:
 
     if arm == "plain":
         model = AutoModelForCausalLM.from_pretrained(work / "checkpoint", dtype=torch.float32)
+    elif arm.startswith("ts-pretrained"):
+        import tensorstream
+        from tensorstream import torch as ts_torch
+
+        store = work / (COLD_STORE if arm == "ts-pretrained-cold" else PRETRAINED_STORE)
+        model = tensorstream.from_pretrained(work / "checkpoint", tensorstream.Config(
+            storage_path=str(store), vram_budget_gb=args.budget_bytes / GB, progress=False))
+        stats_fn = ts_torch.get_model_statistics
     elif arm == "accelerate-auto":
         model = AutoModelForCausalLM.from_pretrained(
             work / "checkpoint", dtype=torch.float32, device_map="auto",
@@ -298,6 +315,7 @@ def model_files(work: Path) -> list:
     files = sorted((work / "checkpoint").glob("*.safetensors"))
     files += sorted((work / "accelerate-offload").glob("*.dat"))
     files += sorted((work / "store" / "models").glob("*/data"))
+    files += sorted((work / PRETRAINED_STORE / "models").glob("*/data"))
     return files
 
 
@@ -309,6 +327,7 @@ def setup(work: Path, plan: dict, prompt_len: int) -> dict:
     if spec_path.exists():
         spec = json.loads(spec_path.read_text())
         if {k: spec.get(k) for k in wanted} == wanted and all(p.exists() for p in model_files(work)):
+            convert_pretrained(work)
             return spec
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -336,7 +355,18 @@ print(json.dumps({{"prompt": prompt, "weight_bytes": weight_bytes, "setup_s": ti
         sys.exit(f"setup failed:\n{done.stderr[-4000:]}")
     spec = {**wanted, **json.loads(done.stdout.strip().splitlines()[-1])}
     spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    convert_pretrained(work)
     return spec
+
+
+def convert_pretrained(work: Path) -> None:
+    """The ts-pretrained arm's store: `tensorstream convert` writes what from_pretrained with the same (default)
+    settings reads, and nothing when it is there already."""
+    done = subprocess.run([sys.executable, "-m", "tensorstream", "convert", str(work / "checkpoint"), "--storage-path",
+                           str(work / PRETRAINED_STORE), "--no-progress"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+    if done.returncode != 0:
+        sys.exit(f"tensorstream convert failed:\n{done.stderr[-4000:]}")
 
 
 # ---- the parent: rounds of arms ----------------------------------------------------------------------------------
@@ -431,9 +461,11 @@ def main(argv=None) -> int:
                    help="memory limit = budget + this (interpreter, torch, transformers, activations, KV cache)")
     p.add_argument("--tokens", type=int, default=6, help="tokens generated per arm (the first one is M2's)")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--m2-arms", default="ts-adaptive,accelerate-disk,accelerate-auto",
+    p.add_argument("--m2-arms", default="ts-adaptive,ts-pretrained,accelerate-disk,accelerate-auto",
                    help="arms run again without a memory limit for M2 and M3 (plain always runs without one)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    p.add_argument("--arms", default=",".join(ARMS[:6]), help="comma-separated subset of " + ",".join(ARMS[:6]))
+    p.add_argument("--no-cold-start", action="store_true",
+                   help="skip ts-pretrained-cold (from_pretrained writing its store in the run, once)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--time-budget-s", type=float, default=420.0,
@@ -458,7 +490,7 @@ def main(argv=None) -> int:
         return child(args)
     if args.smoke:
         args.size_gib, args.budget_gib, args.rounds, args.min_rounds, args.tokens = 0.05, 0.025, 1, 1, 3
-        args.arms, args.m2_arms = "ts-adaptive,accelerate-disk,plain", "ts-adaptive"
+        args.arms, args.m2_arms = "ts-adaptive,accelerate-disk,plain", "ts-adaptive,ts-pretrained"
         if args.trace_out is None and args.json is not None:
             args.trace_out = args.json.with_name(args.json.stem + "-trace.json")
     return parent(args)
@@ -509,6 +541,18 @@ def parent(args) -> int:
         if r + 1 >= args.min_rounds and time.monotonic() - started + round_s > args.time_budget_s:
             break
 
+    if not args.no_cold_start and "plain" in arms:
+        # Once: from_pretrained onto an empty store, which it writes from the checkpoint before the first token.
+        cold = work / COLD_STORE
+        shutil.rmtree(cold, ignore_errors=True)
+        try:
+            x = run_arm("ts-pretrained-cold", args, work, budget, None, M2_TOKENS)
+        finally:
+            shutil.rmtree(cold, ignore_errors=True)
+        rounds[-1]["ts-pretrained-cold"] = x
+        print(f"  ts-pretrained-cold (store written in the run): " + (f"ERROR {x['error']}" if "error" in x else
+              f"first token {x['ttft_s']:.2f} s, peak RSS {x['vm_hwm_bytes'] / GB:.2f} GB"), flush=True)
+
     trace = None
     if not args.no_trace and "ts-adaptive" in arms:
         trace_path = (args.trace_out or RESULTS / f"generation-{_dt.datetime.now():%Y%m%d-%H%M%S}-trace.json").resolve()
@@ -538,6 +582,8 @@ def parent(args) -> int:
 
 def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, trace, elapsed) -> dict:
     m2_keys = [f"{a}{UNLIMITED}" for a in m2_arms] + (["plain"] if "plain" in arms else [])
+    if any("ts-pretrained-cold" in r for r in rounds):
+        m2_keys.append("ts-pretrained-cold")
     keys = arms + [k for k in m2_keys if k not in arms]
     ok = [(i, key, r[key]) for i, r in enumerate(rounds) for key in keys if key in r and "error" not in r[key]]
     reference = next((x["tokens"] for _, key, x in ok if key == "plain"), None)
@@ -589,7 +635,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
                                      f"({max(0, weight - budget) / GB:.2f} GB) would take "
                                      f"{x['lower_bound_min_read_s_per_token']:.3f} s/token"))
     # M2: process start to first token, cold page cache, no memory limit.
-    ts_key = next((k for k in m2_keys if k.startswith("ts-")), None)
+    ts_key = next((k for k in m2_keys if k.startswith("ts-") and not k.startswith("ts-pretrained")), None)
     acc_key = next((k for k in m2_keys if k.startswith("accelerate-disk")), None)
     for key in m2_keys:
         x = per_arm[key]
@@ -598,6 +644,16 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
         base = acc_key if key == ts_key and acc_key and per_arm[acc_key]["ttft_s"] else None
         rows.append(summary_row("generation", "M2 start to first token, cold", key, x["ttft_s"], "s", baseline=base,
                                 baseline_value=per_arm[base]["ttft_s"] if base else None, higher_is_better=False))
+    # M2 for the one-call path against transformers' own from_pretrained: the store there (warm store, page cache
+    # cold for both) and the store written in the run.
+    plain_ttft = per_arm.get("plain", {}).get("ttft_s")
+    for key, metric, target in ((f"ts-pretrained{UNLIMITED}", "M2 from_pretrained to first token, store there", 0.5),
+                                ("ts-pretrained-cold", "M2 from_pretrained to first token, store written in the run",
+                                 1.1)):
+        x = per_arm.get(key)
+        if x and x["ttft_s"] is not None and plain_ttft:
+            rows.append(summary_row("generation", metric, key, x["ttft_s"], "s", baseline="plain from_pretrained",
+                                    baseline_value=plain_ttft, target=target, higher_is_better=False))
     # M3: peak memory without a limit: RSS (VmHWM) and RSS + page cache (the memory cgroup's peak), which is what an
     # mmap-based offloader really needs; TensorStream against the lower of accelerate's arms.
     acc_keys = [k for k in m2_keys if k.startswith("accelerate")]
@@ -612,6 +668,14 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
                                     baseline="accelerate (lower arm)" if is_ts else None,
                                     baseline_value=min(acc_values) / GB if is_ts else None,
                                     target=1.0 if is_ts else None, higher_is_better=False))
+
+    # M3 against the budget: what TensorStream holds beyond its budget (interpreter, torch, transformers, staging).
+    for key in (ts_key, f"ts-pretrained{UNLIMITED}"):
+        value = per_arm.get(key, {}).get("vm_hwm_bytes") if key else None
+        if value:
+            rows.append(summary_row("generation", "M3 peak RSS - budget, no limit", key, (value - budget) / GB, "GB",
+                                    baseline="0.5 GiB", baseline_value=0.5 * GIB / GB, target=1.0,
+                                    higher_is_better=False))
 
     fmt = (lambda v, f, scale=1.0: format(v / scale, f) if v is not None else "-")
     lines = [f"Generation (M1-M3): {weight / GB:.2f} GB Llama, budget {budget / GB:.2f} GB, memory limit "

@@ -130,6 +130,16 @@ def test_generation_smoke_reports_every_figure_and_equal_tokens(disk_dir):
     trace = json.loads(pathlib.Path(report["trace"]["path"]).read_text())
     kinds = {event.get("cat") for event in trace["traceEvents"] if event.get("ph") == "X"}
     assert {"read", "compute"} <= kinds, kinds
+    # The one-call path: from_pretrained with its store there (written by tensorstream convert in setup) and with
+    # the store written in the run, each against transformers' from_pretrained; peak RSS against the budget.
+    start = {row["metric"]: row for row in report["summary"] if row["metric"].startswith("M2 from_pretrained")}
+    assert set(start) == {"M2 from_pretrained to first token, store there",
+                          "M2 from_pretrained to first token, store written in the run"}, start
+    assert start["M2 from_pretrained to first token, store there"]["target"] == 0.5
+    assert start["M2 from_pretrained to first token, store written in the run"]["target"] == 1.1
+    assert all(row["baseline"] == "plain from_pretrained" for row in start.values())
+    over = [row for row in report["summary"] if row["metric"] == "M3 peak RSS - budget, no limit"]
+    assert over and all(row["target"] == 1.0 for row in over)
 
 
 def test_run_all_table_and_plots_from_a_report(disk_dir):
