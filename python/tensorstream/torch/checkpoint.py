@@ -60,7 +60,6 @@ class TensorSource:
     dtype: torch.dtype                 # the model's dtype: the value is cast to it
     shape: Tuple[int, ...]
     fallback: Optional[torch.Tensor] = None
-    span: Optional[Tuple[str, int, int]] = None  # (safetensors dtype, begin, end) of ``key`` in ``file``
 
 
 class Checkpoint:
@@ -71,7 +70,6 @@ class Checkpoint:
         self.path = root
         self.files: Dict[str, str] = {}  # checkpoint key -> file
         self._shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # file -> key -> shape (headers read on demand)
-        self._spans: Dict[str, Dict[str, Tuple[str, int, int]]] = {}  # file -> key -> (dtype, begin, end) in the file
         if os.path.isfile(root):
             if not root.endswith(".safetensors"):
                 raise _error(f"checkpoint {root} is not a .safetensors file (pytorch_model.bin and other pickle "
@@ -124,9 +122,6 @@ class Checkpoint:
                 file_size = os.fstat(f.fileno()).st_size
             shapes = {key: tuple(int(d) for d in value["shape"]) for key, value in header.items()
                       if key != "__metadata__"}
-            spans = {key: (str(value["dtype"]), 8 + length + int(value["data_offsets"][0]),
-                           8 + length + int(value["data_offsets"][1]))
-                     for key, value in header.items() if key != "__metadata__"}
             data_size = file_size - 8 - length
             for key, value in header.items():
                 if key == "__metadata__":
@@ -142,14 +137,7 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise _error(f"checkpoint file {file} is not a safetensors file ({error})") from None
         self._shapes[file] = shapes
-        self._spans[file] = spans
         return shapes
-
-    def span(self, key: str) -> Tuple[str, int, int]:
-        """(safetensors dtype name, first byte, end byte) of tensor ``key`` in its file."""
-        file = self.files[key]
-        self._header(file)
-        return self._spans[file][key]
 
     def shape(self, key: str) -> Tuple[int, ...]:
         file = self.files[key]
@@ -205,7 +193,7 @@ def plan_blocks(checkpoint: Checkpoint, model: nn.Module, partition: Partition,
         if stored != shape:
             raise _error(f"tensor '{name}': the model has shape {list(shape)}, checkpoint {checkpoint.path} has "
                          f"{list(stored)} (as '{key}'): this checkpoint is not this model's")
-        return TensorSource(name, key, checkpoint.files[key], tensor.dtype, shape, span=checkpoint.span(key))
+        return TensorSource(name, key, checkpoint.files[key], tensor.dtype, shape)
 
     plan: List[Tuple[str, List[TensorSource]]] = []
     for block in partition.streamed:
@@ -222,84 +210,24 @@ def plan_blocks(checkpoint: Checkpoint, model: nn.Module, partition: Partition,
     return plan
 
 
-# safetensors dtype names read directly (others go through safe_open).
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_READ_PIECE = 64 << 20  # bytes per read call: large sequential requests, the GIL released during each
-
-
-def _read_tensor(fd: int, src: TensorSource) -> Optional[torch.Tensor]:
-    """The tensor read with plain sequential reads into a new tensor, or None when its dtype is not one read here.
-    Faster than faulting in a memory mapping page by page on a cold file (3.2 GB: 0.45 GB/s through safetensors'
-    mapping, disk speed this way)."""
-    dtype_name, begin, end = src.span
-    dtype = _DTYPES.get(dtype_name)
-    if dtype is None:
-        return None
-    raw = torch.empty(end - begin, dtype=torch.uint8)
-    view = memoryview(raw.numpy())
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:done + _READ_PIECE]], begin + done)
-        if got <= 0:
-            raise _error(f"checkpoint file {src.file} ended while reading tensor '{src.key}' (truncated?)")
-        done += got
-    numel = 1
-    for dim in src.shape:
-        numel *= dim
-    if (end - begin) != numel * torch.empty((), dtype=dtype).element_size():
-        raise _error(f"tensor '{src.name}': checkpoint {src.file} holds {end - begin} bytes as '{src.key}', its shape "
-                     f"{list(src.shape)} and dtype {dtype_name} need {numel * torch.empty((), dtype=dtype).element_size()}")
-    return raw.view(dtype).reshape(src.shape)
-
-
-def _will_need(sources: List[TensorSource]) -> None:
-    """Asks the kernel to start reading a block's tensors now (while the previous block is being written)."""
-    for src in sources:
-        if src.span is None or src.file is None:
-            continue
-        try:
-            fd = os.open(src.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue  # reported when the block is read
-        try:
-            os.posix_fadvise(fd, src.span[1], src.span[2] - src.span[1], os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):
-            pass
-        finally:
-            os.close(fd)
-
-
 def _block_tensors(sources: List[TensorSource]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """One block's tensors, one at a time, each file of the block opened once (and closed at the end of the block).
-    Tensors of the common dtypes are read with plain sequential reads; others through ``safetensors.safe_open``."""
-    descriptors: Dict[str, int] = {}
+    """One block's tensors, one at a time, each file of the block opened once (and closed, unmapping it, at the end
+    of the block)."""
+    from safetensors import safe_open
+
     handles: Dict[str, object] = {}
     try:
         for src in sources:
             if src.key is None:
                 yield src.name, src.fallback
                 continue
-            tensor = None
-            if src.span is not None and src.span[0] in _DTYPES:
-                fd = descriptors.get(src.file)
-                if fd is None:
-                    try:
-                        fd = descriptors[src.file] = os.open(src.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    except OSError as error:
-                        raise _error(f"checkpoint file {src.file} cannot be opened: {error}") from None
-                tensor = _read_tensor(fd, src)
-            if tensor is None:
-                from safetensors import safe_open
-
-                handle = handles.get(src.file)
-                if handle is None:
-                    try:
-                        handle = handles[src.file] = safe_open(src.file, framework="pt", device="cpu")
-                    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-                        raise _error(f"checkpoint file {src.file} cannot be opened: {error}") from None
-                tensor = handle.get_tensor(src.key)
+            handle = handles.get(src.file)
+            if handle is None:
+                try:
+                    handle = handles[src.file] = safe_open(src.file, framework="pt", device="cpu")
+                except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                    raise _error(f"checkpoint file {src.file} cannot be opened: {error}") from None
+            tensor = handle.get_tensor(src.key)
             if tuple(tensor.shape) != src.shape:  # the header said otherwise: the file changed under us
                 raise _error(f"tensor '{src.name}': checkpoint {src.file} holds shape {list(tensor.shape)} as "
                              f"'{src.key}', the model has {list(src.shape)}")
@@ -308,8 +236,6 @@ def _block_tensors(sources: List[TensorSource]) -> Iterator[Tuple[str, torch.Ten
             yield src.name, tensor
             del tensor
     finally:
-        for fd in descriptors.values():
-            os.close(fd)
         for handle in handles.values():
             exit_ = getattr(handle, "__exit__", None)
             if callable(exit_):
@@ -318,11 +244,6 @@ def _block_tensors(sources: List[TensorSource]) -> Iterator[Tuple[str, torch.Ten
 
 
 def iter_blocks(plan: List[Tuple[str, List[TensorSource]]]) -> Iterator[Tuple[str, Iterator[Tuple[str, torch.Tensor]]]]:
-    """The plan as ``write_model``'s streaming form: (block name, tensors read when the writer reaches them). The
-    next block's reads are hinted to the kernel as each block starts, so the disk reads ahead while it is written."""
-    if plan:
-        _will_need(plan[0][1])
-    for index, (name, sources) in enumerate(plan):
-        if index + 1 < len(plan):
-            _will_need(plan[index + 1][1])
+    """The plan as ``write_model``'s streaming form: (block name, tensors read when the writer reaches them)."""
+    for name, sources in plan:
         yield name, _block_tensors(sources)

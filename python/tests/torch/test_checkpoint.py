@@ -210,28 +210,3 @@ def test_offloading_from_a_checkpoint_holds_about_one_block_not_the_model(tmp_pa
     with ts.open_model(tmp_path / "store", "big") as store:
         # embed_tokens, 8 layers, lm_head; model.norm (3 KB) stays resident
         assert len(store.block_names()) == 1 + 8 + 1 + 1 and store.block_names()[-1] == RESIDENT_BLOCK
-
-
-def test_tensors_read_sequentially_equal_safetensors_own_reading(tmp_path):
-    """Common dtypes are read with plain sequential reads (faster than faulting in a mapping on a cold file); the
-    others go through safe_open. Both give exactly what safetensors' load_file gives, and each block's reads are
-    hinted to the kernel ahead of time."""
-    from tensorstream.torch.checkpoint import TensorSource, _block_tensors, _DTYPES
-
-    gen = torch.Generator().manual_seed(5)
-    tensors = {"f32": torch.randn(300, 7, generator=gen), "bf16": torch.randn(1000, generator=gen).bfloat16(),
-               "i64": torch.randint(-9, 9, (5, 5), generator=gen), "flag": torch.tensor([True, False, True]),
-               "f8": torch.randn(64, generator=gen).to(torch.float8_e4m3fn), "empty": torch.zeros(0, 4)}
-    file = tmp_path / SINGLE_NAME
-    safetensors_torch.save_file(tensors, str(file))
-    checkpoint = Checkpoint(file)
-    sources = [TensorSource(name, name, str(file), t.dtype, tuple(t.shape), span=checkpoint.span(name))
-               for name, t in tensors.items()]
-    assert {checkpoint.span(n)[0] for n in tensors} - set(_DTYPES) == {"F8_E4M3"}  # one tensor takes safe_open
-    expected = safetensors_torch.load_file(str(file))
-    got = dict(_block_tensors(sources))
-    assert set(got) == set(expected)
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
-        assert torch.equal(got[name].view(torch.uint8) if tensor.numel() else got[name], tensor.view(torch.uint8)
-                           if tensor.numel() else tensor), name
