@@ -202,3 +202,50 @@ def test_bad_arguments_are_config_errors(tmp_path, llama_checkpoint):
     (tmp_path / "no-weights" / "config.json").write_text((llama_checkpoint / "config.json").read_text())
     with pytest.raises(ts.ConfigError, match="neither model.safetensors.index.json nor model.safetensors"):
         ts.from_pretrained(tmp_path / "no-weights", config(tmp_path))
+
+
+# ---- memory: about one block, never the model ------------------------------------------------------------------
+
+PRETRAINED_CHILD = """
+import json, sys
+import torch, transformers, accelerate, tensorstream as ts
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+checkpoint, storage = sys.argv[1], sys.argv[2]
+import transformers.models.llama.modeling_llama  # imported before the peak is reset, as from_pretrained would
+before = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS (Linux >= 4.0)
+except OSError:
+    pass
+model = ts.from_pretrained(checkpoint, ts.Config(storage_path=storage, num_io_threads=2, vram_budget_gb=0.06,
+                                                 progress=False))
+print(json.dumps({"before": before, "peak": status("VmHWM"),
+                  "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_writing_the_store_holds_about_one_block_not_the_model(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                                      num_attention_heads=12, num_key_value_heads=12, vocab_size=512,
+                                      max_position_embeddings=128, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "checkpoint"))  # 230 MB, 28 MB layers
+    out = subprocess.run([sys.executable, "-c", PRETRAINED_CHILD, str(tmp_path / "checkpoint"),
+                          str(tmp_path / "store")], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = figures["peak"] - figures["before"]
+    assert figures["model_bytes"] > 200e6
+    assert growth < 0.4 * figures["model_bytes"], f"+{growth / 1e6:.0f} MB for a {figures['model_bytes'] / 1e6:.0f} MB model"
