@@ -19,9 +19,10 @@ fi
 PYTHON=${PYTHON:-python3}
 # torch is pinned: this exact CPU build is on the machines' disk; anything else downloads gigabytes.
 pip_specs=("torch==2.13.0" "nanobind>=2.0" "scikit-build-core>=0.10" "pytest>=7" "numpy" "transformers>=4.40"
-           "safetensors" "accelerate" "matplotlib" "tqdm" "gguf")
+           "safetensors" "accelerate" "matplotlib" "tqdm" "gguf" "prometheus-client")
 # gguf: transformers needs it to read the real SmolLM2 checkpoint the tests fetch (tensorstream.testing.real_models).
-modules=(torch nanobind scikit_build_core pytest numpy transformers safetensors accelerate matplotlib tqdm gguf)
+modules=(torch nanobind scikit_build_core pytest numpy transformers safetensors accelerate matplotlib tqdm gguf
+         prometheus_client)
 need=()
 for i in "${!modules[@]}"; do
   "$PYTHON" -c "import ${modules[$i]}" 2>/dev/null || need+=("${pip_specs[$i]}")

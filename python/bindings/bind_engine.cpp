@@ -53,6 +53,20 @@ nb::dict config_dict(const Config& config) {
   return out;
 }
 
+// A latency histogram as {"bounds_s": [...], "counts": [... one more, +Inf last], "count": n, "sum_s": x}.
+nb::dict histogram_dict(const LatencyHistogramSnapshot& h) {
+  nb::dict out;
+  nb::list bounds;
+  for (double bound : kLatencyBucketBoundsS) bounds.append(bound);
+  nb::list counts;
+  for (uint64_t count : h.counts) counts.append(count);
+  out["bounds_s"] = bounds;
+  out["counts"] = counts;
+  out["count"] = h.count;
+  out["sum_s"] = static_cast<double>(h.sum_ns) * 1e-9;
+  return out;
+}
+
 nb::dict stats_dict(const StatsSnapshot& s) {
   nb::dict out;
   out["bytes_read"] = s.bytes_read;
@@ -94,6 +108,8 @@ nb::dict stats_dict(const StatsSnapshot& s) {
     blocks.append(entry);
   }
   out["blocks"] = blocks;
+  out["load_latency"] = histogram_dict(s.load_latency);
+  out["wait_latency"] = histogram_dict(s.wait_latency);
   return out;
 }
 

@@ -32,6 +32,7 @@ void Stats::on_load_done(size_t block, uint64_t stored_bytes, uint64_t decoded_b
   add(blocks_[block].loads, 1);
   add(blocks_[block].bytes_read, stored_bytes);
   add(blocks_[block].load_ns, load_ns);
+  load_latency_.observe(load_ns);
 }
 
 void Stats::on_eviction(size_t block) noexcept {
@@ -42,6 +43,7 @@ void Stats::on_eviction(size_t block) noexcept {
 void Stats::on_wait(size_t block, uint64_t ns) noexcept {
   add(wait_ns_, ns);
   add(blocks_[block].wait_ns, ns);
+  wait_latency_.observe(ns);
 }
 
 void Stats::on_io_started(uint64_t now_ns) noexcept { io_busy_since_ns_.store(now_ns, std::memory_order_relaxed); }
@@ -76,6 +78,8 @@ StatsSnapshot Stats::snapshot() const {
     s.blocks[i] = {load(c.loads),      load(c.hits),    load(c.prefetch_hits), load(c.evictions),
                    load(c.bytes_read), load(c.wait_ns), load(c.load_ns)};
   }
+  s.load_latency = load_latency_.snapshot();
+  s.wait_latency = wait_latency_.snapshot();
   return s;
 }
 
@@ -91,6 +95,8 @@ void Stats::reset() noexcept {
       counter->store(0, std::memory_order_relaxed);
     }
   }
+  load_latency_.reset();
+  wait_latency_.reset();
 }
 
 }  // namespace tensorstream

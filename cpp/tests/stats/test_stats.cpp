@@ -38,6 +38,29 @@ TEST(Stats, CountsAndRates) {
   EXPECT_EQ(s.blocks[1].prefetch_hits, 1u);
 }
 
+TEST(Stats, LoadsAndBlockingWaitsFillTheirLatencyHistograms) {
+  Stats stats(2);
+  stats.on_load_done(0, 10, 10, 50'000);          // 50 µs: the first bucket (<= 100 µs)
+  stats.on_load_done(1, 10, 10, 3'000'000);       // 3 ms: (2.5 ms, 5 ms]
+  stats.on_load_done(1, 10, 10, 60'000'000'000);  // 60 s: +Inf
+  stats.on_wait(0, 100'000);                      // exactly 100 µs: a bound belongs to its own bucket
+  LatencyHistogramSnapshot load = stats.snapshot().load_latency;
+  EXPECT_EQ(load.count, 3u);
+  EXPECT_EQ(load.sum_ns, 50'000u + 3'000'000u + 60'000'000'000u);
+  EXPECT_EQ(load.counts[0], 1u);
+  EXPECT_EQ(load.counts[5], 1u);  // kLatencyBucketBoundsS[5] = 0.005
+  EXPECT_EQ(load.counts.back(), 1u);
+  uint64_t total = 0;
+  for (uint64_t count : load.counts) total += count;
+  EXPECT_EQ(total, load.count);
+  const LatencyHistogramSnapshot wait = stats.snapshot().wait_latency;
+  EXPECT_EQ(wait.count, 1u);
+  EXPECT_EQ(wait.counts[0], 1u);
+  stats.reset();
+  EXPECT_EQ(stats.snapshot().load_latency.count, 0u);
+  EXPECT_EQ(stats.snapshot().wait_latency.counts[0], 0u);
+}
+
 TEST(Stats, ResetClearsCounters) {
   Stats stats(1);
   stats.on_acquire(0, true, false);

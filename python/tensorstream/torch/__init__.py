@@ -176,7 +176,10 @@ def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, A
     ``streamed_blocks`` / ``resident_blocks`` (counts), ``streamed_bytes`` / ``resident_bytes`` (parameter bytes),
     ``budget_bytes`` (effective), ``requested_budget_bytes`` (from the config, None for the default),
     ``arena_bytes``, ``backend`` (the I/O backend in use), ``model_id``, ``storage_path``, and ``blocks``: block name
-    -> ``{loads, hits, prefetch_hits, evictions, bytes_read, wait_s, load_s, bytes, slot_bytes}``.
+    -> ``{loads, hits, prefetch_hits, evictions, bytes_read, wait_s, load_s, bytes, slot_bytes}``. Latency
+    histograms: ``load_latency`` (one observation per load from storage) and ``wait_latency`` (one per wait that
+    blocked a forward): ``{bounds_s, counts (per bucket, +Inf last), count, sum_s}``; ``tensorstream.metrics``
+    exports them to Prometheus.
 
     ``reset=True`` returns the counters and then sets them to zero. Raises ConfigError for a model that is not
     offloaded.

@@ -624,7 +624,17 @@ class _Move:
 _MOVE_ATTRS = ("to", "cuda", "cpu")
 
 
+# Every offloaded model's state in this process, for tensorstream.metrics (weak: a model that goes away leaves).
+LIVE_STATES: "weakref.WeakSet[OffloadState]" = weakref.WeakSet()
+
+
+def live_states() -> List[OffloadState]:
+    """The states of the offloaded models alive in this process (closed ones left out), in no particular order."""
+    return [state for state in list(LIVE_STATES) if not state.closed]
+
+
 def _attach(model: nn.Module, state: OffloadState) -> None:
+    LIVE_STATES.add(state)
     object.__setattr__(model, STATE_ATTR, state)
     object.__setattr__(model, CLEANUP_ATTR, _Cleanup(model))
     for kind in _MOVE_ATTRS:
@@ -753,7 +763,14 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any]:
     """See :func:`tensorstream.get_model_statistics`."""
-    state = _state(model)
+    return state_statistics(_state(model), reset)
+
+
+_EMPTY_HISTOGRAM = {"bounds_s": [], "counts": [0], "count": 0, "sum_s": 0.0}
+
+
+def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]:
+    """get_model_statistics of the model ``state`` belongs to."""
     partition = state.partition
     resident_weights = partition.resident_bytes
     out: Dict[str, Any] = {
@@ -780,7 +797,7 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
                    staging_peak_in_use_bytes=0, h2d_bytes=0, h2d_throughput_gbps=0.0, direct_bytes=0,
                    host_tier_hits=0, host_tier_bytes=0, host_tier_held_bytes=0, tiers={}, device_stall_time_s=0.0,
-                   blocks={})
+                   blocks={}, load_latency=dict(_EMPTY_HISTOGRAM), wait_latency=dict(_EMPTY_HISTOGRAM))
         return out
     s = engine.stats()
     if reset:
@@ -851,6 +868,8 @@ def get_model_statistics(model: nn.Module, reset: bool = False) -> Dict[str, Any
         rows_read=sum(c["rows"] for _r, c in row_counters),
         row_bytes_read=row_bytes,
         blocks=blocks,
+        load_latency=s["load_latency"],
+        wait_latency=s["wait_latency"],
     )
     return out
 

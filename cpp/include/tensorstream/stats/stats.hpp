@@ -9,6 +9,8 @@
 #include <memory>
 #include <vector>
 
+#include "tensorstream/stats/latency_histogram.hpp"
+
 namespace tensorstream {
 
 struct BlockStatsSnapshot {
@@ -49,6 +51,8 @@ struct StatsSnapshot {
   uint64_t direct_bytes = 0;             // device-direct slots: bytes read storage -> device (GPUDirect), which
                                          // the CPU never saw (only with verify_checksums off)
   std::vector<BlockStatsSnapshot> blocks;
+  LatencyHistogramSnapshot load_latency;  // one observation per load from storage (read start to ready)
+  LatencyHistogramSnapshot wait_latency;  // one observation per Ticket::wait that blocked (the caller's stall)
 
   // bytes_read / io_busy time, in bytes per second (0 when nothing was read).
   [[nodiscard]] double io_throughput_bytes_per_s() const noexcept;
@@ -91,6 +95,8 @@ class Stats {
       prefetches_issued_{0}, evictions_{0}, checksum_failures_{0}, io_errors_{0}, wait_ns_{0}, io_busy_ns_{0},
       direct_bytes_{0}, host_tier_hits_{0}, host_tier_bytes_{0}, device_stall_ns_{0};
   Counter io_busy_since_ns_{0};
+  LatencyHistogram load_latency_;
+  LatencyHistogram wait_latency_;
   std::unique_ptr<BlockCounters[]> blocks_;
   size_t num_blocks_;
 };
