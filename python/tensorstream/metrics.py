@@ -8,9 +8,8 @@ A collector reads ``get_model_statistics`` of each model alive in the process at
 scrapes; a scrape costs one statistics snapshot per model) and labels every sample with ``model`` (the store's model
 id). The names, units and meanings are listed in docs/metrics.md; :data:`METRICS` is the same list in code.
 
-Counters stay monotonic across ``get_model_statistics(model, reset=True)``: the collector keeps each model's last
-raw value and adds what grew since (after a reset, the new raw value), so only increments between the last scrape
-and a reset are lost.
+Counters stay monotonic across ``get_model_statistics(model, reset=True)``: a reset keeps what it zeroes in the
+model's state, and the collector adds it back.
 """
 
 from __future__ import annotations
@@ -48,27 +47,11 @@ METRICS: List[Tuple[str, str, str, str]] = [
 ]
 
 
-class _Totals:
-    """Monotonic totals of one model's counters across statistics resets."""
-
-    def __init__(self) -> None:
-        self.last: Dict[str, float] = {}
-        self.total: Dict[str, float] = {}
-
-    def advance(self, key: str, raw: float) -> float:
-        last = self.last.get(key, 0.0)
-        grown = raw - last if raw >= last else raw  # a reset: counting started again from zero
-        self.last[key] = raw
-        self.total[key] = self.total.get(key, 0.0) + grown
-        return self.total[key]
-
-
 class TensorStreamCollector:
     """A prometheus_client collector over every offloaded model alive in the process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals: Dict[int, _Totals] = {}  # id(state) -> totals (entries of dead states are dropped)
 
     def describe(self) -> Iterator[Any]:
         return iter(())  # no fixed samples: the models come and go (prometheus_client then calls collect lazily)
@@ -91,41 +74,38 @@ class TensorStreamCollector:
                                  labels=["model", "backend", "device", "storage_path"])
         with self._lock:
             seen: Dict[str, int] = {}
-            alive = set()
             for state in sorted(live_states(), key=lambda s: str(s.model_id)):
                 try:
                     stats = state_statistics(state)
                 except Exception:  # noqa: BLE001 - a model closing under the scrape is left out of this one
                     continue
-                alive.add(id(state))
+                before = dict(state.counts_before_reset)
                 label = str(stats["model_id"])
                 seen[label] = seen.get(label, 0) + 1
                 if seen[label] > 1:  # the same store model offloaded twice in one process
                     label = f"{label}#{seen[label]}"
-                totals = self._totals.setdefault(id(state), _Totals())
                 info.add_metric([label, str(stats["backend"]), str(stats["device"]), str(stats["storage_path"])], 1)
                 for name, kind, key, _text in METRICS:
                     if kind == "counter":
-                        families[name].add_metric([label], totals.advance(key, float(stats[key])))
+                        families[name].add_metric([label], before.get(key, 0) + float(stats[key]))
                     elif kind == "gauge":
                         families[name].add_metric([label], float(stats[key] or 0))
                     else:
-                        families[name].add_metric([label], *_histogram(totals, key, stats[key]))
-            self._totals = {k: v for k, v in self._totals.items() if k in alive}
+                        families[name].add_metric([label], *_histogram(before, key, stats[key]))
         yield info
         yield from families.values()
 
 
-def _histogram(totals: _Totals, key: str, raw: Dict[str, Any]) -> Tuple[List[Tuple[str, float]], float]:
-    """Cumulative (le, count) buckets and the sum, each bucket monotonic across resets."""
+def _histogram(before: Dict[str, float], key: str, raw: Dict[str, Any]) -> Tuple[List[Tuple[str, float]], float]:
+    """Cumulative (le, count) buckets and the sum, with what resets zeroed added back."""
     bounds = [repr(float(b)) for b in raw["bounds_s"]] + ["+Inf"]
     counts = list(raw["counts"]) + [0] * (len(bounds) - len(raw["counts"]))
     buckets: List[Tuple[str, float]] = []
     cumulative = 0.0
     for i, le in enumerate(bounds):
-        cumulative += totals.advance(f"{key}[{i}]", float(counts[i]))
+        cumulative += before.get(f"{key}[{i}]", 0) + float(counts[i])
         buckets.append((le, cumulative))
-    return buckets, totals.advance(f"{key}.sum", float(raw["sum_s"]))
+    return buckets, before.get(f"{key}.sum_s", 0.0) + float(raw["sum_s"])
 
 
 _COLLECTOR: Optional[TensorStreamCollector] = None

@@ -3,7 +3,7 @@
 ``torch`` is imported when one of these functions is first called, so ``import tensorstream`` works without it.
 Implementation: partition.py (model -> blocks), arena.py (memory and budget), hooks.py (acquire / bind / release /
 evict), offload.py (the steps below, statistics, budget tuning, cleanup), pretrained.py (a Hugging Face checkpoint
-folder to an offloaded model).
+folder to an offloaded model), first_pass.py (serving from the checkpoint while its store is written).
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def from_pretrained(path: Union[str, "os.PathLike[str]"], config: Optional["Conf
     ``tensorstream convert CHECKPOINT`` writes the same store model without running it.
 
     The model is built without weights and the store is written straight from the checkpoint when it does not hold
-    the id yet: memory stays about one block above the budget, never the whole model; a progress bar shows on a
-    terminal. A checkpoint that does not match its config (a missing tensor, another shape), a missing shard or a
+    the id yet: memory stays about one block above the budget, never the whole model. On the CPU that write runs on
+    a thread and the call returns at once: until it is done, each block's forward reads its tensors from the
+    checkpoint and drops them after use, and the first forward after the write binds the model to the store
+    (``first_pass.py``; the same outputs either way). ``get_model_statistics``, ``cleanup_tensorstream()`` and
+    ``model.to`` wait for the write; a write that fails raises there or at the next forward. A checkpoint that does not match its config (a missing tensor, another shape), a missing shard or a
     truncated file is a ConfigError naming the file and the tensor, raised before the store is touched or, at the
     latest, before the new model is published: no partial store is left.
     """

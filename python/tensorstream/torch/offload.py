@@ -98,6 +98,7 @@ class OffloadState:
         self.row_embeddings: List[RowEmbedding] = list(row_embeddings or [])
         self.closed = False
         self.lock = threading.Lock()
+        self.counts_before_reset: Dict[str, float] = {}  # see _keep_before_reset
         self._finalizer = weakref.finalize(self, _shutdown, engine, [arena])
 
     def close(self) -> None:
@@ -119,6 +120,9 @@ class OffloadState:
 
 def _state(model: Any) -> OffloadState:
     state = getattr(model, STATE_ATTR, None) if isinstance(model, nn.Module) else None
+    complete = getattr(state, "complete_offload", None)
+    if callable(complete):  # served from its checkpoint while its store is written (first_pass.py): finish that
+        state = complete()
     if not isinstance(state, OffloadState) or state.closed:
         raise ConfigError("this model is not offloaded by TensorStream (call tensorstream.offload(model, config))",
                           field="model")
@@ -200,7 +204,8 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
 
 
 def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, checkpoint: Any, partition: Partition,
-                           resident: List[ResidentTensor], rewrite: bool = False) -> "Tuple[str, str]":
+                           resident: List[ResidentTensor], rewrite: bool = False,
+                           checkpoint_plan: Optional[list] = None) -> "Tuple[str, str]":
     """Finds model ``model_id`` of a meta model in the store, or writes it from ``checkpoint`` block by block when
     it is not there or ``rewrite`` (StoreNotFoundError when it is not there and there is no checkpoint)."""
     root = config.storage_path
@@ -214,7 +219,9 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
             "earlier offload reported), or pass checkpoint='path/to/checkpoint' to write the store from a Hugging "
             "Face safetensors checkpoint", root)
     source = Checkpoint(checkpoint)
-    plan = plan_blocks(source, model, partition, resident)  # every tensor found and its shape checked first
+    # Every tensor found and its shape checked first (or already, by the caller: first_pass.py plans before it
+    # changes the model and writes from another thread).
+    plan = checkpoint_plan if checkpoint_plan is not None else plan_blocks(source, model, partition, resident)
     metadata = _metadata(model, partition)
     metadata["tensorstream.checkpoint"] = source.path
     metadata[LEVEL_KEY] = str(config.store_compression_level)
@@ -372,13 +379,14 @@ def plan_offload(model: nn.Module, config: Any, model_id: Optional[str],
                        resident=resident_tensors(model, partition), placement=placement, rewrite=bool(rewrite))
 
 
-def store_model(model: nn.Module, plan: OffloadPlan) -> StoredModel:
+def store_model(model: nn.Module, plan: OffloadPlan, checkpoint_plan: Optional[list] = None) -> StoredModel:
     """Writes the model to the store, or finds it there (and checks a meta model against it); reads the manifest
-    once for what binding needs. Nothing in the model changes: a failure here leaves it as it was."""
+    once for what binding needs. Nothing in the model changes: a failure here leaves it as it was.
+    ``checkpoint_plan``: plan_blocks of the checkpoint, already made (a meta model only)."""
     config, partition, streamed = plan.config, plan.partition, plan.partition.streamed
     if plan.on_meta:
         stored_id, outcome = _store_for_meta_model(model, config, plan.model_id, plan.checkpoint, partition,
-                                                   plan.resident, plan.rewrite)
+                                                   plan.resident, plan.rewrite, checkpoint_plan)
     elif streamed or plan.resident:
         blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
         if plan.resident:
@@ -704,6 +712,9 @@ def _detach(model: nn.Module) -> None:
 def cleanup(model: nn.Module) -> None:
     """See ``model.cleanup_tensorstream()`` (documented in :func:`tensorstream.offload`)."""
     state = getattr(model, STATE_ATTR, None)
+    complete = getattr(state, "complete_offload", None)
+    if callable(complete):  # finish the store write and bind first: cleanup then reads the weights back from it
+        state = complete()
     if not isinstance(state, OffloadState):
         return
     runtime = state.runtime
@@ -871,7 +882,22 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
         load_latency=s["load_latency"],
         wait_latency=s["wait_latency"],
     )
+    if reset:
+        _keep_before_reset(state, out)
     return out
+
+
+def _keep_before_reset(state: OffloadState, stats: Dict[str, Any]) -> None:
+    """Adds the counters a reset is about to zero to ``state.counts_before_reset``, so that tensorstream.metrics
+    can keep its counters monotonic (metric = what was reset away + the engine's current count)."""
+    kept = state.counts_before_reset
+    for key, value in stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kept[key] = kept.get(key, 0) + value
+        elif isinstance(value, dict) and "counts" in value:  # a latency histogram
+            for i, count in enumerate(value["counts"]):
+                kept[f"{key}[{i}]"] = kept.get(f"{key}[{i}]", 0) + count
+            kept[f"{key}.sum_s"] = kept.get(f"{key}.sum_s", 0.0) + value["sum_s"]
 
 
 def write_trace(model: Any, path: Optional[str] = None) -> str:

@@ -171,10 +171,22 @@ def from_pretrained(path: Union[str, "os.PathLike[str]"], config: Optional[Confi
                     torch_dtype: Any = None, model_class: Any = None, model_id: Optional[str] = None,
                     device: Any = None, rewrite: bool = False, **hf_kwargs: Any) -> Any:
     """See :func:`tensorstream.from_pretrained`."""
-    from .offload import offload
+    from .checkpoint import Checkpoint, plan_blocks
+    from .first_pass import CheckpointPass
+    from .offload import bind_model, offload, plan_offload
 
     model, config, model_id, root = _prepare(path, config, torch_dtype, model_class, model_id, hf_kwargs)
-    return offload(model, config, model_id=model_id, checkpoint=root, device=device, rewrite=rewrite)
+    stored = os.path.exists(os.path.join(config.storage_path, "models", model_id, "manifest"))
+    if stored and not rewrite:
+        return offload(model, config, model_id=model_id, checkpoint=root, device=device)
+    plan = plan_offload(model, config, model_id, root, device, rewrite)
+    if plan.placement.device_slots or not plan.partition.streamed:
+        from .offload import store_model
+
+        return bind_model(model, plan, store_model(model, plan))
+    # Not in the store yet: write it on a thread and serve the first passes from the checkpoint (first_pass.py).
+    checkpoint_plan = plan_blocks(Checkpoint(root), model, plan.partition, plan.resident)
+    return CheckpointPass(model, plan, checkpoint_plan).start(model)
 
 
 @dataclasses.dataclass(frozen=True)
