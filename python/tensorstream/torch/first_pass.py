@@ -20,6 +20,7 @@ CPU only: on a device, ``from_pretrained`` writes first and binds after (``offlo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -114,7 +115,10 @@ class CheckpointPass:
             model = self._model()
             if model is None:
                 return
-            self._stored = store_model(model, self._plan, self._checkpoint_plan)
+            # No progress bar from the background: it would draw over whatever the process prints meanwhile
+            # (generated text); the write is logged when it starts and when the store is bound.
+            quiet = dataclasses.replace(self._plan, config=dataclasses.replace(self._plan.config, progress=False))
+            self._stored = store_model(model, quiet, self._checkpoint_plan)
         except BaseException as error:  # noqa: BLE001 - handed to the caller thread by complete_offload
             self._error = error
         finally:
