@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["METRICS", "TensorStreamCollector", "register", "start_metrics_server"]
+__all__ = ["METRICS", "SERVING_METRICS", "TensorStreamCollector", "ServingMetrics", "RequestMetrics", "register",
+           "start_metrics_server"]
 
 # (name, type, statistics key, help). Counters come from the engine's counters, gauges from its current state.
 METRICS: List[Tuple[str, str, str, str]] = [
@@ -148,3 +149,113 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: Any = None)
     registry = prometheus_client.REGISTRY if registry is None else registry
     register(registry)
     return prometheus_client.start_http_server(port, addr=addr, registry=registry)
+
+
+# ---- serving -------------------------------------------------------------------------------------------------------
+
+# Buckets of the serving histograms: latencies from 10 ms to 2 minutes; batch sizes up to 256.
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+SERVING_METRICS: List[Tuple[str, str, str]] = [
+    ("tensorstream_requests_running", "gauge", "Requests in the running batch"),
+    ("tensorstream_requests_waiting", "gauge", "Requests admitted and waiting for a place in the batch"),
+    ("tensorstream_requests_total", "counter", "Finished requests, by outcome (stop, length, error, cancelled)"),
+    ("tensorstream_prompt_tokens_total", "counter", "Prompt tokens of the requests started"),
+    ("tensorstream_generation_tokens_total", "counter", "Tokens generated"),
+    ("tensorstream_time_to_first_token_seconds", "histogram", "From a request's arrival to its first token"),
+    ("tensorstream_inter_token_latency_seconds", "histogram", "Between consecutive tokens of one request"),
+    ("tensorstream_request_latency_seconds", "histogram", "From a request's arrival to its end"),
+    ("tensorstream_batch_size", "histogram", "Requests in each decoding step"),
+]
+
+
+class ServingMetrics:
+    """The serving side's metrics for one served model (label ``model``), registered into ``registry`` (default:
+    prometheus_client's global REGISTRY). The server calls :meth:`request` when a request arrives and drives the
+    returned :class:`RequestMetrics`; :meth:`step` once per decoding step with the batch size.
+
+    Thread-safety: every method may be called from any thread (prometheus_client's metrics are thread-safe).
+    """
+
+    def __init__(self, model: str, registry: Any = None) -> None:
+        prometheus_client = _prometheus()
+        registry = prometheus_client.REGISTRY if registry is None else registry
+        self.model = model
+        families = getattr(registry, "_tensorstream_serving", None)
+        if families is None:  # one set of families per registry; each served model is a label value
+            families = {
+                "running": prometheus_client.Gauge("tensorstream_requests_running", SERVING_METRICS[0][2],
+                                                   ["model"], registry=registry),
+                "waiting": prometheus_client.Gauge("tensorstream_requests_waiting", SERVING_METRICS[1][2],
+                                                   ["model"], registry=registry),
+                "requests": prometheus_client.Counter("tensorstream_requests", SERVING_METRICS[2][2],
+                                                      ["model", "outcome"], registry=registry),
+                "prompt": prometheus_client.Counter("tensorstream_prompt_tokens", SERVING_METRICS[3][2], ["model"],
+                                                    registry=registry),
+                "generated": prometheus_client.Counter("tensorstream_generation_tokens", SERVING_METRICS[4][2],
+                                                       ["model"], registry=registry),
+                "ttft": prometheus_client.Histogram("tensorstream_time_to_first_token_seconds", SERVING_METRICS[5][2],
+                                                    ["model"], buckets=_LATENCY_BUCKETS_S, registry=registry),
+                "itl": prometheus_client.Histogram("tensorstream_inter_token_latency_seconds", SERVING_METRICS[6][2],
+                                                   ["model"], buckets=_LATENCY_BUCKETS_S, registry=registry),
+                "e2e": prometheus_client.Histogram("tensorstream_request_latency_seconds", SERVING_METRICS[7][2],
+                                                   ["model"], buckets=_LATENCY_BUCKETS_S, registry=registry),
+                "batch": prometheus_client.Histogram("tensorstream_batch_size", SERVING_METRICS[8][2], ["model"],
+                                                     buckets=_BATCH_BUCKETS, registry=registry),
+            }
+            registry._tensorstream_serving = families
+        self._families = families
+
+    def request(self, prompt_tokens: int) -> "RequestMetrics":
+        """A request arrived (it waits until :meth:`RequestMetrics.started`)."""
+        return RequestMetrics(self, prompt_tokens)
+
+    def step(self, batch_size: int) -> None:
+        """One decoding step ran for ``batch_size`` requests."""
+        self._families["batch"].labels(self.model).observe(batch_size)
+
+
+class RequestMetrics:
+    """One request's life: waiting, running, its tokens, its end (exactly once)."""
+
+    def __init__(self, serving: ServingMetrics, prompt_tokens: int) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._f = serving._families
+        self._model = serving.model
+        self._arrived = self._clock()
+        self._last_token: Optional[float] = None
+        self._state = "waiting"
+        self._prompt_tokens = int(prompt_tokens)
+        self._f["waiting"].labels(self._model).inc()
+
+    def started(self) -> None:
+        """The request entered the running batch."""
+        if self._state != "waiting":
+            return
+        self._state = "running"
+        self._f["waiting"].labels(self._model).dec()
+        self._f["running"].labels(self._model).inc()
+        self._f["prompt"].labels(self._model).inc(self._prompt_tokens)
+
+    def token(self, count: int = 1) -> None:
+        """``count`` tokens were generated for this request."""
+        now = self._clock()
+        if self._last_token is None:
+            self._f["ttft"].labels(self._model).observe(now - self._arrived)
+        else:
+            self._f["itl"].labels(self._model).observe(now - self._last_token)
+        self._last_token = now
+        self._f["generated"].labels(self._model).inc(count)
+
+    def finished(self, outcome: str) -> None:
+        """The request ended: "stop", "length", "error" or "cancelled" (a client that went away)."""
+        if self._state == "finished":
+            return
+        gauge = "waiting" if self._state == "waiting" else "running"
+        self._f[gauge].labels(self._model).dec()
+        self._state = "finished"
+        self._f["requests"].labels(self._model, outcome).inc()
+        self._f["e2e"].labels(self._model).observe(self._clock() - self._arrived)

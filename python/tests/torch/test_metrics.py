@@ -121,3 +121,40 @@ def test_errors_are_typed(monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if it were not installed
     with pytest.raises(ts.ConfigError, match=r"pip install tensorstream\[metrics\]"):
         metrics.register(object())
+
+
+# ---- serving -----------------------------------------------------------------------------------------------------
+
+def test_serving_metrics_follow_each_request(registry):
+    serving = metrics.ServingMetrics("tiny", registry)
+    first = serving.request(prompt_tokens=7)
+    second = serving.request(prompt_tokens=3)
+    samples = scrape(registry)
+    assert value(samples, "tensorstream_requests_waiting", "tiny") == 2
+    first.started()
+    second.started()
+    serving.step(2)
+    for _ in range(4):
+        first.token()
+    second.token(2)
+    second.finished("cancelled")  # a client that went away
+    first.finished("stop")
+    first.finished("stop")  # once only
+    samples = scrape(registry)
+    assert value(samples, "tensorstream_requests_running", "tiny") == 0
+    assert value(samples, "tensorstream_requests_waiting", "tiny") == 0
+    assert value(samples, "tensorstream_prompt_tokens_total", "tiny") == 10
+    assert value(samples, "tensorstream_generation_tokens_total", "tiny") == 6
+    assert value(samples, "tensorstream_requests_total", "tiny", outcome="stop") == 1
+    assert value(samples, "tensorstream_requests_total", "tiny", outcome="cancelled") == 1
+    assert value(samples, "tensorstream_time_to_first_token_seconds_count", "tiny") == 2
+    assert value(samples, "tensorstream_inter_token_latency_seconds_count", "tiny") == 3  # 4 tokens, 3 gaps
+    assert value(samples, "tensorstream_request_latency_seconds_count", "tiny") == 2
+    assert value(samples, "tensorstream_batch_size_count", "tiny") == 1
+    assert value(samples, "tensorstream_batch_size_sum", "tiny") == 2
+    # A second served model shares the families under its own label.
+    other = metrics.ServingMetrics("other", registry)
+    other.request(prompt_tokens=1).finished("error")
+    samples = scrape(registry)
+    assert value(samples, "tensorstream_requests_total", "other", outcome="error") == 1
+    assert value(samples, "tensorstream_requests_waiting", "other") == 0
