@@ -51,9 +51,6 @@ METRICS: List[Tuple[str, str, str, str]] = [
 class TensorStreamCollector:
     """A prometheus_client collector over every offloaded model alive in the process."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
     def describe(self) -> Iterator[Any]:
         return iter(())  # no fixed samples: the models come and go (prometheus_client then calls collect lazily)
 
@@ -73,26 +70,25 @@ class TensorStreamCollector:
                 families[name] = HistogramMetricFamily(base, text, labels=["model"])
         info = GaugeMetricFamily("tensorstream_model_info", "An offloaded model (value 1) and how it streams",
                                  labels=["model", "backend", "device", "storage_path"])
-        with self._lock:
-            seen: Dict[str, int] = {}
-            for state in sorted(live_states(), key=lambda s: str(s.model_id)):
-                try:
-                    stats = state_statistics(state)
-                except Exception:  # noqa: BLE001 - a model closing under the scrape is left out of this one
-                    continue
-                before = dict(state.counts_before_reset)
-                label = str(stats["model_id"])
-                seen[label] = seen.get(label, 0) + 1
-                if seen[label] > 1:  # the same store model offloaded twice in one process
-                    label = f"{label}#{seen[label]}"
-                info.add_metric([label, str(stats["backend"]), str(stats["device"]), str(stats["storage_path"])], 1)
-                for name, kind, key, _text in METRICS:
-                    if kind == "counter":
-                        families[name].add_metric([label], before.get(key, 0) + float(stats[key]))
-                    elif kind == "gauge":
-                        families[name].add_metric([label], float(stats[key] or 0))
-                    else:
-                        families[name].add_metric([label], *_histogram(before, key, stats[key]))
+        seen: Dict[str, int] = {}
+        for state in sorted(live_states(), key=lambda s: str(s.model_id)):
+            try:
+                stats = state_statistics(state)
+            except Exception:  # noqa: BLE001 - a model closing under the scrape is left out of this one
+                continue
+            before = dict(state.counts_before_reset)
+            label = str(stats["model_id"])
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:  # the same store model offloaded twice in one process
+                label = f"{label}#{seen[label]}"
+            info.add_metric([label, str(stats["backend"]), str(stats["device"]), str(stats["storage_path"])], 1)
+            for name, kind, key, _text in METRICS:
+                if kind == "counter":
+                    families[name].add_metric([label], before.get(key, 0) + float(stats[key]))
+                elif kind == "gauge":
+                    families[name].add_metric([label], float(stats[key] or 0))
+                else:
+                    families[name].add_metric([label], *_histogram(before, key, stats[key]))
         yield info
         yield from families.values()
 

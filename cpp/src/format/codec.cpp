@@ -265,30 +265,30 @@ Codec compress_chunk(std::span<const std::byte> raw, CompressionChoice choice, u
                      std::vector<std::byte>& out, std::vector<std::byte>& scratch) {
   if (choice.codec == Codec::kRaw || raw.empty() || raw.size() > static_cast<size_t>(INT_MAX)) return Codec::kRaw;
   if (shuffle > 1 && raw.size() % shuffle != 0) return Codec::kRaw;  // byte planes need whole elements
+  const bool exponent_only = choice.codec == Codec::kExponent;
   const bool exponent_fits = shuffle == 2 || shuffle == 4;
-  const bool try_exponent =
-      exponent_fits && (choice.codec == Codec::kExponent || choice.floats != FloatCoding::kGrouped);
-  const bool try_grouped =
-      choice.codec != Codec::kExponent && (!exponent_fits || choice.floats != FloatCoding::kExponent);
-  if (!try_exponent) return try_grouped && compress_grouped(raw, choice, shuffle, out, scratch) ? choice.codec : Codec::kRaw;
+  if (!exponent_fits || (!exponent_only && choice.floats == FloatCoding::kGrouped)) {
+    return !exponent_only && compress_grouped(raw, choice, shuffle, out, scratch) ? choice.codec : Codec::kRaw;
+  }
   const bool exponent_shrinks = compress_exponent(raw, shuffle, out, scratch);
+  const Codec exponent_result = exponent_shrinks ? Codec::kExponent : Codec::kRaw;
+  if (exponent_only) return exponent_result;
   thread_local std::vector<std::byte> grouped;
-  if (!try_grouped && choice.codec != Codec::kExponent && raw.size() > 2 * kProbeBytes) {
+  if (choice.floats == FloatCoding::kExponent) {
     // Trained weights' bytes under the exponent are close to random: only the exponent plane shrinks, and a second
     // encode would just cost time. Weights with few distinct values (dequantised ones) repeat whole byte groups,
     // which LZ matching finds and an order-0 coder cannot; a slice from the middle of the chunk tells which case
     // this is for a sixty-fourth of a 4 MiB chunk's encode.
+    if (raw.size() <= 2 * kProbeBytes) return exponent_result;
     const size_t begin = (raw.size() / 2) / shuffle * shuffle;
     thread_local std::vector<std::byte> probe_scratch;
     const double exponent_ratio = exponent_shrinks ? static_cast<double>(out.size()) / raw.size() : 1.0;
     const bool probe_shrinks = compress_grouped(raw.subspan(begin, kProbeBytes), choice, shuffle, grouped,
                                                 probe_scratch);
     const double probe_ratio = probe_shrinks ? static_cast<double>(grouped.size()) / kProbeBytes : 1.0;
-    if (probe_ratio >= kProbeGain * exponent_ratio) return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
-  } else if (!try_grouped) {
-    return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
+    if (probe_ratio >= kProbeGain * exponent_ratio) return exponent_result;
   }
-  if (!compress_grouped(raw, choice, shuffle, grouped, scratch)) return exponent_shrinks ? Codec::kExponent : Codec::kRaw;
+  if (!compress_grouped(raw, choice, shuffle, grouped, scratch)) return exponent_result;
   if (exponent_shrinks && out.size() <= grouped.size()) return Codec::kExponent;
   out.swap(grouped);
   return choice.codec;

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .checkpoint import TensorSource, _block_tensors
-from .hooks import placeholder
+from .hooks import nesting_hooks, placeholder
 from .meta import Materialization
 from .offload import CLEANUP_ATTR, STATE_ATTR, OffloadPlan, OffloadState, StoredModel, _Cleanup, bind_model, store_model
 from .partition import RESIDENT_BLOCK, Block
@@ -46,7 +46,7 @@ __all__ = ["CheckpointPass"]
 class _Depth(threading.local):
     def __init__(self) -> None:
         self.held: Dict[int, int] = {}  # block position -> nesting depth in this thread
-        self.frames: List[Tuple[int, Optional[int]]] = []  # (id(module), block position or None)
+        self.frames: List[Tuple[int, Optional[int]]] = []  # (id(module), block position or None): nesting_hooks
 
 
 class CheckpointPass:
@@ -59,6 +59,8 @@ class CheckpointPass:
         streamed = plan.partition.streamed
         plans = dict(checkpoint_plan)
         self._blocks: List[Tuple[Block, List[TensorSource]]] = [(b, plans[b.name]) for b in streamed]
+        # Entries by tensor name, per block: an entry's param changes at materialisation, the entry does not.
+        self._entries = [{entry.name: entry for entry in b.params} for b in streamed]
         self._resident_sources: List[TensorSource] = plans.get(RESIDENT_BLOCK, [])
         self._pins = [0] * len(self._blocks)
         self._lock = threading.Lock()
@@ -127,47 +129,20 @@ class CheckpointPass:
     # -- serving from the checkpoint -------------------------------------------------------------------------------
 
     def _hooks(self, position: int):
-        depth = self._depth
+        def enter() -> bool:
+            self._load(position)
+            return True
 
-        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            held = depth.held.get(position, 0)
-            if held > 0:
-                depth.held[position] = held + 1
-                depth.frames.append((id(module), position))
-                return None
-            try:
-                self._load(position)
-            except BaseException:
-                depth.frames.append((id(module), None))
-                raise
-            depth.held[position] = 1
-            depth.frames.append((id(module), position))
-            return None
-
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not depth.frames or depth.frames[-1][0] != id(module):
-                return None
-            _mid, held_position = depth.frames.pop()
-            if held_position is None:
-                return None
-            left = depth.held.get(held_position, 0) - 1
-            if left > 0:
-                depth.held[held_position] = left
-                return None
-            depth.held.pop(held_position, None)
-            self._unload(held_position)
-            return None
-
-        return pre_hook, post_hook
+        return nesting_hooks(position, self._depth, enter, lambda: self._unload(position))
 
     def _load(self, position: int) -> None:
-        block, sources = self._blocks[position]
+        _block, sources = self._blocks[position]
         with self._lock:
             if self._pins[position] == 0:
-                params = {entry.name: entry.param for entry in block.params}
+                entries = self._entries[position]
                 with torch.inference_mode(False):
                     for name, tensor in _block_tensors(sources):
-                        params[name].data = tensor
+                        entries[name].param.data = tensor
             self._pins[position] += 1
 
     def _unload(self, position: int) -> None:

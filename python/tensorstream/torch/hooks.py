@@ -83,10 +83,56 @@ class StreamBlock:
         self.bound_address: Optional[int] = None  # slot address the parameters view, None: placeholders
 
 
+def nesting_hooks(key: int, tls: Any, enter: Callable[[], bool],
+                  leave: Callable[[], None]) -> Tuple[Callable[..., None], Callable[..., None]]:
+    """A forward pre-hook and post-hook for the modules of one block (``key``) that call ``enter()`` when a thread
+    first enters any of them and ``leave()`` when it leaves the outermost one: a block whose modules nest, or a
+    module called again inside its own forward, is entered once. ``tls`` is per-thread state with ``held`` (key ->
+    depth) and ``frames`` (one entry per hooked call on the stack). ``enter`` returns False to do nothing for this
+    call (the post-hook then does nothing either); if it raises, so does the pre-hook, and the post-hook (which
+    torch still runs) does nothing."""
+
+    def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        frames = tls.frames
+        depth = tls.held.get(key, 0)
+        if depth > 0:
+            tls.held[key] = depth + 1
+            frames.append((id(module), key))
+            return None
+        try:
+            entered = enter()
+        except BaseException:
+            frames.append((id(module), None))
+            raise
+        if not entered:
+            frames.append((id(module), None))
+            return None
+        tls.held[key] = 1
+        frames.append((id(module), key))
+        return None
+
+    def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        frames = tls.frames
+        if not frames or frames[-1][0] != id(module):
+            return None  # our pre-hook did not run for this call (an earlier pre-hook raised)
+        _mid, held_key = frames.pop()
+        if held_key is None:
+            return None
+        depth = tls.held.get(held_key, 0) - 1
+        if depth > 0:
+            tls.held[held_key] = depth
+            return None
+        tls.held.pop(held_key, None)
+        leave()
+        return None
+
+    return pre_hook, post_hook
+
+
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.held: Dict[int, int] = {}        # block index -> nesting depth in this thread
-        self.frames: List[Tuple[int, Optional[StreamBlock]]] = []  # (id(module), block or None if the pre-hook failed)
+        self.frames: List[Tuple[int, Optional[int]]] = []  # (id(module), block index, None: nothing entered)
         self.started: Dict[int, float] = {}   # block index -> time the block became usable (debug timings)
         self.computing: Dict[int, int] = {}   # block index -> time.monotonic_ns() it became usable (tracing)
 
@@ -138,48 +184,20 @@ class StreamingRuntime:
 
     def _make_hooks(self, sb: StreamBlock, path: str) -> Tuple[Callable[..., None], Callable[..., None]]:
         runtime_ref = weakref.ref(self)
-        tls = self._tls
 
-        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        def enter() -> bool:
             runtime = runtime_ref()
-            frames = tls.frames
             if runtime is None:
-                frames.append((id(module), None))
-                return None
-            held = tls.held
-            depth = held.get(sb.index, 0)
-            if depth > 0:
-                held[sb.index] = depth + 1
-                frames.append((id(module), sb))
-                return None
-            try:
-                runtime._acquire(sb, path)
-            except BaseException:
-                frames.append((id(module), None))
-                raise
-            held[sb.index] = 1
-            frames.append((id(module), sb))
-            return None
+                return False
+            runtime._acquire(sb, path)
+            return True
 
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            frames = tls.frames
-            if not frames or frames[-1][0] != id(module):
-                return None  # our pre-hook did not run for this call (an earlier pre-hook raised)
-            _mid, block = frames.pop()
-            if block is None:
-                return None
-            held = tls.held
-            depth = held.get(block.index, 0) - 1
-            if depth > 0:
-                held[block.index] = depth
-                return None
-            held.pop(block.index, None)
+        def leave() -> None:
             runtime = runtime_ref()
             if runtime is not None:
-                runtime._release(block)
-            return None
+                runtime._release(sb)
 
-        return pre_hook, post_hook
+        return nesting_hooks(sb.index, self._tls, enter, leave)
 
     def _acquire(self, sb: StreamBlock, path: str) -> None:
         if self.closed:

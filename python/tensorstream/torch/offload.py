@@ -203,15 +203,21 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
     return result.model_id, result.outcome
 
 
+def store_holds(storage_path: Any, model_id: str) -> bool:
+    """Whether the store at ``storage_path`` (which may not exist yet) holds model ``model_id``."""
+    root = os.fspath(storage_path)
+    return (os.path.isdir(root) and os.path.exists(os.path.join(root, "STORE"))
+            and _core.StorageDirectory.open_existing(root).has_model(model_id))
+
+
 def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, checkpoint: Any, partition: Partition,
                            resident: List[ResidentTensor], rewrite: bool = False,
                            checkpoint_plan: Optional[list] = None) -> "Tuple[str, str]":
     """Finds model ``model_id`` of a meta model in the store, or writes it from ``checkpoint`` block by block when
     it is not there or ``rewrite`` (StoreNotFoundError when it is not there and there is no checkpoint)."""
     root = config.storage_path
-    if os.path.isdir(root) and os.path.exists(os.path.join(root, "STORE")):
-        if _core.StorageDirectory.open_existing(root).has_model(model_id) and not (rewrite and checkpoint is not None):
-            return model_id, "already_existed"  # the checkpoint is not even opened
+    if store_holds(root, model_id) and not (rewrite and checkpoint is not None):
+        return model_id, "already_existed"  # the checkpoint is not even opened
     if checkpoint is None:
         raise StoreNotFoundError(
             errno.ENOENT, f"the store {root} holds no model '{model_id}': a model on the meta device gets its weights "

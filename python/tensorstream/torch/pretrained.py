@@ -173,17 +173,13 @@ def from_pretrained(path: Union[str, "os.PathLike[str]"], config: Optional[Confi
     """See :func:`tensorstream.from_pretrained`."""
     from .checkpoint import Checkpoint, plan_blocks
     from .first_pass import CheckpointPass
-    from .offload import bind_model, offload, plan_offload
+    from .offload import bind_model, plan_offload, store_holds, store_model
 
     model, config, model_id, root = _prepare(path, config, torch_dtype, model_class, model_id, hf_kwargs)
-    stored = os.path.exists(os.path.join(config.storage_path, "models", model_id, "manifest"))
-    if stored and not rewrite:
-        return offload(model, config, model_id=model_id, checkpoint=root, device=device)
     plan = plan_offload(model, config, model_id, root, device, rewrite)
-    if plan.placement.device_slots or not plan.partition.streamed:
-        from .offload import store_model
-
-        return bind_model(model, plan, store_model(model, plan))
+    stored = store_holds(config.storage_path, model_id) and not rewrite
+    if stored or plan.placement.device_slots or not plan.partition.streamed:
+        return bind_model(model, plan, store_model(model, plan))  # offload()'s three stages
     # Not in the store yet: write it on a thread and serve the first passes from the checkpoint (first_pass.py).
     checkpoint_plan = plan_blocks(Checkpoint(root), model, plan.partition, plan.resident)
     return CheckpointPass(model, plan, checkpoint_plan).start(model)
