@@ -8,15 +8,18 @@
     tensorstream trace-plot TRACE.json [-o OUT.png] [--lanes compact|detailed]   draw a Chrome trace as a PNG
     tensorstream convert CHECKPOINT [--storage-path P] [--dtype bf16] [--compression-level N] [--replace]
                                                write a Hugging Face checkpoint into the store
+    tensorstream serve MODEL [--storage-path P] [--budget-gb N] [--port 8000] [--max-batch 16]
+                                               an OpenAI-compatible server batching over streamed weights
 
 PATH defaults to $TENSORSTREAM_STORAGE_PATH. Exit status: 0 success, 1 the check found problems, 2 error (one
-line on stderr). None of these commands imports torch, except validate and convert; trace-plot needs matplotlib.
+line on stderr). None of these commands imports torch, except validate, convert and serve; trace-plot needs matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -233,6 +236,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions, serve
+    from .serve.engine import EngineOptions
+
+    if not 0 <= args.port <= 65535:
+        raise _config_error(f"--port {args.port} is outside 0..65535", "port")
+    EngineOptions(max_batch=args.max_batch, kv_cache_gb=args.kv_cache_gb, max_batch_tokens=args.max_batch_tokens)
+    options = ServeOptions(model=args.model, storage_path=args.storage_path, budget_gb=args.budget_gb,
+                           served_name=args.served_model_name, tokenizer=args.tokenizer, dtype=args.dtype,
+                           max_batch=args.max_batch, kv_cache_gb=args.kv_cache_gb,
+                           max_batch_tokens=args.max_batch_tokens, verify=not args.no_verify)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(options, host=args.host, port=args.port, log_level=args.log_level)
+    return EXIT_OK
+
+
 def _config_error(message: str, field: str) -> TensorStreamError:
     from .errors import ConfigError
 
@@ -313,6 +332,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, batching concurrent requests",
+                       description="Serves MODEL (a checkpoint folder, a hub id in the local cache, or the id of a "
+                       "model in the store) on /v1/completions, /v1/chat/completions, /v1/models, /health, /ready "
+                       "and /metrics. Concurrent requests share each forward step (continuous batching), so a step "
+                       "streams the weights once for all of them. docs/serving.md.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, cached hub id, or a store model id")
+    p.add_argument("--storage-path", "-s", metavar="PATH", default=None,
+                   help="storage directory (default: $TENSORSTREAM_STORAGE_PATH, else ~/.cache/tensorstream/store)")
+    p.add_argument("--budget-gb", type=float, default=None, metavar="N",
+                   help="memory budget for the weights (default: $TENSORSTREAM_VRAM_BUDGET, else a quarter of them)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests per forward step (default 16; 1 serves one request at a time)")
+    p.add_argument("--kv-cache-gb", type=float, default=0.5, metavar="N", help="KV cache size (default 0.5)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
+                   help="tokens per forward step; longer prompts are prefilled in pieces (default 512)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the name clients pass as `model` (default: MODEL as given)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer folder (default: the checkpoint's; needed for text prompts of a store model id)")
+    p.add_argument("--dtype", type=lambda text: DTYPE_NAMES.get(text.lower(), text), default=None,
+                   metavar="DTYPE", help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not verify the model's chunks in the store before serving")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
