@@ -37,6 +37,8 @@ def serve(options: ServeOptions, host: str = "0.0.0.0", port: int = 8000, log_le
     uvicorn = _server_modules()
     from .app import Service, create_app
 
+    # transformers' batching logs every cache (re)initialisation at INFO under its own logger name
+    logging.getLogger("ContinuousBatchingLogger").setLevel(max(logging.WARNING, logging.getLogger().level))
     service = Service(options)
     app = create_app(service)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))

@@ -149,6 +149,14 @@ class BatchEngine:
         if not callable(getattr(model, "init_continuous_batching", None)):
             raise ConfigError(f"{type(model).__name__} cannot generate in batches (transformers' continuous "
                               "batching needs a generative Hugging Face model)", field="model")
+        try:
+            from transformers import ContinuousBatchingConfig
+        except ImportError:
+            ContinuousBatchingConfig = None
+        if ContinuousBatchingConfig is None or "per_request_processors" not in getattr(
+                ContinuousBatchingConfig, "__dataclass_fields__", {}):
+            raise ConfigError("tensorstream serve needs a transformers with continuous batching and per-request "
+                              "sampling (5.x): pip install -U 'tensorstream[serve]'", field="transformers")
         self.model = model
         self.options = options
         self.metrics = metrics
@@ -291,7 +299,8 @@ class BatchEngine:
                 if tokens:
                     yield Delta(tokens)
         except (GeneratorExit, asyncio.CancelledError):
-            outcome = "cancelled"
+            if outcome == "error":  # closed before its end (after it, the outcome is already stop / length)
+                outcome = "cancelled"
             raise
         finally:
             with self._lock:
