@@ -7,6 +7,7 @@ Runs, each as its own process with a share of the time budget (DESIGN.md §8: ar
   S3  store_write.py   writing a store (checksums on; uncompressed and compressed) over dd conv=fsync
   S1  engine_read.py   cold read of a >= 4 GiB store per backend over fio / dd with O_DIRECT
   S2  engine_read.py   warm read per backend over a 2-thread buffered pread and over memcpy
+  B1  serving.py       tensorstream serve: 8 concurrent clients against the same 8 requests one at a time
   M1-M3 generation.py  a Llama twice its budget generating: TensorStream (each prefetch strategy) against accelerate
                        and the plain model; time to first token; peak memory; plus a traced generation
 
@@ -51,15 +52,17 @@ def suites(stem: Path, quick: bool) -> list:
         return [("codecs", "C1", py + [str(HERE / "codecs.py"), "--smoke"], 0.05),
                 ("store_write", "S3", py + [str(HERE / "store_write.py"), "--smoke"], 0.1),
                 ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py"), "--smoke"], 0.1),
+                ("serving", "B1", py + [str(HERE / "serving.py"), "--smoke"], 0.05),
                 ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--size-gib", "0.25",
                                                  "--budget-gib", "0.125", "--rounds", "1", "--min-rounds", "1",
                                                  "--tokens", "3", "--trace-out", str(stem) + "-trace.json",
                                                  "--trace-png"], 0.8)]
     return [("codecs", "C1", py + [str(HERE / "codecs.py")], 0.05),
             ("store_write", "S3", py + [str(HERE / "store_write.py")], 0.14),
-            ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py")], 0.30),
+            ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py")], 0.27),
+            ("serving", "B1", py + [str(HERE / "serving.py")], 0.09),
             ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--trace-out", str(stem) + "-trace.json",
-                                             "--trace-png"], 0.56)]
+                                             "--trace-png"], 0.50)]
 
 
 def budget_args(name: str, seconds: float) -> list:

@@ -142,6 +142,19 @@ def test_generation_smoke_reports_every_figure_and_equal_tokens(disk_dir):
     assert over and all(row["target"] == 1.0 for row in over)
 
 
+def test_serving_smoke_reports_the_batching_ratio(tmp_path):
+    """B1 on a tiny Llama: both arms answered every request with the same tokens count, and the row has its target."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    report = run_smoke("serving.py", tmp_path / "serving.json")
+    rounds = report["rounds"]["page cache"]
+    assert rounds["serial"][0]["tokens"] == rounds["concurrent"][0]["tokens"] > 0
+    row = next(r for r in report["summary"] if r["metric"].startswith("B1 total generated tokens/s"))
+    assert row["target"] == 5.0 and row["baseline"] == "serial (one at a time)" and row["ratio"] > 0
+    per_token = next(r for r in report["summary"] if r["metric"].startswith("B1 bytes read per generated token"))
+    assert per_token["ratio"] < 1.0  # batched steps read fewer bytes per token, whatever the timing
+
+
 def test_run_all_table_and_plots_from_a_report(disk_dir):
     """run_all.py's table and plots from summary rows: a met target, a missed one, a row without a target."""
     sys.path.insert(0, str(BENCH))
