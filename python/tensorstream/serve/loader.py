@@ -70,8 +70,26 @@ def _is_store_model(options: ServeOptions, config: Config) -> bool:
     return store_holds(config.storage_path, options.model)
 
 
+def _stored_min_layer_size(store: Any) -> int:
+    """The min_layer_size the stored model was partitioned with: from its metadata, else (older stores) the size of
+    its smallest streamed block, which partitions it the same way."""
+    from ..torch.offload import MIN_LAYER_KEY
+    from ..torch.partition import RESIDENT_BLOCK
+
+    text = store.metadata.get(MIN_LAYER_KEY, "")
+    if text.isdigit():
+        return int(text)
+    sizes: dict = {}
+    for name in store.tensor_names():
+        info = store.info(name)
+        if info["block_name"] != RESIDENT_BLOCK:
+            sizes[info["block_name"]] = sizes.get(info["block_name"], 0) + info["nbytes"]
+    return min(sizes.values()) if sizes else 1 << 20
+
+
 def _build_from_store(model_id: str, config: Config) -> Any:
-    """The model of store entry ``model_id``, built without weights from the config and class in its metadata."""
+    """The model of store entry ``model_id``, built without weights from the config and class in its metadata.
+    ``config.min_layer_size`` is set to the one the store was partitioned with."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, GenerationConfig
 
@@ -81,6 +99,7 @@ def _build_from_store(model_id: str, config: Config) -> Any:
         metadata = dict(store.metadata)
         # The stored tensors' dtype (convert --dtype may have cast them), not the config's.
         dtypes = [store.info(name)["dtype"] for name in store.tensor_names()]
+        config.min_layer_size = _stored_min_layer_size(store)
     floats = [name for name in dtypes if name.startswith(("float", "bfloat"))]
     class_path = metadata.get("tensorstream.model_class")
     config_json = metadata.get("tensorstream.hf_config")

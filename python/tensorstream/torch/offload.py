@@ -231,6 +231,7 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
     metadata = _metadata(model, partition)
     metadata["tensorstream.checkpoint"] = source.path
     metadata[LEVEL_KEY] = str(config.store_compression_level)
+    metadata[MIN_LAYER_KEY] = str(config.min_layer_size)
     result = write_model(root, iter_blocks(plan), model_id=model_id, compression_level=config.store_compression_level,
                          metadata=metadata, progress=config.progress, replace=rewrite,
                          total_bytes=partition.streamed_bytes + sum(r.tensor.numel() * r.tensor.element_size()
@@ -242,6 +243,9 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
 
 # Store metadata: the compression level a model was written with (absent in stores written before it was kept).
 LEVEL_KEY = "tensorstream.compression_level"
+# ... and the min_layer_size that partitioned it: a model rebuilt from the store (tensorstream serve MODEL_ID) must
+# partition the same way to bind to it.
+MIN_LAYER_KEY = "tensorstream.min_layer_size"
 
 
 def stored_compression_level(store: Any) -> Optional[int]:
@@ -399,6 +403,7 @@ def store_model(model: nn.Module, plan: OffloadPlan, checkpoint_plan: Optional[l
             blocks[RESIDENT_BLOCK] = {r.name: r.tensor.detach() for r in plan.resident}
         metadata = _metadata(model, partition)
         metadata[LEVEL_KEY] = str(config.store_compression_level)
+        metadata[MIN_LAYER_KEY] = str(config.min_layer_size)
         stored_id, outcome = _write_store(config, blocks, plan.model_id, metadata, plan.rewrite)
         del blocks
     else:
