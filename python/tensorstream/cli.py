@@ -240,10 +240,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeOptions, serve
     from .serve.engine import EngineOptions
 
+    import os
+
+    model = args.model or os.environ.get("TENSORSTREAM_MODEL")
+    if not model:
+        raise _config_error("serve needs a MODEL: a checkpoint folder, a cached hub id or a store model id "
+                            "(argument, or TENSORSTREAM_MODEL)", "model")
     if not 0 <= args.port <= 65535:
         raise _config_error(f"--port {args.port} is outside 0..65535", "port")
     EngineOptions(max_batch=args.max_batch, kv_cache_gb=args.kv_cache_gb, max_batch_tokens=args.max_batch_tokens)
-    options = ServeOptions(model=args.model, storage_path=args.storage_path, budget_gb=args.budget_gb,
+    options = ServeOptions(model=model, storage_path=args.storage_path, budget_gb=args.budget_gb,
                            served_name=args.served_model_name, tokenizer=args.tokenizer, dtype=args.dtype,
                            max_batch=args.max_batch, kv_cache_gb=args.kv_cache_gb,
                            max_batch_tokens=args.max_batch_tokens, verify=not args.no_verify)
@@ -337,7 +343,8 @@ def _parser() -> argparse.ArgumentParser:
                        "model in the store) on /v1/completions, /v1/chat/completions, /v1/models, /health, /ready "
                        "and /metrics. Concurrent requests share each forward step (continuous batching), so a step "
                        "streams the weights once for all of them. docs/serving.md.")
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder, cached hub id, or a store model id")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="checkpoint folder, cached hub id, or a store model id (default: $TENSORSTREAM_MODEL)")
     p.add_argument("--storage-path", "-s", metavar="PATH", default=None,
                    help="storage directory (default: $TENSORSTREAM_STORAGE_PATH, else ~/.cache/tensorstream/store)")
     p.add_argument("--budget-gb", type=float, default=None, metavar="N",
