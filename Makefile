@@ -5,7 +5,8 @@ BUILD ?= build
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTS_PYTHON_INPLACE=ON -DPython_EXECUTABLE=$(shell command -v $(PYTHON))
 export PYTHONPATH := $(CURDIR)/python:$(PYTHONPATH)
 
-.PHONY: all deps build test test-cpp test-sanitize test-tsan test-python fuzz fuzz-smoke bench demo install clean
+.PHONY: all deps build test test-cpp test-sanitize test-tsan test-python fuzz fuzz-smoke bench demo install clean \
+        container-test
 
 all: build
 
@@ -60,6 +61,10 @@ test-python:
 	$(PYTHON) -m pytest -q -rs python/tests
 
 # S1-S3 and M1-M3 (benchmarks/run_all.py) in about 14 minutes on a 2-core machine; results in benchmarks/results/.
+# Builds docker/Dockerfile on a local Debian base, runs it and checks a completion (tools/container_test.sh; root).
+container-test: build
+	tools/container_test.sh
+
 bench: build
 	$(PYTHON) benchmarks/run_all.py
 
