@@ -368,7 +368,8 @@ class BatchEngine:
             time.sleep(0.01)  # the loop records its fatal error as it exits
         cause = manager.background_thread_status.fatal_error
         if cause is None and manager.is_running():  # one request failed, the loop lives on
-            waiter = self._waiters.get(failed_output.request_id) if failed_output is not None else None
+            with self._lock:
+                waiter = self._waiters.get(failed_output.request_id) if failed_output is not None else None
             if waiter is not None:
                 waiter.post(GenerationFailed(f"the request failed: {failed_output.error}"))
             return
