@@ -63,8 +63,9 @@ TEST_F(DeviceTimingTest, LoadAndKernelTimesReachTheLookahead) {
   Prefetcher prefetcher(PrefetchStrategy::kAdaptive, 1, 4);
   const std::vector<size_t> position = {0};
   DeviceTiming timing(*transfer_, stats, prefetcher, position);
-  // A 40 ms load and a 10 ms kernel: four blocks of lookahead hide the load.
-  auto [load_start, ready] = span(40);
+  // A 100 ms load and a 10 ms kernel: ten blocks of lookahead would hide the load; the cap is four. (The margin is
+  // for a loaded machine: a 10 ms sleep that overruns to 24 ms still needs more than four.)
+  auto [load_start, ready] = span(100);
   timing.loaded(0, load_start, ready);
   auto [wait_start, compute_start] = span(0);
   timing.waited(0, wait_start, compute_start);
