@@ -353,7 +353,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="requests per forward step (default 16; 1 serves one request at a time)")
-    p.add_argument("--kv-cache-gb", type=float, default=0.5, metavar="N", help="KV cache size (default 0.5)")
+    p.add_argument("--kv-cache-gb", type=float, default=0.5, metavar="N", help="the most the KV cache may take, allocated up front; capped at what --max-batch full contexts use "
+                   "(default 0.5)")
     p.add_argument("--max-batch-tokens", type=int, default=512, metavar="N",
                    help="tokens per forward step; longer prompts are prefilled in pieces (default 512)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",

@@ -109,7 +109,8 @@ class Service:
         engine.start()
         self.model, self.tokenizer, self.model_id, self.engine = model, tokenizer, model_id, engine
         self.state, self.reason = "serving", "serving"
-        logger.info("serve: %s serving (store id %s, max batch %d)", self.name, model_id, options.max_batch)
+        logger.info("serve: %s serving (store id %s, max batch %d, KV cache %d tokens)", self.name, model_id,
+                    options.max_batch, engine.cache_tokens)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -130,7 +131,8 @@ class Service:
             body.update(status="unhealthy", reason="the generation loop is not running")
             return 503, body
         running, waiting = engine.load()
-        body.update(requests_running=running, requests_waiting=waiting, restarts=engine.restarts)
+        body.update(requests_running=running, requests_waiting=waiting, restarts=engine.restarts,
+                    kv_cache_tokens=engine.cache_tokens)
         if engine.last_error is not None:
             body["last_error"] = f"{type(engine.last_error).__name__}: {engine.last_error}"
         return 200, body

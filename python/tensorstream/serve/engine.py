@@ -163,7 +163,11 @@ class BatchEngine:
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.context = context_length(model)
         per_token = kv_bytes_per_token(model)
-        self.num_blocks = max(1, int(options.kv_cache_gb * (1 << 30)) // (per_token * options.page_size))
+        # kv_cache_gb is a ceiling: never more pages than max_batch full contexts can use (transformers allocates
+        # the whole cache, and an attention mask over it, up front).
+        affordable = int(options.kv_cache_gb * (1 << 30)) // (per_token * options.page_size)
+        usable = -(-options.max_batch * (self.context or 4096) // options.page_size)
+        self.num_blocks = max(1, min(affordable, usable))
         self.cache_tokens = self.num_blocks * options.page_size
         self.last_error: Optional[BaseException] = None
         self.restarts = 0

@@ -1,7 +1,8 @@
 """The README's "Serving" section, run as written: its shell block (make a checkpoint, start `tensorstream serve`, wait
 for /ready, a completion with curl, the metrics) and then its Python block (the OpenAI client, chat and streaming)
-against that server. Only the paths and the port are replaced (a temporary folder, a free port), and `tensorstream`
-/ `python3` by this interpreter (the checkout is not pip-installed here)."""
+against that server. Only the paths and the port are replaced (a temporary folder, a free port), `tensorstream` /
+`python3` by this interpreter (the checkout is not pip-installed here), and the wait loop also stops when the server
+died."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ def section_blocks(heading: str):
 
 
 def localise(text: str, tmp_path: pathlib.Path, port: int) -> str:
-    return (text.replace("/tmp/tiny", str(tmp_path / "tiny")).replace("/tmp/ts-store", str(tmp_path / "store"))
-            .replace("localhost:8000", f"127.0.0.1:{port}").replace("--port 8000", f"--port {port}")
-            .replace("tensorstream serve", f"{sys.executable} -m tensorstream serve")
-            .replace("python3 -m", f"{sys.executable} -m"))
+    text = (text.replace("/tmp/tiny", str(tmp_path / "tiny")).replace("/tmp/ts-store", str(tmp_path / "store"))
+            .replace("localhost:8000", f"127.0.0.1:{port}").replace("--port 8000", f"--port {port}"))
+    text = re.sub(r"^python3 -m ", "TS_PYTHON -m ", text, flags=re.M)
+    text = re.sub(r"^tensorstream serve ", "TS_PYTHON -m tensorstream serve ", text, flags=re.M)
+    # A server that dies must fail the test, not leave the wait loop spinning until the timeout.
+    text = text.replace("do sleep 1; done", "do kill -0 %1 || exit 3; sleep 1; done")
+    return text.replace("TS_PYTHON", sys.executable)
 
 
 def test_the_readme_serving_section_runs_as_written(tmp_path):
