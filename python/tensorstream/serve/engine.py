@@ -193,6 +193,8 @@ class BatchEngine:
         generation_config.max_new_tokens = max(1, self.context or 1)
         if generation_config.eos_token_id is None:
             generation_config.eos_token_id = -1
+        # No CUDA graphs (our hooks run host code between blocks), no flash switch (the model's attention stays the
+        # one it was offloaded with), no prefix sharing (a shared page would outlive its request's budget check).
         cb_config = ContinuousBatchingConfig(
             page_size=self.options.page_size, num_blocks=self.num_blocks,
             max_batch_tokens=self.options.max_batch_tokens, max_requests_per_batch=self.options.max_batch,
