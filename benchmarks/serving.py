@@ -2,8 +2,9 @@
 """B1: serving over streamed weights. 8 concurrent clients against the same 8 requests sent one at a time.
 
 A Llama checkpoint (tensorstream.testing.tiny_checkpoint: seeded random weights, word-level tokenizer; by default 8
-layers of ~47 MB in float32, ~380 MB) is served by `tensorstream serve`'s app (uvicorn on 127.0.0.1 in this
-process) from a store with a quarter of its streamed bytes in budget: every forward step streams most of the model.
+layers of ~47 MB in float32, ~380 MB) is served by `tensorstream serve` (its own process, on 127.0.0.1, as deployed;
+the clients run in this one) from a store with a quarter of the weights in budget: every forward step streams most
+of the model. Bytes read come from the server's /metrics (tensorstream_read_bytes_total).
 Both arms talk HTTP to the same server (`--max-batch 8`), greedy, the same 8 prompts and `max_tokens`:
 
   serial      one client sends the 8 requests one after the other (each waits for the previous answer)
@@ -25,13 +26,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+PACKAGE = Path(__file__).resolve().parents[1] / "python"
+sys.path.insert(0, str(PACKAGE))
 from bench_common import RESULTS, default_base_dir, machine_description, summary_row  # noqa: E402
 
 PROMPTS = ["once upon a time there lived a cat", "tell me a story about the old dog",
@@ -59,6 +63,32 @@ def run_arm(url: str, name: str, at_once: bool, max_tokens: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+def wait_ready(url: str, server: "subprocess.Popen", timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"tensorstream serve exited: {server.communicate()[1][-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+
+
+def read_bytes(url: str) -> float:
+    """The server's tensorstream_read_bytes_total (its /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "tensorstream_read_bytes_total")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
@@ -72,18 +102,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        args.layers, args.hidden, args.intermediate, args.rounds, args.max_tokens = 2, 64, 128, 1, 4
+        # blocks of 2.4 MB: above the default min_layer_size, so they stream
+        args.layers, args.hidden, args.intermediate, args.rounds, args.max_tokens = 2, 256, 512, 1, 4
 
-    import prometheus_client
-    import torch
-
-    import tensorstream as ts
-    from tensorstream.serve.app import Service, create_app
-    from tensorstream.serve.engine import EngineOptions
-    from tensorstream.testing.http_server import running_server
+    from tensorstream.testing.http_server import free_port
     from tensorstream.testing.tiny_checkpoint import write_tiny_llama
 
-    torch.set_num_threads(2)
     started = time.monotonic()
     conditions = {"page cache": "auto", "disk (O_DIRECT)": "on"}
     results: dict = {}
@@ -91,32 +115,37 @@ def main(argv=None) -> int:
         checkpoint = write_tiny_llama(Path(tmp) / "llama", hidden_size=args.hidden, layers=args.layers,
                                       intermediate_size=args.intermediate, context=512)
         weights = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         for condition, direct_io in conditions.items():
-            config = ts.Config(storage_path=Path(tmp) / "store", vram_budget_gb=weights * args.budget_fraction / 1e9,
-                               direct_io=direct_io, progress=False, min_layer_size=0 if args.smoke else 1 << 20)
-            model = ts.from_pretrained(checkpoint, config)
-            stats = ts.get_model_statistics(model)  # the store is written and bound
-            service = Service.for_model(model, tokenizer, "llama", EngineOptions(max_batch=len(PROMPTS)),
-                                        registry=prometheus_client.CollectorRegistry())
+            port = free_port()
+            env = {**os.environ, "TENSORSTREAM_DIRECT_IO": direct_io, "TENSORSTREAM_PROGRESS": "0",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE), os.environ.get("PYTHONPATH")]))}
+            # The server as it is deployed: its own process (`tensorstream serve`), the clients in this one.
+            server = subprocess.Popen(
+                [sys.executable, "-m", "tensorstream", "serve", str(checkpoint), "--storage-path", str(Path(tmp) / "store"),
+                 "--budget-gb", f"{weights * args.budget_fraction / 1e9:.6f}", "--served-model-name", "llama",
+                 "--max-batch", str(len(PROMPTS)), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                 "--no-verify"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            url = f"http://127.0.0.1:{port}"
             rounds = results[condition] = {"serial": [], "concurrent": []}
             try:
-                with running_server(create_app(service)) as url:
-                    run_arm(url, "llama", True, 2)  # warm-up: first-touch costs in neither arm
-                    for index in range(args.rounds):
-                        order = ["serial", "concurrent"] if index % 2 == 0 else ["concurrent", "serial"]
-                        for arm in order:
-                            ts.get_model_statistics(model, reset=True)
-                            result = run_arm(url, "llama", arm == "concurrent", args.max_tokens)
-                            result["bytes_read"] = ts.get_model_statistics(model)["bytes_read"]
-                            rounds[arm].append(result)
-                            print(f"{condition}, round {index + 1} {arm}: {result['tokens']} tokens in "
-                                  f"{result['seconds']:.1f} s = {result['tokens_per_s']:.2f} tokens/s, "
-                                  f"{result['bytes_read'] / 1e9:.2f} GB read", flush=True)
+                wait_ready(url, server)
+                run_arm(url, "llama", True, 2)  # warm-up: first-touch costs in neither arm
+                for index in range(args.rounds):
+                    order = ["serial", "concurrent"] if index % 2 == 0 else ["concurrent", "serial"]
+                    for arm in order:
+                        before = read_bytes(url)
+                        result = run_arm(url, "llama", arm == "concurrent", args.max_tokens)
+                        result["bytes_read"] = read_bytes(url) - before
+                        rounds[arm].append(result)
+                        print(f"{condition}, round {index + 1} {arm}: {result['tokens']} tokens in "
+                              f"{result['seconds']:.1f} s = {result['tokens_per_s']:.2f} tokens/s, "
+                              f"{result['bytes_read'] / 1e9:.2f} GB read", flush=True)
             finally:
-                service.close()
+                server.terminate()
+                try:
+                    server.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
             if args.smoke:
                 break
     summary, median = [], {}
@@ -140,7 +169,7 @@ def main(argv=None) -> int:
     table = "\n".join(f"{r['metric']}: {r['arm']} {r['value']:.3g} {r['unit']} vs {r['baseline']} "
                       f"{r['baseline_value']:.3g} = {r['ratio']:.2f}x" for r in summary)
     report = {"suite": "serving", "table": table, "machine": machine_description(default_base_dir()), "rounds": results,
-              "median_tokens_per_s": median, "streamed_bytes": stats.get("streamed_bytes"), "summary": summary,
+              "median_tokens_per_s": median, "weights_bytes": weights, "summary": summary,
               "elapsed_s": time.monotonic() - started, "args": vars(args) | {"json": str(args.json)}}
     out = args.json or RESULTS / f"serving-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
