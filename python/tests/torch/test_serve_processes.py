@@ -121,3 +121,42 @@ def test_four_servers_a_writer_and_cleanup_share_one_store(tmp_path):
     report = ts.verify_storage_integrity(store)
     assert report.ok, str(report)
     assert set(ts.Storage(store).models()) == {"shared", "other"}
+
+
+def test_a_server_serves_from_a_read_only_mount_of_the_store(tmp_path):
+    """As the Deployment's replicas do (deploy/k8s: the store volume mounted readOnly)."""
+    if os.geteuid() != 0:
+        pytest.skip("bind mounts need root")
+    store, mount = tmp_path / "store", tmp_path / "read-only"
+    checkpoint = write_tiny_llama(tmp_path / "tiny", hidden_size=64, layers=4, seed=3)
+    env = {**os.environ, "TENSORSTREAM_PROGRESS": "0"}
+    converted = subprocess.run(cli("convert", str(checkpoint), "--storage-path", str(store), "--model-id", "ro",
+                                   "--min-layer-size", "0"), capture_output=True, text=True, env=env, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", str(store), str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts are not permitted here")
+    server = None
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], capture_output=True).returncode != 0:
+            pytest.skip("read-only remounts are not permitted here")
+        with pytest.raises(OSError):
+            (mount / "probe").write_text("x")
+        port = free_port()
+        server = subprocess.Popen(cli("serve", "ro", "--storage-path", str(mount), "--tokenizer", str(checkpoint),
+                                      "--budget-gb", "0.000001", "--port", str(port), "--host", "127.0.0.1",
+                                      "--log-level", "warning"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, server)
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "ro", "prompt": [2, 5, 6], "max_tokens": 6,
+                                                           "temperature": 0}, timeout=60)
+        plain = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            expected = plain.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=6, do_sample=False)[0, 3:].tolist()
+        assert reply.status_code == 200 and reply.json()["choices"][0]["token_ids"] == expected, reply.text
+    finally:
+        if server is not None:
+            server.terminate()
+            server.communicate(timeout=60)
+        subprocess.run(["umount", str(mount)], capture_output=True)
