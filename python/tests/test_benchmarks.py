@@ -155,6 +155,15 @@ def test_serving_smoke_reports_the_batching_ratio(tmp_path):
     assert per_token["ratio"] < 1.0  # batched steps read fewer bytes per token, whatever the timing
 
 
+def test_residency_smoke_compares_every_strategy_and_budget_with_the_optimum(tmp_path):
+    report = run_smoke("residency.py", tmp_path / "residency.json")
+    assert {(r["strategy"], r["fraction"]) for r in report["results"]} == {
+        (s, f) for s in ("none", "next_layer") for f in (0.25, 0.5, 0.75)}
+    for r in report["results"]:  # no policy reads less than the optimum for the budget it used
+        assert r["read_layers_per_pass"] >= r["optimum_layers_per_pass"] - 1e-9, r
+    assert all(row["target"] == 1.05 and not row["higher_is_better"] for row in report["summary"])
+
+
 def test_run_all_table_and_plots_from_a_report(disk_dir):
     """run_all.py's table and plots from summary rows: a met target, a missed one, a row without a target."""
     sys.path.insert(0, str(BENCH))
