@@ -159,8 +159,9 @@ def test_residency_smoke_compares_every_strategy_and_budget_with_the_optimum(tmp
     report = run_smoke("residency.py", tmp_path / "residency.json")
     assert {(r["strategy"], r["fraction"]) for r in report["results"]} == {
         (s, f) for s in ("none", "next_layer") for f in (0.25, 0.5, 0.75)}
-    for r in report["results"]:  # no policy reads less than the optimum for the budget it used
-        assert r["read_layers_per_pass"] >= r["optimum_layers_per_pass"] - 1e-9, r
+    none = {r["fraction"]: r["optimum_layers_per_pass"] for r in report["results"] if r["strategy"] == "none"}
+    for r in report["results"]:  # no strategy reads less than any policy could within the budget it used
+        assert r["read_layers_per_pass"] >= none[r["fraction"]] - 1e-9, r
     assert all(row["target"] == 1.05 and not row["higher_is_better"] for row in report["summary"])
 
 

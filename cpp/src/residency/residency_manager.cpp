@@ -457,7 +457,10 @@ std::vector<size_t> ResidencyManager::victims(size_t for_block, bool speculative
   std::vector<size_t> candidates;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& b = blocks_[i];
-    if (i == for_block || b.state != BlockState::kResident || b.pins != 0 || b.is_static) continue;
+    if (i == for_block || b.state != BlockState::kResident || b.pins != 0) continue;
+    // Without an order the static set is what keeps a cyclic pass from evicting exactly the block needed next;
+    // with one, furthest next use over every unpinned block is Belady's choice (benchmarks/residency_optimum.py).
+    if (b.is_static && !ordered) continue;
     if (speculative) {
       if (ordered && distance_to_next_use(i) <= own_distance) continue;
       if (!ordered && !b.used_since_load) continue;

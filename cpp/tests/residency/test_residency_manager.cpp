@@ -169,14 +169,16 @@ TEST(ResidencyManagerCyclic, EveryPassAfterTheFirstLoadsExactlyNMinusStaticBlock
   }
 }
 
-// Furthest-next-use with a learned order keeps part of the streaming set across passes: strictly fewer loads
-// than the promise where the streaming set is only a little larger than the ring.
-TEST(ResidencyManagerCyclic, LearnedOrderLoadsFewerWhenTheStreamingSetBarelyExceedsTheRing) {
-  const PassResult lru = simulate(10, 9, ResidencyPlan{2, 1, 1.0}, PrefetchStrategy::kNextLayer, false, 4);
-  const PassResult belady = simulate(10, 9, ResidencyPlan{2, 1, 1.0}, PrefetchStrategy::kNextLayer, true, 4);
+// With a learned order, furthest next use over every unpinned block (the static set included) is Belady's choice:
+// 10 equal blocks with room for 9 and NEXT_LAYER load 1, 1, 1, 2 blocks in passes 1-4, the offline optimum's
+// cycle (benchmarks/residency_optimum.py: 1.25 per pass), where the static set and ring alone load 3 every pass.
+TEST(ResidencyManagerCyclic, LearnedOrderLoadsWhatTheOfflineOptimumLoads) {
+  const PassResult lru = simulate(10, 9, ResidencyPlan{2, 1, 1.0}, PrefetchStrategy::kNextLayer, false, 5);
+  const PassResult belady = simulate(10, 9, ResidencyPlan{2, 1, 1.0}, PrefetchStrategy::kNextLayer, true, 5);
   ASSERT_EQ(belady.invariant_error, "");
   EXPECT_EQ(lru.loads_per_pass[2], 3u);
-  EXPECT_EQ(belady.loads_per_pass[2], 2u);
+  const std::vector<uint64_t> cycle(belady.loads_per_pass.begin() + 1, belady.loads_per_pass.begin() + 5);
+  EXPECT_EQ(cycle, (std::vector<uint64_t>{1, 1, 1, 2}));
 }
 
 // ---- construction, states, pins --------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 //
 // Policy (DESIGN.md §6). Forward passes repeat the same order, under which LRU evicts exactly the block needed
 // next. Instead, blocks admitted while the static set has room stay resident for good (the static resident set);
-// the remaining blocks share a streaming ring of `ring_slots` slots. Within the ring the victim is the block
-// whose next use is furthest away once the order is known (set_order), else the least recently used. For a cyclic
-// order of N equal blocks with room for K, every pass after the first therefore loads exactly
-// N - (K - ring_slots) blocks (the static set holds K - ring_slots of them) without a learned order, and at most
-// that many with one (furthest-next-use can keep part of the streaming set across passes).
+// the remaining blocks share a streaming ring of `ring_slots` slots, the least recently used giving its slot up.
+// For a cyclic order of N equal blocks with room for K, every pass after the first therefore loads exactly
+// N - (K - ring_slots) blocks (the static set holds K - ring_slots of them). Once the order is known (set_order),
+// the victim is the unpinned block whose next use is furthest away, static or not: Belady's choice, which on equal
+// blocks reads exactly the offline optimum (benchmarks/residency_optimum.py; a prefetch still never evicts a
+// block needed no later than the one it loads).
 //
 // Sizes are counted as slot sizes: each block's bytes rounded up to 4096 (store blocks already are), and every slot
 // offset is 4096-aligned. The ring is sized as the largest block plus (ring_slots - 1) median-sized blocks, so one
