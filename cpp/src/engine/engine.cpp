@@ -494,16 +494,16 @@ struct Engine::Impl {
         workers->post([this, load] { copy_from_tier(load); });
         return load;
       }
-      // A block in a streaming slot will leave VRAM again: keep its decoded bytes in the tier if there is room.
-      if (!residency.is_static(position[block])) {
-        load->tier_fill = tier->reserve(block, record.slot_size, next_use_after(block), [this] {
-          // Evicted buffers go once every copy queued so far (those from them included) has completed.
-          std::exception_ptr error;
-          const EventRef queued = transfer->record_ready(&error);
-          if (!queued) return HostTier::RetireCheck{};  // no event: the buffers stay until the engine goes
-          return HostTier::RetireCheck([this, queued] { return transfer->elapsed_ns(*queued, *queued).has_value(); });
-        });
-      }
+      // Keep its decoded bytes in the tier if there is room: any block may leave VRAM again (once the order is
+      // learned the residency manager evicts static blocks too, furthest next use first); the tier evicts by next
+      // use when it is full.
+      load->tier_fill = tier->reserve(block, record.slot_size, next_use_after(block), [this] {
+        // Evicted buffers go once every copy queued so far (those from them included) has completed.
+        std::exception_ptr error;
+        const EventRef queued = transfer->record_ready(&error);
+        if (!queued) return HostTier::RetireCheck{};  // no event: the buffers stay until the engine goes
+        return HostTier::RetireCheck([this, queued] { return transfer->elapsed_ns(*queued, *queued).has_value(); });
+      });
     }
 
     switch (plan.kind) {

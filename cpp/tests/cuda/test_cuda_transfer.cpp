@@ -431,7 +431,7 @@ TEST_F(EngineOnCuda, TheHostTierServesWhatVramCannotKeepAndStorageTheRest) {
   write(equal_blocks(6, 51), 0);
   const uint64_t block_stored = store_->manifest().blocks[0].end - store_->manifest().blocks[0].offset;
   struct Case {
-    size_t vram_blocks;  // budget; balanced keeps a ring of 2, the rest static
+    size_t vram_blocks;  // budget; balanced keeps a ring of 2
     size_t tier_blocks;
   };
   for (const Case& c : {Case{2, 6}, Case{2, 3}, Case{3, 2}, Case{2, 0}}) {
@@ -440,7 +440,6 @@ TEST_F(EngineOnCuda, TheHostTierServesWhatVramCannotKeepAndStorageTheRest) {
     Config config_c = config(c.vram_blocks);
     config_c.host_cache_bytes = slot_bytes(c.tier_blocks);
     Engine engine(store_, arena.span(), config_c, nullptr, std::make_unique<CudaTransfer>(api, 0));
-    const size_t streaming = 6 - (c.vram_blocks - 2);  // blocks outside VRAM's static set
     for (int pass = 0; pass < 3; ++pass) {
       engine.reset_stats();
       for (size_t b = 0; b < 6; ++b) {
@@ -451,15 +450,19 @@ TEST_F(EngineOnCuda, TheHostTierServesWhatVramCannotKeepAndStorageTheRest) {
       }
       const StatsSnapshot stats = engine.stats();
       const uint64_t loads = stats.misses;
-      EXPECT_EQ(stats.host_tier_held_bytes, std::min(c.tier_blocks, streaming) * slot_bytes(1));
+      // Every block loaded is offered to the tier (once the order is learned any block may leave VRAM), which
+      // fills to its capacity.
+      EXPECT_EQ(stats.host_tier_held_bytes, std::min<size_t>(c.tier_blocks, 6) * slot_bytes(1));
       if (pass == 0) {
         EXPECT_EQ(stats.host_tier_hits, 0u);
         EXPECT_EQ(stats.bytes_read, 6 * block_stored);
         continue;
       }
-      EXPECT_EQ(stats.host_tier_hits, std::min<uint64_t>(std::min(c.tier_blocks, streaming), loads)) << pass;
+      EXPECT_LE(stats.host_tier_hits, loads) << pass;
       EXPECT_EQ(stats.bytes_read, (loads - stats.host_tier_hits) * block_stored) << "pass " << pass;
-      if (c.tier_blocks >= streaming) EXPECT_EQ(stats.bytes_read, 0u) << "everything streamed is in RAM";
+      if (c.tier_blocks == 0) EXPECT_EQ(stats.host_tier_hits, 0u);
+      if (c.tier_blocks > 0 && loads > 0) EXPECT_GT(stats.host_tier_hits, 0u) << "pass " << pass;
+      if (c.tier_blocks >= 6) EXPECT_EQ(stats.bytes_read, 0u) << "everything is in RAM";
     }
   }
 }
