@@ -40,7 +40,9 @@ test-tsan:
 	cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DTS_SANITIZE=thread -DTS_BUILD_PYTHON=OFF >/dev/null
 	cmake --build $(BUILD)-tsan -j $(JOBS) --target $(TSAN_TESTS)
-	set -e; for test in $(TSAN_TESTS); do TSAN_OPTIONS=halt_on_error=1 $(BUILD)-tsan/cpp/tests/$$test --gtest_brief=1; done
+	set -e; for test in $(TSAN_TESTS); do \
+	  TSAN_OPTIONS="halt_on_error=1 suppressions=$(CURDIR)/tools/tsan.supp" $(BUILD)-tsan/cpp/tests/$$test --gtest_brief=1; \
+	done
 
 $(BUILD)-fuzz/cpp/tests/fuzz_manifest: FORCE
 	cmake -S . -B $(BUILD)-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
