@@ -51,17 +51,6 @@ class ServeOptions:
         return Config(storage_path=storage, **kwargs)
 
 
-def _torch_dtype(name: Optional[str]) -> Any:
-    if name is None:
-        return None
-    import torch
-
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"dtype '{name}' is not a torch dtype (float32, bfloat16, float16)", field="dtype")
-    return dtype
-
-
 def _is_store_model(options: ServeOptions, config: Config) -> bool:
     if os.path.exists(options.model):
         return False
@@ -93,7 +82,7 @@ def _build_from_store(model_id: str, config: Config) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, GenerationConfig
 
-    from ..store import open_model
+    from ..store import _torch_dtype, open_model
 
     with open_model(config.storage_path, model_id) as store:
         metadata = dict(store.metadata)
@@ -115,7 +104,7 @@ def _build_from_store(model_id: str, config: Config) -> Any:
                           field="model") from None
     values = json.loads(config_json)
     hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
-    dtype = _torch_dtype(max(set(floats), key=floats.count) if floats else "float32")
+    dtype = _torch_dtype(max(set(floats), key=floats.count) if floats else "float32")  # the store's own mapping
     with init_empty_weights():
         model = cls._from_config(hf_config, dtype=dtype)
     model.eval()
@@ -134,7 +123,7 @@ def load_model(options: ServeOptions) -> Tuple[Any, str, Optional[str]]:
         model = offload(_build_from_store(options.model, config), config, model_id=options.model)
         checkpoint = None
     else:
-        model = from_pretrained(options.model, config, torch_dtype=_torch_dtype(options.dtype))
+        model = from_pretrained(options.model, config, torch_dtype=options.dtype)  # it resolves dtype names
         from ..torch.pretrained import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(options.model)
