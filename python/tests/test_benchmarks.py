@@ -155,13 +155,22 @@ def test_serving_smoke_reports_the_batching_ratio(tmp_path):
     assert per_token["ratio"] < 1.0  # batched steps read fewer bytes per token, whatever the timing
 
 
-def test_residency_smoke_compares_every_strategy_and_budget_with_the_optimum(tmp_path):
+def test_residency_reads_within_5_percent_of_the_offline_optimum_for_equal_and_mixed_blocks(tmp_path):
+    """Issue #16's residency target, asserted: bytes per pass are deterministic (no timing), so make test holds the
+    engine to <= 1.05 x the optimum at every budget and prefetch strategy, on equal layers (exact optimum) and on
+    the demo's mix with a large lm_head (the achievable upper bound)."""
     report = run_smoke("residency.py", tmp_path / "residency.json")
-    assert {(r["strategy"], r["fraction"]) for r in report["results"]} == {
-        (s, f) for s in ("none", "next_layer") for f in (0.25, 0.5, 0.75)}
-    none = {r["fraction"]: r["optimum_layers_per_pass"] for r in report["results"] if r["strategy"] == "none"}
-    for r in report["results"]:  # no strategy reads less than any policy could within the budget it used
-        assert r["read_layers_per_pass"] >= none[r["fraction"]] - 1e-9, r
+    assert {(r["model"], r["strategy"], r["fraction"]) for r in report["results"]} == {
+        (m, s, f) for m in ("equal", "mixed") for s in ("none", "next_layer") for f in (0.25, 0.5, 0.75)}
+    # What no policy can undercut: NONE's lower bound (a prefetch that finds no room pins nothing, so NEXT_LAYER
+    # may read below its own pinned-window optimum, never below this).
+    floor = {(r["model"], r["fraction"]): r["lower_bound_bytes_per_pass"] for r in report["results"]
+             if r["strategy"] == "none"}
+    for r in report["results"]:
+        assert r["read_bytes_per_pass"] > 0 and r["optimum_bytes_per_pass"] > 0, r
+        assert r["ratio"] <= 1.05, r
+        assert r["read_bytes_per_pass"] >= floor[r["model"], r["fraction"]] - 1e-6, r
+        assert r["exact"] == (r["model"] == "equal"), r
     assert all(row["target"] == 1.05 and not row["higher_is_better"] for row in report["summary"])
 
 

@@ -468,28 +468,53 @@ TEST(ResidencyManagerEviction, PrefetchNeverEvictsStaticBlocks) {
 
 // ---- slots -------------------------------------------------------------------------------------------------------
 
-TEST(ResidencyManagerSlots, FirstFitEvictsMoreWhenTheArenaIsFragmented) {
-  // Arena = budget = 8 pages. A, B, C, D take 2 pages each; E needs 4 contiguous pages. A ring of 3 slots is the
-  // largest block (4 pages) plus two median ones (2 pages each): all 8 pages.
-  const std::vector<uint64_t> sizes = {2 * kPage, 2 * kPage, 2 * kPage, 2 * kPage, 4 * kPage};
-  ResidencyManager rm(sizes, 8 * kPage, 8 * kPage, ResidencyPlan{3, 2, 0.0});
+// Arena = budget = 8 pages. A, B, C, D take 2 pages each; E needs 4 contiguous pages. A ring of 3 slots is the
+// largest block (4 pages) plus two median ones (2 pages each): all 8 pages.
+void pack_four_blocks(ResidencyManager& rm) {
   for (size_t b = 0; b < 4; ++b) {
     const auto d = rm.acquire(b);
-    ASSERT_EQ(d.action, Action::kLoad);
-    EXPECT_EQ(d.slot_offset, 2 * kPage * b);  // first fit: packed from 0
+    EXPECT_EQ(d.action, Action::kLoad);
+    EXPECT_EQ(d.slot_offset, 2 * kPage * b);  // packed from 0
     (void)rm.load_finished(b, true);
     (void)rm.release(b);
   }
-  // Recency A < C < B < D. Evicting A and C frees 4 pages, but not contiguous ([0,2) and [4,6)): B must go too.
+}
+
+TEST(ResidencyManagerSlots, AFragmentedArenaEvictsOneContiguousWindowNotEveryBlockInPolicyOrder) {
+  const std::vector<uint64_t> sizes = {2 * kPage, 2 * kPage, 2 * kPage, 2 * kPage, 4 * kPage};
+  ResidencyManager rm(sizes, 8 * kPage, 8 * kPage, ResidencyPlan{3, 2, 0.0});
+  pack_four_blocks(rm);
+  // Recency A < C < B < D. Evicting in policy order until a hole appears would take A, C and B (A and C free 4
+  // pages, not contiguous). Windows: [A B] ranks {0, 2}, [B C] {2, 1}, [C D] {1, 3}: [A B] and [B C] tie on their
+  // worst victim and on bytes; the lower offset wins.
   use(rm, 2);
   use(rm, 1);
   use(rm, 3);
   const auto d = rm.acquire(4);
   ASSERT_EQ(d.action, Action::kLoad);
-  EXPECT_EQ(d.evicted, (std::vector<size_t>{0, 2, 1}));
+  EXPECT_EQ(d.evicted, (std::vector<size_t>{0, 1}));
   EXPECT_EQ(d.slot_offset, 0u);
-  EXPECT_EQ(rm.state(3), BlockState::kResident);
+  EXPECT_EQ(*rm.slot_offset(2), 4 * kPage);
   EXPECT_EQ(*rm.slot_offset(3), 6 * kPage);
+  EXPECT_EQ(rm.check_invariants(), "");
+  expect_disjoint_slots(rm, sizes, 8 * kPage);
+}
+
+TEST(ResidencyManagerSlots, TheWindowWhoseMostValuableVictimRanksLowestWinsOverTheLowestOffset) {
+  const std::vector<uint64_t> sizes = {2 * kPage, 2 * kPage, 2 * kPage, 2 * kPage, 4 * kPage};
+  ResidencyManager rm(sizes, 8 * kPage, 8 * kPage, ResidencyPlan{3, 2, 0.0});
+  pack_four_blocks(rm);
+  // Recency C < D < A < B: [C D] evicts the two least recently used blocks.
+  use(rm, 2);
+  use(rm, 3);
+  use(rm, 0);
+  use(rm, 1);
+  const auto d = rm.acquire(4);
+  ASSERT_EQ(d.action, Action::kLoad);
+  EXPECT_EQ(d.evicted, (std::vector<size_t>{2, 3}));
+  EXPECT_EQ(d.slot_offset, 4 * kPage);
+  EXPECT_EQ(rm.state(0), BlockState::kResident);
+  EXPECT_EQ(rm.state(1), BlockState::kResident);
   EXPECT_EQ(rm.check_invariants(), "");
   expect_disjoint_slots(rm, sizes, 8 * kPage);
 }

@@ -166,6 +166,17 @@ def test_plan_budget():
     assert nested.minimum_bytes == 8192 + 20480 and nested.budget_bytes == 28672
     assert nested.arena_bytes == 28672 + 20480  # one more largest slot: a contiguous slot always exists
     assert plan_budget(1000, [100], [[0]]).budget_bytes == 4096  # slots are whole pages
+    assert roomy.slack_bytes == 0  # device arenas: the arena is what is allocated
+
+
+def test_plan_budget_gives_host_arenas_of_unequal_blocks_two_largest_blocks_of_placement_slack():
+    slots = [8192, 4096 * 5, 4096]
+    host = plan_budget(16384, slots, [[0], [1], [2]], placement_slack=True)
+    assert host.budget_bytes == 20480 and host.slack_bytes == 40960 and host.arena_bytes == 61440
+    equal = plan_budget(8192, [4096] * 4, [[0], [1], [2], [3]], placement_slack=True)
+    assert equal.slack_bytes == 0 and equal.arena_bytes == 8192  # equal blocks: every hole fits every block
+    everything = plan_budget(1 << 20, slots, [[0], [1]], placement_slack=True)
+    assert everything.slack_bytes == 0 and everything.arena_bytes == 32768  # all fit: nothing is ever evicted
 
 
 def test_arena_is_aligned():

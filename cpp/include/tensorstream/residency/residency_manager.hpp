@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -69,6 +70,9 @@ class ResidencyManager {
   // A call for a block that is not loading is ignored.
   [[nodiscard]] std::vector<size_t> load_finished(size_t block, bool ok);
 
+  // Evicts `block` now if it is resident and unpinned (its bytes went bad: a mapped view whose file shrank), and
+  // says whether it did.
+  [[nodiscard]] bool discard(size_t block);
   // Shrinking evicts unpinned resident blocks (returned; streaming first, then static) until the held bytes fit;
   // pinned ones leave when released. Static blocks beyond the new static capacity become streaming first. Growing
   // evicts nothing: blocks admitted later, and held blocks on their next acquire, fill the larger static set.
@@ -76,6 +80,11 @@ class ResidencyManager {
   [[nodiscard]] std::vector<size_t> set_budget(uint64_t budget_bytes);
   // The learned execution order of one pass (block indices; blocks may be absent or repeat).
   void set_order(std::vector<size_t> order);
+  // Called, under the manager's lock, with each arena range [offset, offset + bytes) that an eviction or a failed
+  // load freed and that the same decision did not take again; the engine hands such pages of a host arena back to
+  // the OS. Set it before the first access. Must not call back into the manager.
+  using ReleaseHook = std::function<void(uint64_t offset, uint64_t bytes)>;
+  void set_release_hook(ReleaseHook hook);
 
   [[nodiscard]] BlockState state(size_t block) const;
   [[nodiscard]] uint32_t pins(size_t block) const;
@@ -106,13 +115,23 @@ class ResidencyManager {
     uint64_t offset;
     uint64_t bytes;
   };
+  // A contiguous range of the arena that can hold a block once `victims` leave (best_window).
+  struct Window {
+    uint64_t offset;
+    size_t worst_rank;       // 1 + the highest position in the victim ranking among `victims`; 0: none
+    uint64_t evicted_bytes;
+    std::vector<size_t> victims;
+  };
 
   Decision admit(size_t block, bool pin, bool speculative);
+  std::optional<Window> best_window(uint64_t need, const std::vector<size_t>& ranked) const;
+  std::optional<uint64_t> take_range(uint64_t offset, uint64_t bytes);  // carve a known-free range out of free_
   void check_block(size_t block) const;
   void touch(size_t block);                 // a demand access: clock, used flag, static promotion
   void advance_position(size_t block);      // position_ to the next occurrence of block in order_
   void drop(size_t block);                  // slot already returned to the free list: block back on disk
-  void evict(size_t block);                 // returns the slot to free_, then drop
+  void evict(size_t block);                 // returns the slot to free_ (noted in released_), then drop
+  void flush_released();                    // calls release_hook_ with the parts of released_ still free
   std::vector<size_t> victims(size_t for_block, bool speculative) const;  // in eviction order
   void rank(std::vector<size_t>& candidates) const;                        // sorts into eviction order
   std::vector<size_t> trim_to_limit();      // evicts unpinned resident blocks while held > held_limit()
@@ -125,6 +144,8 @@ class ResidencyManager {
   mutable std::mutex mutex_;
   std::vector<Block> blocks_;
   std::vector<FreeRange> free_;  // sorted by offset, coalesced
+  std::vector<FreeRange> released_;  // freed during the current decision (for release_hook_)
+  ReleaseHook release_hook_;
   uint64_t arena_bytes_;
   uint64_t budget_bytes_;
   uint64_t static_capacity_ = 0;
