@@ -280,8 +280,8 @@ def main(argv=None) -> int:
         f"{ts_s:.2f} s vs {plain_s:.2f} s)",
         f"  bytes read per token   {gb(read / args.tokens):>8}   ({read / args.tokens / model_bytes:.2f}x the model "
         f"size {gb(model_bytes)}; non-resident weights {gb(streamed)})",
-        f"  cache hit rate         {stats.get('cache_hit_rate', 0.0):8.1%}   (prefetch hit rate "
-        f"{stats.get('prefetch_hit_rate', 0.0):.1%})",
+        f"  cache hit rate         {stats.get('cache_hit_rate', 0.0):8.1%}   (uses with no read; ready when asked, "
+        f"prefetched or kept: {stats.get('prefetch_ready_rate', 0.0):.1%})",
         f"  I/O throughput         {stats.get('io_throughput_mbps', 0.0):8.1f}   MB/s (engine); "
         f"{read / ts_s / 1e6:.1f} MB/s over the whole generation",
         f"  stall time             {stall:8.2f}   s ({stall / ts_s:.0%} of the generation)",

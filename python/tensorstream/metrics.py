@@ -29,6 +29,8 @@ METRICS: List[Tuple[str, str, str, str]] = [
     ("tensorstream_delivered_bytes_total", "counter", "bytes_delivered", "Decoded bytes placed into slots"),
     ("tensorstream_acquires_total", "counter", "acquires", "Blocks requested by forward passes"),
     ("tensorstream_cache_hits_total", "counter", "hits", "Acquires that found their block resident"),
+    ("tensorstream_cache_reuses_total", "counter", "reuses",
+     "Acquires served from memory with no storage read for them (kept since an earlier use)"),
     ("tensorstream_cache_misses_total", "counter", "misses", "Acquires that had to wait for a load"),
     ("tensorstream_prefetches_issued_total", "counter", "prefetches_issued", "Loads started ahead of use"),
     ("tensorstream_prefetch_hits_total", "counter", "prefetch_hits", "Acquires served by a prefetch"),

@@ -239,3 +239,24 @@ def test_mmap_counts_the_bytes_it_faults_in(tmp_path):
         engine.release(index)
     assert engine.stats()["bytes_read"] > 0
     engine.close()
+
+
+def test_a_block_prefetched_in_time_is_ready_but_no_reuse_until_its_next_use(tmp_path):
+    """Statistics (issue #16 item 7): hits = resident when asked, reuses = resident with no read for this use."""
+    write_layers(tmp_path, 2)
+    slots = slot_bytes(tmp_path)
+    _raw, arena = aligned_arena(sum(slots))
+    engine = make_engine(tmp_path, arena, prefetch_strategy="none")
+    engine.prefetch(0)
+    deadline = time.monotonic() + 30
+    while engine.stats()["resident_bytes"] < slots[0]:  # the prefetch has landed
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    for use in range(2):
+        ticket = engine.acquire(0)
+        ticket.wait()
+        engine.release(0)
+    s = engine.stats()
+    assert s["acquires"] == 2 and s["hits"] == 2 and s["reuses"] == 1 and s["prefetch_hits"] == 1
+    assert s["blocks"][0]["loads"] == 1 and s["blocks"][0]["reuses"] == 1
+    engine.close()

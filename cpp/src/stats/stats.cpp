@@ -20,6 +20,10 @@ void Stats::on_acquire(size_t block, bool hit, bool prefetched) noexcept {
   add(acquires_, 1);
   add(hit ? hits_ : misses_, 1);
   if (hit) add(blocks_[block].hits, 1);
+  if (hit && !prefetched) {
+    add(reuses_, 1);
+    add(blocks_[block].reuses, 1);
+  }
   if (prefetched) {
     add(prefetch_hits_, 1);
     add(blocks_[block].prefetch_hits, 1);
@@ -60,6 +64,7 @@ StatsSnapshot Stats::snapshot() const {
   s.bytes_delivered = load(bytes_delivered_);
   s.acquires = load(acquires_);
   s.hits = load(hits_);
+  s.reuses = load(reuses_);
   s.misses = load(misses_);
   s.prefetch_hits = load(prefetch_hits_);
   s.prefetches_issued = load(prefetches_issued_);
@@ -75,7 +80,7 @@ StatsSnapshot Stats::snapshot() const {
   s.blocks.resize(num_blocks_);
   for (size_t i = 0; i < num_blocks_; ++i) {
     const BlockCounters& c = blocks_[i];
-    s.blocks[i] = {load(c.loads),      load(c.hits),    load(c.prefetch_hits), load(c.evictions),
+    s.blocks[i] = {load(c.loads),      load(c.hits),    load(c.reuses), load(c.prefetch_hits), load(c.evictions),
                    load(c.bytes_read), load(c.wait_ns), load(c.load_ns)};
   }
   s.load_latency = load_latency_.snapshot();
@@ -84,14 +89,14 @@ StatsSnapshot Stats::snapshot() const {
 }
 
 void Stats::reset() noexcept {
-  for (Counter* counter : {&bytes_read_, &bytes_delivered_, &acquires_, &hits_, &misses_, &prefetch_hits_,
+  for (Counter* counter : {&bytes_read_, &bytes_delivered_, &acquires_, &hits_, &reuses_, &misses_, &prefetch_hits_,
                            &prefetches_issued_, &evictions_, &checksum_failures_, &io_errors_, &wait_ns_,
                            &io_busy_ns_, &direct_bytes_, &host_tier_hits_, &host_tier_bytes_, &device_stall_ns_}) {
     counter->store(0, std::memory_order_relaxed);
   }
   for (size_t i = 0; i < num_blocks_; ++i) {
     BlockCounters& c = blocks_[i];
-    for (Counter* counter : {&c.loads, &c.hits, &c.prefetch_hits, &c.evictions, &c.bytes_read, &c.wait_ns, &c.load_ns}) {
+    for (Counter* counter : {&c.loads, &c.hits, &c.reuses, &c.prefetch_hits, &c.evictions, &c.bytes_read, &c.wait_ns, &c.load_ns}) {
       counter->store(0, std::memory_order_relaxed);
     }
   }

@@ -38,6 +38,24 @@ TEST(Stats, CountsAndRates) {
   EXPECT_EQ(s.blocks[1].prefetch_hits, 1u);
 }
 
+TEST(Stats, AReuseIsAHitThatNoPrefetchReadForThisUse) {
+  // cache_hit_rate (python) counts reuses: a block a prefetch read just in time was ready, but it was read.
+  Stats stats(2);
+  stats.on_acquire(0, /*hit=*/true, /*prefetched=*/true);   // prefetched and ready: a hit, not a reuse
+  stats.on_acquire(0, /*hit=*/true, /*prefetched=*/false);  // still there on the next use: a reuse
+  stats.on_acquire(1, /*hit=*/false, /*prefetched=*/true);  // prefetch still in flight: neither
+  stats.on_acquire(1, /*hit=*/false, /*prefetched=*/false); // read on demand: neither
+  const StatsSnapshot s = stats.snapshot();
+  EXPECT_EQ(s.hits, 2u);
+  EXPECT_EQ(s.reuses, 1u);
+  EXPECT_EQ(s.blocks[0].hits, 2u);
+  EXPECT_EQ(s.blocks[0].reuses, 1u);
+  EXPECT_EQ(s.blocks[1].reuses, 0u);
+  stats.reset();
+  EXPECT_EQ(stats.snapshot().reuses, 0u);
+  EXPECT_EQ(stats.snapshot().blocks[0].reuses, 0u);
+}
+
 TEST(Stats, LoadsAndBlockingWaitsFillTheirLatencyHistograms) {
   Stats stats(2);
   stats.on_load_done(0, 10, 10, 50'000);          // 50 µs: the first bucket (<= 100 µs)

@@ -167,13 +167,16 @@ def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, A
     * ``vram_usage_bytes``: weight bytes held now on the execution device: streamed blocks resident or in flight
       (slot bytes) plus the resident (never streamed) parameters.
     * ``vram_utilization``: streamed bytes held / ``budget_bytes`` (0..1).
-    * ``cache_hit_rate``: block acquires that found the block resident / all acquires (one acquire per use of a
-      block by a forward pass).
+    * ``cache_hit_rate``: share of block uses (one acquire per use by a forward pass) served from memory with no
+      storage read for that use: the block stayed resident since an earlier use, or (device slots) came from the host
+      tier. A block that a prefetch read just in time is not a hit: it was read.
     * ``io_throughput_mbps``: ``bytes_read`` per second of I/O busy time, in MB/s (1e6 bytes).
 
-    More: ``bytes_read`` (from storage, as stored), ``bytes_delivered`` (decoded into slots), ``stall_time_s`` (time
-    forward passes waited for blocks), ``prefetch_hit_rate`` (acquires served by a prefetch / acquires),
-    ``acquires``, ``hits``, ``misses``, ``prefetch_hits``, ``prefetches_issued``, ``evictions``,
+    More: ``bytes_read`` (read from storage as stored: compressed bytes for compressed chunks), ``bytes_delivered``
+    (the same data decoded, raw bytes placed into slots), ``stall_time_s`` (time forward passes waited for blocks),
+    ``prefetch_ready_rate`` (acquires that found the block resident, whether kept or prefetched just in time /
+    acquires), ``prefetch_hit_rate`` (acquires served by a prefetch, resident or still in flight / acquires),
+    ``acquires``, ``hits`` (resident at acquire), ``reuses`` (hits with no read for that use), ``misses``, ``prefetch_hits``, ``prefetches_issued``, ``evictions``,
     ``checksum_failures``, ``io_errors``, ``held_bytes`` (streamed resident + in flight), ``in_flight_bytes``,
     ``streamed_resident_bytes``, ``static_bytes`` (the engine's static resident set), ``lookahead``,
     ``streamed_blocks`` / ``resident_blocks`` (counts), ``streamed_bytes`` / ``resident_bytes`` (parameter bytes),

@@ -16,6 +16,7 @@ namespace tensorstream {
 struct BlockStatsSnapshot {
   uint64_t loads = 0;          // times the block was read from storage
   uint64_t hits = 0;           // acquires that found it resident
+  uint64_t reuses = 0;         // hits that no read preceded for this use (not a prefetch's block on its first use)
   uint64_t prefetch_hits = 0;  // acquires that found it resident or in flight thanks to a prefetch
   uint64_t evictions = 0;
   uint64_t bytes_read = 0;
@@ -27,7 +28,9 @@ struct StatsSnapshot {
   uint64_t bytes_read = 0;          // from storage (stored bytes, compressed or not)
   uint64_t bytes_delivered = 0;     // decoded bytes placed into slots
   uint64_t acquires = 0;
-  uint64_t hits = 0;                // resident at acquire
+  uint64_t hits = 0;                // resident at acquire ("ready when asked")
+  uint64_t reuses = 0;              // resident at acquire and not brought in by a prefetch for this use: served from
+                                    // memory with no read for it (a hit of the cache, in the usual sense)
   uint64_t misses = 0;              // not resident at acquire (in flight counts as a miss unless prefetched)
   uint64_t prefetch_hits = 0;       // resident or in flight at acquire because of a prefetch
   uint64_t prefetches_issued = 0;
@@ -89,9 +92,9 @@ class Stats {
   using Counter = std::atomic<uint64_t>;
   static void add(Counter& counter, uint64_t value) noexcept { counter.fetch_add(value, std::memory_order_relaxed); }
   struct BlockCounters {
-    Counter loads{0}, hits{0}, prefetch_hits{0}, evictions{0}, bytes_read{0}, wait_ns{0}, load_ns{0};
+    Counter loads{0}, hits{0}, reuses{0}, prefetch_hits{0}, evictions{0}, bytes_read{0}, wait_ns{0}, load_ns{0};
   };
-  Counter bytes_read_{0}, bytes_delivered_{0}, acquires_{0}, hits_{0}, misses_{0}, prefetch_hits_{0},
+  Counter bytes_read_{0}, bytes_delivered_{0}, acquires_{0}, hits_{0}, reuses_{0}, misses_{0}, prefetch_hits_{0},
       prefetches_issued_{0}, evictions_{0}, checksum_failures_{0}, io_errors_{0}, wait_ns_{0}, io_busy_ns_{0},
       direct_bytes_{0}, host_tier_hits_{0}, host_tier_bytes_{0}, device_stall_ns_{0};
   Counter io_busy_since_ns_{0};
