@@ -35,7 +35,7 @@ test-sanitize:
 TSAN_TESTS = cuda_test_cuda_device cuda_test_cuda_double cuda_test_cuda_transfer engine_test_device_timing engine_test_engine engine_test_io_queue engine_test_worker_pool residency_test_residency_manager \
              residency_test_prefetcher io_test_io_backend io_test_io_backend_contract io_test_completion_queue \
              io_test_pread_backend io_test_uring_backend io_test_mmap_backend memory_test_host_tier memory_test_staging_pool \
-             stats_test_stats stats_test_trace store_test_store_reader store_test_store_writer
+             io_test_mapping_guard stats_test_stats stats_test_trace store_test_store_reader store_test_store_writer
 test-tsan:
 	cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DTS_SANITIZE=thread -DTS_BUILD_PYTHON=OFF >/dev/null

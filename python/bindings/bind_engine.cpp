@@ -73,6 +73,7 @@ nb::dict stats_dict(const StatsSnapshot& s) {
   out["bytes_delivered"] = s.bytes_delivered;
   out["acquires"] = s.acquires;
   out["hits"] = s.hits;
+  out["reuses"] = s.reuses;
   out["misses"] = s.misses;
   out["prefetch_hits"] = s.prefetch_hits;
   out["prefetches_issued"] = s.prefetches_issued;
@@ -100,6 +101,7 @@ nb::dict stats_dict(const StatsSnapshot& s) {
     nb::dict entry;
     entry["loads"] = b.loads;
     entry["hits"] = b.hits;
+    entry["reuses"] = b.reuses;
     entry["prefetch_hits"] = b.prefetch_hits;
     entry["evictions"] = b.evictions;
     entry["bytes_read"] = b.bytes_read;
@@ -262,6 +264,7 @@ void bind_engine(nb::module_& m) {
       .def("config", [](PyEngine& e) { return config_dict(e.get().config()); })
       .def_prop_ro("backend_name", [](PyEngine& e) { return e.get().backend_name(); })
       .def_prop_ro("backend_fallback_reason", [](PyEngine& e) { return e.get().backend_fallback_reason(); })
+      .def_prop_ro("page_cache_policy", [](PyEngine& e) { return std::string(e.get().page_cache_policy()); })
       .def_prop_ro("slot_access", [](PyEngine& e) { return std::string(slot_access_name(e.get().slot_access())); })
       .def_prop_ro("transfer_name", [](PyEngine& e) { return e.get().transfer_name(); })
       .def("learned_order", [](PyEngine& e) { return e.get().learned_order(); })

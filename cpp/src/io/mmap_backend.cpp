@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "tensorstream/io/completion_queue.hpp"
+#include "tensorstream/io/mapping_guard.hpp"
 
 namespace tensorstream::detail {
 namespace {
@@ -24,7 +25,13 @@ struct Mapping {
   uint64_t size = 0;  // bytes of the file mapped (its size when mapped)
   dev_t dev = 0;      // identity of the file: a descriptor number may be closed and reused for another file
   ino_t ino = 0;
+  uint32_t guard = 0;  // mapping_guard handle: a page that vanishes with the file reads zeros instead of SIGBUS
 };
+
+void unmap(const Mapping& mapping) {
+  unguard_mapping(mapping.guard);
+  ::munmap(mapping.base, mapping.size);
+}
 
 uint64_t page_size() {
   static const uint64_t size = [] {
@@ -40,8 +47,8 @@ class MmapBackend final : public IoBackend {
  public:
   MmapBackend() = default;
   ~MmapBackend() override {
-    for (const auto& [fd, mapping] : mappings_) ::munmap(mapping.base, mapping.size);
-    for (const Mapping& mapping : retired_) ::munmap(mapping.base, mapping.size);
+    for (const auto& [fd, mapping] : mappings_) unmap(mapping);
+    for (const Mapping& mapping : retired_) unmap(mapping);
   }
   MmapBackend(const MmapBackend&) = delete;
   MmapBackend& operator=(const MmapBackend&) = delete;
@@ -59,6 +66,8 @@ class MmapBackend final : public IoBackend {
           result = -error;
         } else {
           std::memcpy(request.buffer.data(), source, request.buffer.size());
+          // The file shrank during the copy: the pages that vanished were copied as zeros (mapping_guard).
+          if (mapping_damaged(source, request.buffer.size())) result = -ENODATA;
         }
       }
       finished.push_back(Completion{request.user_data, result});
@@ -129,7 +138,8 @@ class MmapBackend final : public IoBackend {
     if (it != mappings_.end()) {
       const Mapping& mapping = it->second;
       const bool same_file = mapping.dev == st.st_dev && mapping.ino == st.st_ino;
-      if (same_file && offset + length <= mapping.size) {
+      // A mapping that lost pages to a truncation holds zeros there for good: after a repair, map afresh.
+      if (same_file && offset + length <= mapping.size && !mapping_damaged(mapping.guard)) {
         *source = mapping.base + offset;
         return 0;
       }
@@ -142,7 +152,8 @@ class MmapBackend final : public IoBackend {
     if (file_size > SIZE_MAX) return EFBIG;
     void* base = ::mmap(nullptr, static_cast<size_t>(file_size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     if (base == MAP_FAILED) return errno;
-    const Mapping mapping{static_cast<std::byte*>(base), file_size, st.st_dev, st.st_ino};
+    const Mapping mapping{static_cast<std::byte*>(base), file_size, st.st_dev, st.st_ino,
+                          guard_mapping(base, file_size)};
     mappings_.emplace(fd, mapping);
     *source = mapping.base + offset;
     return 0;

@@ -446,7 +446,7 @@ def bind_model(model: nn.Module, plan: OffloadPlan, stored: StoredModel) -> nn.M
     if requested is not None and placement.device_slots:
         # On a device vram_budget_gb bounds what TensorStream holds there: the resident set and the slots.
         requested = max(requested - partition.resident_bytes, 0)
-    budget = plan_budget(requested, slots, chains)
+    budget = plan_budget(requested, slots, chains, placement_slack=not placement.device_slots)
     if placement.device_slots and config.budget_bytes is not None and budget.raised:
         need = budget.budget_bytes + partition.resident_bytes
         raise ConfigError(
@@ -800,6 +800,7 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
         "storage_path": state.storage_path,
         "device": state.placement.describe(),
         "backend": None,
+        "page_cache": None,
         "slot_access": "host" if not state.placement.device_slots else None,
         "transfer": None,
         "streamed_blocks": len(partition.streamed),
@@ -812,8 +813,8 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
     }
     engine = state.engine
     if engine is None:
-        out.update(vram_usage_bytes=resident_weights, vram_utilization=0.0, cache_hit_rate=0.0, io_throughput_mbps=0.0,
-                   bytes_read=0, bytes_delivered=0, stall_time_s=0.0, prefetch_hit_rate=0.0, acquires=0, hits=0,
+        out.update(vram_usage_bytes=resident_weights, vram_utilization=0.0, cache_hit_rate=0.0, prefetch_ready_rate=0.0, io_throughput_mbps=0.0,
+                   bytes_read=0, bytes_delivered=0, stall_time_s=0.0, prefetch_hit_rate=0.0, acquires=0, hits=0, reuses=0,
                    misses=0, prefetch_hits=0, prefetches_issued=0, evictions=0, checksum_failures=0, io_errors=0,
                    held_bytes=0, in_flight_bytes=0, streamed_resident_bytes=0, static_bytes=0, lookahead=0,
                    row_read_blocks=[], row_reads=0, rows_read=0, row_bytes_read=0, staging_bytes=0,
@@ -839,13 +840,14 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
     for row_embedding, c in row_counters:
         # One "load" per forward that read rows; nothing is ever held, hit, prefetched or evicted.
         per_block[row_embedding.name] = {
-            "loads": c["reads"], "hits": 0, "prefetch_hits": 0, "evictions": 0, "bytes_read": c["bytes_read"],
+            "loads": c["reads"], "hits": 0, "reuses": 0, "prefetch_hits": 0, "evictions": 0, "bytes_read": c["bytes_read"],
             "bytes": row_embedding.block.nbytes, "slot_bytes": 0, "wait_s": 0.0, "load_s": c["read_ns"] / 1e9,
             "read_by_rows": True, "row_reads": c["reads"], "rows_read": c["rows"], "row_bytes_read": c["bytes_read"]}
     blocks = {b.name: per_block[b.name] for b in partition.streamed if b.name in per_block}  # partition order
     rows_delivered = sum(c["rows"] * r.row_bytes for r, c in row_counters)
     out.update(
         backend=engine.backend_name,
+        page_cache=engine.page_cache_policy,
         slot_access=engine.slot_access,
         transfer=engine.transfer_name,
         staging_bytes=s["staging_bytes"],
@@ -865,7 +867,11 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
         arena_bytes=state.arena.nbytes if state.arena is not None else 0,
         vram_usage_bytes=held + resident_weights,
         vram_utilization=_ratio(held, budget),
-        cache_hit_rate=s["hit_rate"],
+        # Uses served from memory with no storage read for them: blocks kept from an earlier use, and (device
+        # slots) loads from the host tier. "Resident when asked", which a prefetch makes true while every block is
+        # still read every pass, is prefetch_ready_rate.
+        cache_hit_rate=min(1.0, _ratio(s["reuses"] + s["host_tier_hits"], s["acquires"])),
+        prefetch_ready_rate=s["hit_rate"],
         io_throughput_mbps=s["io_throughput_bytes_per_s"] / 1e6,
         bytes_read=s["bytes_read"] + row_bytes,
         bytes_delivered=s["bytes_delivered"] + rows_delivered,
@@ -874,6 +880,7 @@ def state_statistics(state: OffloadState, reset: bool = False) -> Dict[str, Any]
         prefetch_hit_rate=_ratio(s["prefetch_hits"], s["acquires"]),
         acquires=s["acquires"],
         hits=s["hits"],
+        reuses=s["reuses"],
         misses=s["misses"],
         prefetch_hits=s["prefetch_hits"],
         prefetches_issued=s["prefetches_issued"],
@@ -947,7 +954,7 @@ def optimize_memory_usage(model: nn.Module, target_utilization: float = 0.8) -> 
                 "target_utilization": float(target_utilization), "evicted_blocks": 0, "held_bytes_before": 0,
                 "held_bytes_after": 0, "clamped": False}
     with state.lock:
-        arena_bytes = state.arena.nbytes
+        arena_bytes = state.arena.nbytes - state.plan.slack_bytes  # the slack is for placement, not for the budget
         minimum = state.plan.minimum_bytes
         wanted = int(float(target_utilization) * arena_bytes) // ALIGNMENT * ALIGNMENT
         new_budget = min(max(wanted, minimum), arena_bytes)

@@ -104,6 +104,11 @@ class Engine {
   [[nodiscard]] const Config& config() const noexcept;
   [[nodiscard]] std::string backend_name() const;
   [[nodiscard]] const std::string& backend_fallback_reason() const noexcept;
+  // How reads meet the page cache, decided at open: "fill" (AUTO, and the store plus the arena fit in half of the
+  // memory headroom: buffered reads, so later uses are views of cached pages), "bypass" (O_DIRECT for blocks not
+  // mostly cached: direct_io on, or AUTO with a store memory cannot hold), "buffered" (direct_io off, or a file
+  // system without O_DIRECT), or "mapped" (the MMAP backend: every raw block is a view).
+  [[nodiscard]] std::string_view page_cache_policy() const noexcept;
   // Where slots live (host, device by copy, device direct) and the Transfer's name ("host", "cuda").
   [[nodiscard]] SlotAccess slot_access() const noexcept;
   [[nodiscard]] std::string transfer_name() const;
