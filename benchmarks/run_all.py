@@ -9,6 +9,7 @@ Runs, each as its own process with a share of the time budget (DESIGN.md §8: ar
   S2  engine_read.py   warm read per backend over a 2-thread buffered pread and over memcpy
   B1  serving.py       tensorstream serve: 8 concurrent clients against the same 8 requests one at a time
   R1  residency.py     bytes read per pass against the offline optimum (residency_optimum.py), NONE / NEXT_LAYER
+  B2  batches.py       tokens/s at batch 1, 8, 32, cold and cached, against accelerate's disk offload and plain
   M1-M3 generation.py  a Llama twice its budget generating: TensorStream (each prefetch strategy) against accelerate
                        and the plain model; time to first token; peak memory; plus a traced generation
 
@@ -55,6 +56,7 @@ def suites(stem: Path, quick: bool) -> list:
                 ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py"), "--smoke"], 0.1),
                 ("serving", "B1", py + [str(HERE / "serving.py"), "--smoke"], 0.05),
                 ("residency", "R1", py + [str(HERE / "residency.py"), "--smoke"], 0.02),
+                ("batches", "B2", py + [str(HERE / "batches.py"), "--smoke"], 0.05),
                 ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--size-gib", "0.25",
                                                  "--budget-gib", "0.125", "--rounds", "1", "--min-rounds", "1",
                                                  "--tokens", "3", "--trace-out", str(stem) + "-trace.json",
@@ -64,6 +66,7 @@ def suites(stem: Path, quick: bool) -> list:
             ("engine_read", "S1 S2", py + [str(HERE / "engine_read.py")], 0.25),
             ("serving", "B1", py + [str(HERE / "serving.py")], 0.09),
             ("residency", "R1", py + [str(HERE / "residency.py")], 0.03),
+            ("batches", "B2", py + [str(HERE / "batches.py")], 0.2),
             ("generation", "M1 M2 M3", py + [str(HERE / "generation.py"), "--trace-out", str(stem) + "-trace.json",
                                              "--trace-png"], 0.49)]
 

@@ -68,9 +68,14 @@ def test_engine_read_smoke(disk_dir, tmp_path):
     left_out = report["parameters"]["arms_left_out"]
     if shutil.which("fio") is None:
         assert "not found" in left_out["fio"]
-    baselines = [tool for tool in ("fio", "dd") if tool not in left_out]
     backends = ("io_uring", "pread", "mmap", "auto")
-    assert pairs(report, "S1 cold read") == {(f"engine {b}", tool) for b in backends for tool in baselines}
+    # Every engine backend against the disk's limit: the best plain reader of each round.
+    assert pairs(report, "S1 cold read") == {(f"engine {b}", "disk limit") for b in backends}
+    for arm_rounds in report["cold"]["rounds"]:
+        plain = [name for name in arm_rounds["order"] if not name.startswith("engine")]
+        assert ("fio" in plain) == ("fio" not in left_out) and ("dd" in plain) == ("dd" not in left_out)
+        assert any(name.startswith("direct x") for name in plain)  # O_DIRECT into a huge-page buffer
+        assert arm_rounds["disk limit"]["gb_s"] == max(arm_rounds[name]["gb_s"] for name in plain)
     assert pairs(report, "S2 warm read") == {(f"engine {b}", base) for b in backends
                                              for base in ("pread x2", "memcpy x2")}
     assert all(row["target"] == 0.9 and row["unit"] == "GB/s" for row in report["summary"])
@@ -172,6 +177,19 @@ def test_residency_reads_within_5_percent_of_the_offline_optimum_for_equal_and_m
         assert r["read_bytes_per_pass"] >= floor[r["model"], r["fraction"]] - 1e-6, r
         assert r["exact"] == (r["model"] == "equal"), r
     assert all(row["target"] == 1.05 and not row["higher_is_better"] for row in report["summary"])
+
+
+def test_batches_smoke_reports_every_state_and_arm_with_equal_tokens(disk_dir, tmp_path):
+    report = run_smoke("batches.py", tmp_path / "batches.json", "--dir", str(disk_dir))
+    assert not report["errors"], report["errors"]  # includes: row 0's tokens equal the plain model's
+    assert [(r["state"], r["batch"]) for r in report["results"]] == [("cold", 2), ("cached", 2)]
+    for row in report["results"]:
+        assert all(row[arm]["tokens_per_s"] > 0 for arm in ("ts-adaptive", "accelerate-disk", "plain")), row
+    pairs_seen = {(row["metric"], row["baseline"]) for row in report["summary"] if "ADAPTIVE" not in row["metric"]}
+    assert pairs_seen == {(f"B2 tokens/s at batch 2, {state}", base) for state in ("cold", "cached")
+                          for base in ("plain", "accelerate-disk")}
+    adaptive = [row for row in report["summary"] if "ADAPTIVE" in row["metric"]]  # the largest batch, cached
+    assert len(adaptive) == 1 and adaptive[0]["baseline"] in ("ts-none", "ts-next_layer")
 
 
 def test_run_all_table_and_plots_from_a_report(disk_dir):
