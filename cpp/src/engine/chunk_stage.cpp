@@ -34,7 +34,7 @@ void ChunkStage::verify_in_place(LoadState& load, size_t chunk_in_place) noexcep
                            static_cast<int64_t>(entry.chunk), entry.size);
       prefault(load.data.subspan(entry.begin, entry.size));
     }
-    if (context_.verify) {
+    if (context_.verify && !load.verified_before) {
       const TraceSpan span(context_.trace, TraceKind::kVerify, load.block, static_cast<int64_t>(entry.tensor),
                            static_cast<int64_t>(entry.chunk), entry.size);
       context_.store.check_chunk(entry.tensor, entry.chunk, load.data.subspan(entry.begin, entry.size));

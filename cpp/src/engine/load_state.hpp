@@ -22,6 +22,8 @@ struct LoadState {
   size_t block = 0;
   std::span<std::byte> data;  // the slot, or a view of the file mapping (kMapped)
   LoadPlan plan;
+  // kMapped: an earlier load verified these very pages (the same view of the same mapping): not hashed again.
+  bool verified_before = false;
   uint64_t start_ns = 0;
   std::atomic<size_t> units_left{0};  // chunks (or reads) not yet finished; the load completes at zero
   // kRegion: per chunk of plan.in_place, the reads covering it that are still outstanding.

@@ -59,6 +59,7 @@ std::optional<uint64_t> cgroup_headroom(std::string_view limit, std::string_view
 
 std::optional<std::string_view> memory_cgroup_path(std::string_view text, bool* v2) {
   std::optional<std::string_view> v1_path;
+  std::optional<std::string_view> v2_path;
   while (!text.empty()) {
     std::string_view line = text.substr(0, text.find('\n'));
     text.remove_prefix(std::min(text.size(), line.size() + 1));
@@ -70,8 +71,8 @@ std::optional<std::string_view> memory_cgroup_path(std::string_view text, bool* 
     const std::string_view controllers = line.substr(first + 1, second - first - 1);
     const std::string_view path = line.substr(second + 1);
     if (id == "0" && controllers.empty()) {
-      if (v2 != nullptr) *v2 = true;
-      return path;
+      v2_path = path;
+      continue;
     }
     std::string_view rest = controllers;
     while (!rest.empty()) {
@@ -80,8 +81,8 @@ std::optional<std::string_view> memory_cgroup_path(std::string_view text, bool* 
       if (name == "memory") v1_path = path;
     }
   }
-  if (v1_path && v2 != nullptr) *v2 = false;
-  return v1_path;
+  if (v2 != nullptr) *v2 = !v1_path && v2_path;
+  return v1_path ? v1_path : v2_path;
 }
 
 std::optional<uint64_t> memory_headroom_bytes() {
@@ -90,11 +91,18 @@ std::optional<uint64_t> memory_headroom_bytes() {
   if (const auto cgroups = read_file("/proc/self/cgroup")) {
     bool v2 = false;
     if (const auto path = memory_cgroup_path(*cgroups, &v2)) {
-      const std::string dir = v2 ? "/sys/fs/cgroup" + std::string(*path) : "/sys/fs/cgroup/memory" + std::string(*path);
-      const auto limit = read_file(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"));
-      const auto usage = read_file(dir + (v2 ? "/memory.current" : "/memory.usage_in_bytes"));
-      if (limit && usage) {
-        if (const auto room = cgroup_headroom(*limit, *usage)) headroom = headroom ? std::min(*headroom, *room) : *room;
+      // This cgroup and every ancestor up to the root: the tightest limit wins.
+      std::string relative(*path);
+      for (;;) {
+        const std::string dir = (v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory") + relative;
+        const auto limit = read_file(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"));
+        const auto usage = read_file(dir + (v2 ? "/memory.current" : "/memory.usage_in_bytes"));
+        if (limit && usage) {
+          if (const auto room = cgroup_headroom(*limit, *usage)) headroom = headroom ? std::min(*headroom, *room) : *room;
+        }
+        if (relative.empty() || relative == "/") break;
+        const size_t slash = relative.find_last_of('/');
+        relative = slash == std::string::npos || slash == 0 ? std::string("/") : relative.substr(0, slash);
       }
     }
   }

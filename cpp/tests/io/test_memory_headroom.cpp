@@ -40,6 +40,10 @@ TEST(MemoryHeadroom, TheV2EntryWinsAndV1FallsBackToTheMemoryController) {
   const char* v1 = "12:cpu,cpuacct:/a\n7:memory:/docker/abc\n1:name=systemd:/x\n";
   EXPECT_EQ(memory_cgroup_path(v1, &v2), "/docker/abc");
   EXPECT_FALSE(v2);
+  // A hybrid host (this development VM): v1 controllers, and an empty v2 entry with no memory controller.
+  const char* hybrid = "4:memory:/process_api/84f6\n3:cpuset:/\n0::/\n";
+  EXPECT_EQ(memory_cgroup_path(hybrid, &v2), "/process_api/84f6");
+  EXPECT_FALSE(v2);
   EXPECT_EQ(memory_cgroup_path("12:cpu:/a\n", &v2), std::nullopt);
   EXPECT_EQ(memory_cgroup_path("garbage", &v2), std::nullopt);
 }

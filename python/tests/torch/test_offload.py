@@ -661,13 +661,17 @@ def test_auto_reads_a_store_memory_can_hold_through_the_page_cache_and_on_bypass
     _evict(data)
     assert _cached_fraction(data) < 0.05
     ids = ts_models.input_ids()
+    expected = ts_models.forward("llama", plain, ids)
     with torch.no_grad():
-        out = ts_models.forward("llama", model, ids)
-    assert torch.equal(out, ts_models.forward("llama", plain, ids))
+        for _ in range(3):
+            assert torch.equal(ts_models.forward("llama", model, ids), expected)
     streamed = sum(b["bytes"] for b in stats["blocks"].values() if not b.get("read_by_rows"))
     cached = _cached_fraction(data) * data.stat().st_size
+    # The engine's first pass reads with O_DIRECT either way (buffered cold reads were 4-8x slower here: the first
+    # token must not pay for the cache); from its second pass on, AUTO reads the blocks its budget cannot keep
+    # through the page cache (three quarters of the model at this budget), and they stay there.
     if direct_io == "auto":
-        assert cached >= streamed  # every streamed block came through the cache, and stays there
+        assert cached >= streamed / 2
     else:
         assert cached < streamed / 2  # O_DIRECT for the blocks; only the small reads went through the cache
     assert ts.get_model_statistics(model)["bytes_read"] > 0

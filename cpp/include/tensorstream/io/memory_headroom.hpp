@@ -23,11 +23,13 @@ namespace tensorstream {
 // A cgroup's room from the text of its limit and usage files: limit - usage (0 when usage exceeds the limit);
 // nullopt for no limit ("max", or v1's near-2^63 "unlimited") or malformed text.
 [[nodiscard]] std::optional<uint64_t> cgroup_headroom(std::string_view limit, std::string_view usage);
-// The cgroup path of this process from the text of /proc/self/cgroup: the v2 entry ("0::/path"), else the v1
-// memory controller's path; nullopt when neither is there.
+// The memory cgroup path of this process from the text of /proc/self/cgroup: the v1 memory controller's path when
+// there is one (a hybrid host lists an empty v2 entry "0::/" beside it, with no memory controller behind it), else
+// the v2 entry ("0::/path"); nullopt when neither is there.
 [[nodiscard]] std::optional<std::string_view> memory_cgroup_path(std::string_view proc_self_cgroup, bool* v2);
 
-// The smaller of the machine's and the cgroup's headroom, read now; nullopt when neither can be read.
+// The smallest of the machine's headroom and that of this process's memory cgroup and each of its ancestors (a
+// container's limit usually sits on a parent), read now; nullopt when none can be read.
 [[nodiscard]] std::optional<uint64_t> memory_headroom_bytes();
 // Whether `bytes` more in memory leave at least half the headroom free: the rule AUTO uses to cache a store
 // (engine.cpp). False when the headroom cannot be read (O_DIRECT is then the safe choice).
