@@ -124,7 +124,7 @@ class ResidencyManager {
   };
 
   Decision admit(size_t block, bool pin, bool speculative);
-  std::optional<Window> best_window(uint64_t need, const std::vector<size_t>& ranked) const;
+  std::optional<Window> best_window(uint64_t need, const std::vector<size_t>& ranked, size_t forced) const;
   std::optional<uint64_t> take_range(uint64_t offset, uint64_t bytes);  // carve a known-free range out of free_
   void check_block(size_t block) const;
   void touch(size_t block);                 // a demand access: clock, used flag, static promotion
