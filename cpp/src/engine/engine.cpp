@@ -571,6 +571,10 @@ struct Engine::Impl {
       }
       load->data = {const_cast<std::byte*>(view.data()), view.size()};  // a copy-on-write private mapping
       load->verified_before = config.verify_checksums && verified_view[block] == view.data();
+      // The slot stays reserved (the budget counts the block) but holds nothing while the block is a view: its
+      // pages go back, or RSS would carry both the slot's old contents and the mapped pages (measured: 2.99 GB peak
+      // RSS for a 1.61 GB budget once the page cache held the store).
+      release_host_pages(arena.data() + slot_offset, record.slot_size);
       block_mapped[block] = 1;
     } else {
       load->data = arena.subspan(slot_offset, record.slot_size);
