@@ -62,7 +62,10 @@ TS_ARMS = ARMS[:3]
 PRETRAINED_STORE = "store-pretrained"  # tensorstream convert of the checkpoint, written once in setup
 COLD_STORE = "store-cold"              # ts-pretrained-cold: empty before its run, removed after it
 UNLIMITED = " (no limit)"  # key suffix of the M2 runs
-M2_TOKENS = 2  # the first token (M2) and one more
+# Tokens of the runs without a memory limit: the first (M2), then enough steps for a steady decode rate. With room
+# for the store AUTO fills the page cache from its second pass; the blocks each pass evicts differ, so the cache
+# holds the streamed part after three or four passes (steps measured: 0.57, 0.47, 0.40, then 0.25-0.30 s).
+M2_TOKENS = 12
 MODEL_ID = "bench-llama"
 SEED = 0
 
@@ -577,7 +580,7 @@ def parent(args) -> int:
         cold = work / COLD_STORE
         shutil.rmtree(cold, ignore_errors=True)
         try:
-            x = run_arm("ts-pretrained-cold", args, work, budget, None, M2_TOKENS)
+            x = run_arm("ts-pretrained-cold", args, work, budget, None, 2)
         finally:
             shutil.rmtree(cold, ignore_errors=True)
         rounds[-1]["ts-pretrained-cold"] = x
@@ -665,6 +668,19 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
                                      f"{compute:.3f} s/token; reading only model - budget "
                                      f"({max(0, weight - budget) / GB:.2f} GB) would take "
                                      f"{x['lower_bound_min_read_s_per_token']:.3f} s/token"))
+    # M1 without a memory limit (#16 item 4): with room for the store, AUTO reads it through the page cache and
+    # later passes are views of cached pages; accelerate's device_map arm warms the cache the same way.
+    def median_rate(key):
+        x = per_arm.get(key)
+        return 1.0 / x["decode_s_per_token"] if x and x.get("decode_s_per_token") else None
+
+    free_acc = [k for k in (f"accelerate-auto{UNLIMITED}", f"accelerate-disk{UNLIMITED}") if median_rate(k)]
+    best_acc = max(free_acc, key=median_rate) if free_acc else None
+    for key in (f"ts-adaptive{UNLIMITED}", f"ts-pretrained{UNLIMITED}"):
+        if median_rate(key) and best_acc:
+            rows.append(summary_row("generation", "M1 tokens/s, no limit (median step)", key, median_rate(key),
+                                    "tok/s", baseline=best_acc, baseline_value=median_rate(best_acc), target=1.0,
+                                    note=f"{M2_TOKENS} tokens; the store fits in memory: AUTO fills the page cache"))
     # M1: ADAPTIVE against the better fixed strategy of the same run (#16 item 3), I/O-bound (cold, limited).
     fixed = [a for a in ("ts-none", "ts-next_layer") if per_arm.get(a) and per_arm[a]["decode_s_per_token"]]
     adaptive = per_arm.get("ts-adaptive")
