@@ -557,7 +557,9 @@ def parent(args) -> int:
         results = {"raw": raw_read_rate(data)}
         # M1 arms under the memory limit (plain cannot run under it), then the M2 arms without one; the order
         # rotates every round so that no arm always follows the same one.
-        runs = [(arm, arm, None if arm == "plain" else limit, args.tokens) for arm in arms]
+        # plain generates as many tokens as the longest arm, so every arm's tokens are checked against it.
+        runs = [(arm, arm, None if arm == "plain" else limit, max(args.tokens, M2_TOKENS) if arm == "plain"
+                 else args.tokens) for arm in arms]
         runs += [(f"{arm}{UNLIMITED}", arm, None, M2_TOKENS) for arm in m2_arms]
         runs = runs[r % len(runs):] + runs[:r % len(runs)]
         for key, arm, arm_limit, tokens in runs:
@@ -623,7 +625,7 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
     reference = next((x["tokens"] for _, key, x in ok if key == "plain"), None)
     # The M2 runs generate fewer tokens: compare the prefix they have.
     mismatches = sorted({f"{key} (round {i + 1})" for i, key, x in ok
-                         if reference and x["tokens"] != reference[:len(x["tokens"])]})
+                         if reference and x["tokens"][:len(reference)] != reference[:len(x["tokens"])]})
     errors = sorted({f"{key}: {r[key]['error'][:300]}" for r in rounds for key in keys if key in r and "error" in r[key]})
     raw = statistics.median(r["raw"]["gb_s"] for r in rounds) * GB
     compute = median_of(rounds, "plain", "decode_s_per_token")
