@@ -324,22 +324,32 @@ class BatchEngine:
             sampling = {"temperature": float(params.temperature), "top_k": self.vocab_size,
                         "top_p": float(params.top_p)}
         eos = list(params.stop_token_ids) or [-1]
-        with self._lock:
-            manager = self._manager
-            if manager is None or self._stopping.is_set():
-                raise GenerationFailed("the engine is not running")
-            if params.seed is not None:
-                import torch
+        # A loop that just died of a failed step refuses requests until _recover (on the pump thread) has failed its
+        # batch and started the next loop: wait for that loop rather than fail a request that never ran (three
+        # concurrent requests over a corrupt chunk must all get the chunk's 503, not one a 500 for the restart).
+        deadline = time.monotonic() + 60
+        while True:
+            with self._lock:
+                manager = self._manager
+                if manager is None or self._stopping.is_set():
+                    raise GenerationFailed("the engine is not running")
+                if params.seed is not None:
+                    import torch
 
-                # Sampled tokens come from one generator for the whole batch: a seed makes a request repeatable
-                # when it runs alone (--max-batch 1), not when others share its steps.
-                torch.manual_seed(params.seed)
-            self._waiters[request_id] = waiter
-            accepted = manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_tokens,
-                                           streaming=True, eos_token_id=eos, **sampling)
-        if accepted is None:
-            raise GenerationFailed("the generation loop is restarting after an error; retry the request",
-                                   cause=self.last_error)
+                    # Sampled tokens come from one generator for the whole batch: a seed makes a request
+                    # repeatable when it runs alone (--max-batch 1), not when others share its steps.
+                    torch.manual_seed(params.seed)
+                self._waiters[request_id] = waiter
+                accepted = manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_tokens,
+                                               streaming=True, eos_token_id=eos, **sampling)
+                if accepted is None:
+                    self._waiters.pop(request_id, None)
+            if accepted is not None:
+                return
+            if time.monotonic() >= deadline:
+                raise GenerationFailed("the generation loop is restarting after an error; retry the request",
+                                       cause=self.last_error)
+            time.sleep(0.02)
 
     # -- the pump thread -------------------------------------------------------------------------------------------
 
