@@ -401,10 +401,7 @@ def warm_arm(work: Path, arm: str) -> float:
     evict_all(work)
     least = 1.0
     for path in arm_files(work, arm):
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
-        least = min(least, common.residency(path))
+        least = min(least, common.warm_up(path))
     return least
 
 

@@ -211,9 +211,7 @@ struct Engine::Impl {
     verified_view.resize(manifest.blocks.size(), nullptr);
     open_direct_fd();
     if (direct_fd && config.direct_io == DirectIoMode::kAuto && traits.reader != BackendKind::kGpuDirect) {
-      struct stat st {};
-      const uint64_t store_bytes = ::fstat(store->data_fd(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
-      fill_page_cache = store_bytes > 0 && page_cache_can_hold(store_bytes + arena.size());
+      fill_page_cache = manifest.data_size > 0 && page_cache_can_hold(manifest.data_size + arena.size());
     }
     // Enough buffers for every read in flight plus one being verified or decoded per worker; allocated on first use.
     staging = StagingPool::create(detail::staging_bytes_for(manifest.chunk_size),
@@ -322,10 +320,8 @@ struct Engine::Impl {
       ResidencyManager::Decision decision = residency.acquire(position[block]);
       if (decision.action == ResidencyManager::Action::kHit && block_mapped[block] != 0 && !mapped_view_intact(block)) {
         // Loading it again reads the file as it is now: a typed error if it is still short, the bytes if repaired.
-        (void)residency.release(position[block]);
-        if (residency.discard(position[block])) discarded.push_back(block);
-        block_mapped[block] = 0;
-        verified_view[block] = nullptr;
+        for (size_t trimmed : to_store(residency.release(position[block]))) discarded.push_back(trimmed);
+        forget_mapped_view(block, discarded);
         continue;
       }
       const bool prefetched = prefetched_pending[block] != 0;
@@ -400,9 +396,7 @@ struct Engine::Impl {
         // (io/mapping_guard.hpp), so whatever the caller computed with them is wrong. Say so, and never serve
         // this view again.
         damaged = true;
-        if (residency.discard(position[block])) evicted.push_back(block);
-        block_mapped[block] = 0;
-        verified_view[block] = nullptr;
+        forget_mapped_view(block, evicted);
       }
       ++progress;
     }
@@ -418,6 +412,14 @@ struct Engine::Impl {
                         "zeros, so this forward pass's results are invalid; repair the store and run it again)");
     }
     if (fence_error) std::rethrow_exception(fence_error);
+  }
+
+  // A mapped block whose view went bad (its file shrank): evicted now if unpinned (appended to `evicted`), never
+  // served or trusted as verified again. Caller holds `mutex`.
+  void forget_mapped_view(size_t block, std::vector<size_t>& evicted) {
+    if (residency.discard(position[block])) evicted.push_back(block);
+    block_mapped[block] = 0;
+    verified_view[block] = nullptr;
   }
 
   // A mapped block may be handed out again only while its pages are still the file's: the file still covers it

@@ -25,6 +25,9 @@ struct Slot {
 };
 
 Slot g_slots[kSlots];
+// Pages patched so far, process-wide: while it is 0 (always, unless a file shrank) a damage check is one load
+// instead of a scan of the table. The engine asks at every use of a mapped block.
+std::atomic<uint64_t> g_patched{0};
 struct sigaction g_previous {};
 uintptr_t g_page = 4096;
 std::once_flag g_installed;
@@ -55,6 +58,7 @@ void on_sigbus(int signal_number, siginfo_t* info, void* context) {
       if (zeros == MAP_FAILED) break;  // cannot patch: fall through to the previous disposition
       lower_to(slot.fault_low, page);
       raise_to(slot.fault_high, page);
+      g_patched.fetch_add(1, std::memory_order_release);
       return;  // the faulting access runs again and reads zeros
     }
   }
@@ -113,6 +117,7 @@ void unguard_mapping(uint32_t handle) noexcept {
 }
 
 bool mapping_damaged(const void* address, uint64_t length) noexcept {
+  if (g_patched.load(std::memory_order_acquire) == 0) return false;
   const auto begin = reinterpret_cast<uintptr_t>(address);
   const uintptr_t end = begin + length;
   for (const Slot& slot : g_slots) {

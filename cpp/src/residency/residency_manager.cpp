@@ -177,8 +177,7 @@ std::vector<size_t> ResidencyManager::load_finished(size_t block, bool ok) {
     resident_bytes_ += b.bytes;
     return trim_to_limit();
   }
-  give_back(free_, b.slot, b.bytes);
-  released_.push_back(FreeRange{b.slot, b.bytes});
+  free_slot(b.slot, b.bytes);
   flush_released();
   if (b.is_static) static_bytes_ -= b.bytes;
   b.is_static = false;
@@ -559,9 +558,8 @@ ResidencyManager::Decision ResidencyManager::admit(size_t block, bool pin, bool 
   if (held > limit || limit - held < need) return Decision{};  // kNoRoom, nothing changed
 
   for (size_t victim : evicted) evict(victim);
-  if (need != 0) {
-    std::optional<uint64_t> taken = take_range(*slot, need);
-    if (!taken) throw std::logic_error("residency: the chosen window is not free after its evictions");
+  if (need != 0 && !take_range(*slot, need)) {
+    throw std::logic_error("residency: the chosen window is not free after its evictions");
   }
   flush_released();  // what the victims held beyond the new slot
   Decision decision;
@@ -581,8 +579,8 @@ ResidencyManager::Decision ResidencyManager::admit(size_t block, bool pin, bool 
 }
 
 // Removes [offset, offset + bytes) from the free list; it must lie inside one free range (it does after the
-// window's evictions, the free list being coalesced).
-std::optional<uint64_t> ResidencyManager::take_range(uint64_t offset, uint64_t bytes) {
+// window's evictions, the free list being coalesced). False if it does not.
+bool ResidencyManager::take_range(uint64_t offset, uint64_t bytes) {
   for (size_t i = 0; i < free_.size(); ++i) {
     const uint64_t begin = free_[i].offset;
     const uint64_t end = begin + free_[i].bytes;
@@ -597,9 +595,9 @@ std::optional<uint64_t> ResidencyManager::take_range(uint64_t offset, uint64_t b
       free_[i].bytes = offset - begin;
       if (tail != end) free_.insert(free_.begin() + static_cast<std::ptrdiff_t>(i) + 1, FreeRange{tail, end - tail});
     }
-    return offset;
+    return true;
   }
-  return std::nullopt;
+  return false;
 }
 
 void ResidencyManager::drop(size_t block) {
@@ -613,9 +611,13 @@ void ResidencyManager::drop(size_t block) {
   b.used_since_load = false;
 }
 
+void ResidencyManager::free_slot(uint64_t offset, uint64_t bytes) {
+  give_back(free_, offset, bytes);
+  if (release_hook_ && bytes > 0) released_.push_back(FreeRange{offset, bytes});
+}
+
 void ResidencyManager::evict(size_t block) {
-  give_back(free_, blocks_[block].slot, blocks_[block].bytes);
-  if (release_hook_ && blocks_[block].bytes > 0) released_.push_back(FreeRange{blocks_[block].slot, blocks_[block].bytes});
+  free_slot(blocks_[block].slot, blocks_[block].bytes);
   drop(block);
 }
 

@@ -125,12 +125,13 @@ class ResidencyManager {
 
   Decision admit(size_t block, bool pin, bool speculative);
   std::optional<Window> best_window(uint64_t need, const std::vector<size_t>& ranked, size_t forced) const;
-  std::optional<uint64_t> take_range(uint64_t offset, uint64_t bytes);  // carve a known-free range out of free_
+  bool take_range(uint64_t offset, uint64_t bytes);  // carve a known-free range out of free_
   void check_block(size_t block) const;
   void touch(size_t block);                 // a demand access: clock, used flag, static promotion
   void advance_position(size_t block);      // position_ to the next occurrence of block in order_
   void drop(size_t block);                  // slot already returned to the free list: block back on disk
-  void evict(size_t block);                 // returns the slot to free_ (noted in released_), then drop
+  void free_slot(uint64_t offset, uint64_t bytes);  // back to free_, noted in released_ for the release hook
+  void evict(size_t block);                 // free_slot, then drop
   void flush_released();                    // calls release_hook_ with the parts of released_ still free
   std::vector<size_t> victims(size_t for_block, bool speculative) const;  // in eviction order
   void rank(std::vector<size_t>& candidates) const;                        // sorts into eviction order
