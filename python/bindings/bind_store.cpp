@@ -62,6 +62,7 @@ nb::dict tensor_info(const Manifest& manifest, size_t index) {
   }
   info["stored_bytes"] = stored;
   info["chunks"] = tensor.chunk_count;
+  info["chunk_size"] = tensor.chunk_size;
   // Raw chunks of a tensor are contiguous, so a raw tensor can be mapped straight from the data file.
   info["raw_file_offset"] = all_raw && tensor.chunk_count > 0
                                 ? nb::object(nb::int_(manifest.chunks[tensor.first_chunk].offset))
@@ -201,13 +202,13 @@ void bind_store(nb::module_& m) {
       .def(
           "add_tensor",
           [](StoreWriter& writer, const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
-             uintptr_t address, size_t nbytes) {
+             uintptr_t address, size_t nbytes, uint64_t chunk_size) {
             const Dtype parsed = parse_dtype(dtype);
             const std::span<std::byte> bytes = memory(address, nbytes);
             nb::gil_scoped_release release;
-            writer.add_tensor(name, parsed, shape, bytes);
+            writer.add_tensor(name, parsed, shape, bytes, chunk_size);
           },
-          "name"_a, "dtype"_a, "shape"_a, "address"_a, "nbytes"_a)
+          "name"_a, "dtype"_a, "shape"_a, "address"_a, "nbytes"_a, "chunk_size"_a = 0)
       .def("commit", [](StoreWriter& writer) {
         StoreWriteResult result;
         {

@@ -237,6 +237,20 @@ def _metadata_dict(metadata: Optional[Mapping[str, str]]) -> Dict[str, str]:
     return out
 
 
+def _tensor_chunk_sizes(sizes: Optional[Mapping[str, int]]) -> Dict[str, int]:
+    """``tensor_chunk_sizes`` checked for types (the writer checks the values, naming the tensor)."""
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, Mapping):
+        raise ConfigError(f"tensor_chunk_sizes must map tensor names to chunk sizes, got {type(sizes).__name__}",
+                          field="tensor_chunk_sizes")
+    for name, size in sizes.items():
+        if not isinstance(name, str) or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"tensor_chunk_sizes entry {name!r}: {size!r} is not a chunk size in bytes (a "
+                              "positive int)", field="tensor_chunk_sizes")
+    return dict(sizes)
+
+
 def _existing_result(storage: "_core.StorageDirectory", model_id: str) -> SaveResult:
     reader = _core.StoreReader.open(storage, model_id)
     return SaveResult(model_id=model_id, fingerprint=reader.fingerprint, outcome="already_existed",
@@ -246,7 +260,8 @@ def _existing_result(storage: "_core.StorageDirectory", model_id: str) -> SaveRe
 def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[str] = None,
                 chunk_size: int = _core.DEFAULT_CHUNK_SIZE, compression_level: int = 0, replace: bool = False,
                 metadata: Optional[Mapping[str, str]] = None, progress: Optional[bool] = None,
-                total_bytes: Optional[int] = None) -> SaveResult:
+                total_bytes: Optional[int] = None, tensor_chunk_sizes: Optional[Mapping[str, int]] = None
+                ) -> SaveResult:
     """Writes ``blocks`` (block name -> tensor name -> tensor, in mapping order) as one model and publishes it.
 
     The storage directory is created if needed. Tensors may live on any device; each is copied to contiguous
@@ -265,7 +280,9 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     size and compression) and replaces it atomically.
 
     ``chunk_size`` (bytes, a multiple of 4096 in [4 KiB, 64 MiB]) is the unit of checksums and compression;
-    ``compression_level`` is 0 (off) or 1-9 (floats: the exponent codec, from 6 also zstd, the smaller kept;
+    ``tensor_chunk_sizes`` (tensor name -> bytes, a multiple of 4096 from 4 KiB up to ``chunk_size``) gives some
+    tensors smaller chunks, for tensors read in small pieces: an embedding read by rows (torch/rows.py) reads,
+    verifies and decodes only the chunks that hold its rows. ``compression_level`` is 0 (off) or 1-9 (floats: the exponent codec, from 6 also zstd, the smaller kept;
     other dtypes 1-3: lz4, 4-9: zstd; chunks that do not shrink stay raw).
 
     ``progress``: a progress bar (bytes written, GB/s, ETA, the tensor being written) for writes longer than a couple
@@ -289,6 +306,7 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
         raise ConfigError("blocks given as a stream of (name, tensors) pairs can be read only once: pass a "
                           "model_id (a content fingerprint id needs a pass over every weight before writing), or a "
                           "mapping", field="model_id")
+    own_chunk_sizes = _tensor_chunk_sizes(tensor_chunk_sizes)
     storage = _open_storage(storage_path, create=True)
 
     def new_writer(target_id: str) -> "_core.StoreWriter":
@@ -313,15 +331,22 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
                 writer = new_writer(target)
             if total_bytes is None and not _is_streamed(blocks):
                 total_bytes = _total_bytes(blocks)
+            written: set = set()
             with WriteProgress(show_progress, total_bytes, f"writing {target}") as bar:
                 for block_name, tensors in _iter_blocks(blocks):
                     writer.begin_block(block_name)
                     for name, tensor in tensors:
                         nbytes = _nbytes(tensor)
-                        writer.add_tensor(name, _dtype_name(tensor), list(tensor.shape), tensor.data_ptr(), nbytes)
+                        writer.add_tensor(name, _dtype_name(tensor), list(tensor.shape), tensor.data_ptr(), nbytes,
+                                          chunk_size=own_chunk_sizes.get(name, 0))
                         bar.tensor_written(name, nbytes)
+                        written.add(name)
                         del tensor  # a host copy of a device tensor is freed before the next one is made
                     del tensors  # and a streamed block before the next block is produced
+                unknown = sorted(set(own_chunk_sizes) - written)
+                if unknown:
+                    raise ConfigError(f"tensor_chunk_sizes names {unknown[:3]}, which the model does not have",
+                                      field="tensor_chunk_sizes")
                 out = writer.commit()
     finally:
         # A failed write's temp directory is removed now, not when the traceback (which holds this frame) dies.
@@ -499,6 +524,7 @@ class ModelStore:
         """What the manifest says about tensor ``name``.
 
         Keys: index, name, dtype, shape, nbytes, block (index), block_name, slot_offset, stored_bytes, chunks,
+        chunk_size (raw bytes per chunk: the model's, or the tensor's own, docs/format.md §4),
         raw_file_offset (file offset when every chunk is stored raw, so :meth:`map` works; else None),
         compressed (bool).
         """

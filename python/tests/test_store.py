@@ -252,9 +252,9 @@ class CountingCore:
             def __init__(self, *args, **kwargs):
                 self._writer = core.StoreWriter(*args, **kwargs)
 
-            def add_tensor(self, *args):
+            def add_tensor(self, *args, **kwargs):
                 spy.tensors_written += 1
-                return self._writer.add_tensor(*args)
+                return self._writer.add_tensor(*args, **kwargs)
 
             def __getattr__(self, name):
                 return getattr(self._writer, name)
@@ -403,6 +403,30 @@ def test_stream_needs_a_model_id_and_unique_blocks(storage_path):
     assert os.listdir(storage_path / "tmp") == []
 
 
+@pytest.mark.parametrize("compression_level", [0, 5])
+def test_a_tensor_with_its_own_chunk_size(storage_path, compression_level):
+    table = torch.randn(1000, 384)  # rows of 1536 bytes; 40 rows per 61440-byte chunk
+    other = torch.randn(300, 300)
+    blocks = {"embed": {"table": table}, "layer": {"w": other}}
+    result = ts.write_model(storage_path, blocks, model_id="own", chunk_size=1 << 20,
+                            compression_level=compression_level, tensor_chunk_sizes={"table": 61440})
+    assert result.fingerprint == ts.fingerprint(blocks)  # chunking is not content
+    sizes = [c["size"] for c in chunk_map(storage_path, "own") if c["tensor"] == "table"]
+    if compression_level == 0:
+        assert sizes == [61440] * 25
+    assert len(sizes) == 25
+    manifest = read_manifest(storage_path, "own")
+    assert manifest["blocks"][0]["tensors"][0]["chunk_size"] == 61440
+    assert "chunk_size" not in manifest["blocks"][1]["tensors"][0]  # the model's: not written
+    with ts.open_model(storage_path, "own") as model:
+        assert model.info("table")["chunk_size"] == 61440 and model.info("table")["chunks"] == 25
+        assert model.info("w")["chunk_size"] == 1 << 20 and model.info("w")["chunks"] == 1
+        assert_bitwise_equal(model.read("table"), table)
+        assert_bitwise_equal(model.read("w"), other)
+        assert_bitwise_equal(model.read_rows("table", [0, 39, 40, 999]), table[[0, 39, 40, 999]])
+    assert ts.verify_storage_integrity(storage_path).ok  # every chunk checked and decoded, fingerprint included
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -418,6 +442,11 @@ def test_stream_needs_a_model_id_and_unique_blocks(storage_path):
     ({"compression_level": 10}, "compression_level"),
     ({"compression_level": -1}, "compression_level"),
     ({"metadata": {"k": 1}}, "metadata"),
+    ({"tensor_chunk_sizes": {"w": 1000}}, "chunk_size"),
+    ({"tensor_chunk_sizes": {"w": 8 << 20}}, "chunk_size"),  # above the model's 4 MiB
+    ({"tensor_chunk_sizes": {"nope": 4096}}, "tensor_chunk_sizes"),
+    ({"tensor_chunk_sizes": {"w": "4096"}}, "tensor_chunk_sizes"),
+    ({"tensor_chunk_sizes": [("w", 4096)]}, "tensor_chunk_sizes"),
 ])
 def test_bad_arguments_raise_config_error(storage_path, kwargs, field):
     blocks = {"b": {"w": torch.ones(4)}}

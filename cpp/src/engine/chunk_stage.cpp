@@ -61,7 +61,7 @@ void ChunkStage::process(LoadState& load, const PlannedRead& read, std::span<con
       const TraceSpan span(context_.trace, TraceKind::kVerify, load.block, tensor_index, chunk_index, stored.size());
       context_.store.check_chunk(read.tensor, read.chunk, stored);
     }
-    const uint64_t slot_offset = tensor.slot_offset + read.chunk * manifest.chunk_size;
+    const uint64_t slot_offset = tensor.slot_offset + read.chunk * tensor.chunk_size;
     thread_local std::vector<std::byte> scratch;
     if (host_addressable(context_.transfer.slot_access())) {
       if (chunk.codec != Codec::kRaw) {

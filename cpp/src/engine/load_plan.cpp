@@ -72,7 +72,7 @@ void plan_chunks(const Manifest& manifest, const BlockRecord& record, const Load
         // Into the slot at the tensor's own offset, which is only 256-byte aligned: buffered.
         read.file_offset = chunk.offset;
         read.length = chunk.stored_size;
-        read.slot_offset = tensor.slot_offset + c * manifest.chunk_size;
+        read.slot_offset = tensor.slot_offset + c * tensor.chunk_size;
       } else if (inputs.direct) {
         // Staging buffers are 4 KiB aligned: round the chunk's range out to 4 KiB and skip the head afterwards.
         // The data file's size is a 4 KiB multiple, so the rounded range never passes its end.

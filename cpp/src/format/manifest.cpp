@@ -267,6 +267,8 @@ constexpr std::array<FieldSpec, 4> kTensorFields = {{{"name", JsonKind::kString}
                                                      {"dtype", JsonKind::kString},
                                                      {"shape", JsonKind::kArray},
                                                      {"chunks", JsonKind::kArray}}};
+// Keys a tensor object may carry in addition (docs/format.md §4).
+constexpr std::array<FieldSpec, 1> kTensorOptionalFields = {{{"chunk_size", JsonKind::kInteger}}};
 constexpr std::array<FieldSpec, 5> kChunkFields = {{{"offset", JsonKind::kInteger},
                                                     {"size", JsonKind::kInteger},
                                                     {"codec", JsonKind::kString},
@@ -314,25 +316,40 @@ void check_kind(const Json& value, JsonKind kind, const Where& where) {
   }
 }
 
-// Missing keys are reported in the spec's key order, then the first extra key (in nlohmann's key order).
-template <size_t N, typename Where>
-void check_object(const Json& value, const std::array<FieldSpec, N>& fields, const Where& where) {
+// Missing keys are reported in the spec's key order, then a wrongly typed optional key, then the first extra key
+// (in nlohmann's key order).
+template <size_t N, size_t M = 0, typename Where>
+void check_object(const Json& value, const std::array<FieldSpec, N>& fields, const Where& where,
+                  const std::array<FieldSpec, M>& optional_fields = {}) {
   check_kind(value, JsonKind::kObject, where);
+  const auto check_field_kind = [&](const FieldSpec& field, const Json& found) {
+    if (!has_kind(found, field.kind)) {
+      fail("manifest.schema", where.path,
+           where.field(field.key) + " must be " + kind_text(field.kind) + ", found " + describe_value(found));
+    }
+  };
   for (const FieldSpec& field : fields) {
     const auto it = value.find(field.key);
     if (it == value.end()) {
       fail("manifest.schema", where.path, where() + " lacks the key '" + field.key + "'");
     }
-    if (!has_kind(*it, field.kind)) {
-      fail("manifest.schema", where.path,
-           where.field(field.key) + " must be " + kind_text(field.kind) + ", found " + describe_value(*it));
-    }
+    check_field_kind(field, *it);
   }
-  if (value.size() != N) {
+  size_t expected_size = N;
+  for (const FieldSpec& field : optional_fields) {
+    const auto it = value.find(field.key);
+    if (it == value.end()) continue;
+    check_field_kind(field, *it);
+    ++expected_size;
+  }
+  if (value.size() != expected_size) {
+    const auto listed = [](const auto& specs, const std::string& key) {
+      return std::any_of(specs.begin(), specs.end(), [&](const FieldSpec& field) { return key == field.key; });
+    };
     for (const auto& item : value.items()) {
-      const bool known = std::any_of(fields.begin(), fields.end(),
-                                     [&](const FieldSpec& field) { return item.key() == field.key; });
-      if (!known) fail("manifest.schema", where.path, where() + " has the unexpected key " + quote(item.key()));
+      if (!listed(fields, item.key()) && !listed(optional_fields, item.key())) {
+        fail("manifest.schema", where.path, where() + " has the unexpected key " + quote(item.key()));
+      }
     }
   }
 }
@@ -381,7 +398,7 @@ void check_schema(const Json& doc, const std::string& path) {
     const Json& tensors = block.at("tensors");
     for (size_t t = 0; t < tensors.size(); ++t) {
       const Json& tensor = tensors[t];
-      check_object(tensor, kTensorFields, Location{path, b, t});
+      check_object(tensor, kTensorFields, Location{path, b, t}, kTensorOptionalFields);
       const Json& shape = tensor.at("shape");
       for (size_t d = 0; d < shape.size(); ++d) {
         check_kind(shape[d], JsonKind::kInteger, Location{path, b, t, SIZE_MAX, "shape", d});
@@ -588,8 +605,18 @@ class ManifestValidator {
       fail("tensor.size", path_, name_of_tensor(name) + ": " + why);
     }
 
+    uint64_t chunk_size = manifest_.chunk_size;
+    if (const auto own = tensor.find("chunk_size"); own != tensor.end()) {
+      chunk_size = own->get<uint64_t>();
+      if (chunk_size < kMinChunkSize || chunk_size >= manifest_.chunk_size || chunk_size % kMinChunkSize != 0) {
+        fail("tensor.chunk_size", path_,
+             name_of_tensor(name) + " has chunk_size " + std::to_string(chunk_size) +
+                 "; a tensor's own chunk size is a multiple of 4096, at least 4096 and below the manifest's " +
+                 std::to_string(manifest_.chunk_size));
+      }
+    }
+
     const Json& chunks = tensor.at("chunks");
-    const uint64_t chunk_size = manifest_.chunk_size;
     const uint64_t expected_chunks = expected_chunk_count(nbytes, chunk_size);
     if (chunks.size() != expected_chunks) {
       fail("tensor.chunk_count", path_,
@@ -605,6 +632,7 @@ class ManifestValidator {
     record.name = name;
     record.dtype = *dtype;
     record.nbytes = nbytes;
+    record.chunk_size = chunk_size;
     record.block = static_cast<uint32_t>(block_index);
     record.first_chunk = manifest_.chunks.size();
     record.chunk_count = chunks.size();
@@ -643,7 +671,7 @@ class ManifestValidator {
       }
     }
 
-    const uint64_t raw_size = chunk_raw_size(tensor.nbytes, manifest_.chunk_size, index);
+    const uint64_t raw_size = chunk_raw_size(tensor.nbytes, tensor.chunk_size, index);
     if (*codec == Codec::kRaw ? size != raw_size : (size == 0 || size >= raw_size)) {
       fail("chunk.size", path_,
            site() + " (" + std::string(codec_name(*codec)) + ") stores " + std::to_string(size) + " bytes for " +
@@ -832,6 +860,7 @@ std::vector<std::byte> serialize_manifest(const Manifest& manifest) {
       entry["name"] = tensor.name;
       entry["dtype"] = std::string(dtype_name(tensor.dtype));
       entry["shape"] = std::move(shape);
+      if (tensor.chunk_size != 0 && tensor.chunk_size != manifest.chunk_size) entry["chunk_size"] = tensor.chunk_size;
       entry["chunks"] = std::move(chunks);
       tensors.push_back(std::move(entry));
     }
@@ -879,12 +908,18 @@ void compute_derived_fields(Manifest& manifest) {
         fail("tensor.size", kInMemoryPath, "the slot of block " + quote(block.name) + " overflows 64 bits");
       }
       tensor.slot_offset = slot_cursor;
+      if (tensor.chunk_size == 0) tensor.chunk_size = manifest.chunk_size;
+      if (tensor.chunk_size > manifest.chunk_size) {
+        fail("tensor.chunk_size", kInMemoryPath,
+             name_of_tensor(tensor.name) + " has chunk_size " + std::to_string(tensor.chunk_size) +
+                 ", above the manifest's " + std::to_string(manifest.chunk_size));
+      }
       if (__builtin_add_overflow(slot_cursor, tensor.nbytes, &slot_cursor)) {
         fail("tensor.size", kInMemoryPath, "the slot of block " + quote(block.name) + " overflows 64 bits");
       }
       for (size_t c = 0; c < tensor.chunk_count; ++c) {
         ChunkRecord& chunk = manifest.chunks[tensor.first_chunk + c];
-        chunk.raw_size = chunk_raw_size(tensor.nbytes, manifest.chunk_size, c);
+        chunk.raw_size = chunk_raw_size(tensor.nbytes, tensor.chunk_size, c);
         all_raw = all_raw && chunk.codec == Codec::kRaw;
         if (__builtin_add_overflow(chunk.offset, chunk.stored_size, &end)) {
           fail("chunk.bounds", kInMemoryPath,

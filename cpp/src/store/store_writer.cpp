@@ -283,8 +283,15 @@ struct StoreWriter::Impl {
     pending = &batch;
   }
 
-  void add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape, std::span<const std::byte> bytes) {
+  void add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape, std::span<const std::byte> bytes,
+                  uint64_t own_chunk_size) {
     if (manifest.blocks.empty()) throw ConfigError("block", "add_tensor called before begin_block");
+    if (own_chunk_size != 0 && (own_chunk_size < kMinChunkSize || own_chunk_size > options.chunk_size ||
+                                own_chunk_size % kBlockAlignment != 0)) {
+      throw ConfigError("chunk_size", "tensor '" + name.substr(0, 64) + "': its chunk size " +
+                                          std::to_string(own_chunk_size) + " must be a multiple of 4096 between 4096 "
+                                          "and the model's chunk size " + std::to_string(options.chunk_size));
+    }
     if (name.empty() || name.size() > kMaxNameBytes) {
       throw ConfigError("tensor name", "'" + name.substr(0, 64) + "' must be 1-1024 bytes");
     }
@@ -314,9 +321,11 @@ struct StoreWriter::Impl {
     fingerprint.add_tensor(tensor.name, dtype_name(dtype), shape);
 
     cursor = align_up(cursor, kTensorAlignment);
-    const uint64_t chunk_size = options.chunk_size;
+    const uint64_t chunk_size = own_chunk_size != 0 ? own_chunk_size : options.chunk_size;
+    tensor.chunk_size = chunk_size;
     const uint64_t chunk_count = (nbytes + chunk_size - 1) / chunk_size;
-    const uint64_t batch_size = compressing() ? encode_threads : 1;
+    // About a model chunk's bytes per thread and batch, whatever this tensor's chunk size.
+    const uint64_t batch_size = compressing() ? encode_threads * (options.chunk_size / chunk_size) : 1;
     for (uint64_t first = 0; first < chunk_count; first += batch_size) {
       const uint64_t last = std::min(chunk_count, first + batch_size);
       Batch& batch = pending == &batches[0] ? batches[1] : batches[0];
@@ -400,10 +409,10 @@ void StoreWriter::begin_block(std::string name) {
 }
 
 void StoreWriter::add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape,
-                             std::span<const std::byte> bytes) {
+                             std::span<const std::byte> bytes, uint64_t chunk_size) {
   impl_->ensure_usable();
   try {
-    impl_->add_tensor(std::move(name), dtype, shape, bytes);
+    impl_->add_tensor(std::move(name), dtype, shape, bytes, chunk_size);
   } catch (...) {
     impl_->abandon();
     throw;

@@ -121,6 +121,40 @@ TEST_F(EngineTest, LoadsEveryBlockRawAndCompressed) {
   }
 }
 
+// Tensors with their own 4 KiB chunks in a model of 16 KiB chunks: every load plan (region reads, direct or not;
+// mapped views; staged chunks into host or device slots) puts each chunk at its tensor's own offsets.
+TEST_F(EngineTest, LoadsTensorsWithTheirOwnChunkSize) {
+  auto blocks = testing::sample_model(41);
+  for (auto& block : blocks) {
+    for (auto& tensor : block.tensors) {
+      if (tensor.bytes.size() > 4096) tensor.chunk_size = 4096;
+    }
+  }
+  for (const int level : {0, 5}) {
+    write(blocks, level, 16384);
+    ASSERT_EQ(store_->manifest().tensors[0].chunk_count, 3u);  // embed.weight: 10240 bytes
+    for (const BackendKind backend : {BackendKind::kPread, BackendKind::kMmap}) {
+      for (const bool device : {false, true}) {
+        if (device && backend == BackendKind::kMmap) continue;  // a mapped view is host memory
+        SCOPED_TRACE("level " + std::to_string(level) + (backend == BackendKind::kMmap ? " mmap" : " pread") +
+                     (device ? " device" : " host"));
+        Config c = config();
+        c.backend = backend;
+        c.direct_io = backend == BackendKind::kPread ? DirectIoMode::kOn : DirectIoMode::kOff;
+        Arena arena(total_slot_bytes());
+        std::unique_ptr<RecordingTransfer> transfer = device ? std::make_unique<RecordingTransfer>() : nullptr;
+        Engine engine(store_, arena.span(), c, nullptr, std::move(transfer));
+        for (size_t b = 0; b < store_->manifest().blocks.size(); ++b) {
+          Ticket ticket = engine.acquire(b);
+          ticket.wait();
+          expect_block_bytes(b, ticket.data());
+          engine.release(b);
+        }
+      }
+    }
+  }
+}
+
 // A compressed block has far more chunks than staging buffers (queue depth 1 + 1 worker = 2): its reads wait for
 // buffers to come back instead of holding one each, and every byte still arrives; direct or buffered alike.
 TEST_F(EngineTest, StagedReadsShareABoundedPool) {

@@ -2,6 +2,7 @@
 // file per rule (each test breaks exactly one thing of a valid manifest, so it reaches exactly its rule).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -659,6 +660,81 @@ TEST_F(ManifestTest, Rule_tensor_chunk_count) {
               "tensor.chunk_count");  // layers.0.empty becomes 4 bytes but has no chunk
   expect_rule(with_json([](ManifestJson& doc) { tensor(doc, 1, 0)["shape"] = ManifestJson::array({4000, 100}); }),
               "tensor.chunk_count");
+}
+
+// A tensor with its own, smaller chunk size: the key is written only then, and every chunk rule follows it.
+class SmallChunkManifestTest : public ::testing::Test {
+ protected:
+  void expect_rule(const std::function<void(ManifestJson&)>& edit, const std::string& rule) const {
+    tensorstream::expect_rule(test_support::mutate_manifest_json(model_.manifest, edit), rule, model_.expect);
+  }
+  static ManifestJson& table(ManifestJson& doc) { return doc["blocks"][0]["tensors"][0]; }
+
+  BuiltModel model_ = test_support::build_model(test_support::small_chunk_model_spec());
+};
+
+TEST_F(SmallChunkManifestTest, RoundTripAndDerivedSizes) {
+  const Manifest& m = model_.manifest;
+  ASSERT_EQ(m.tensors.size(), 2u);
+  EXPECT_EQ(m.tensors[0].chunk_size, 4096u);
+  EXPECT_EQ(m.tensors[1].chunk_size, 16384u);  // resolved from the manifest's
+  ASSERT_EQ(m.tensors[0].chunk_count, 7u);
+  ASSERT_EQ(m.tensors[1].chunk_count, 3u);
+  EXPECT_EQ(m.chunks[5].raw_size, 4096u);
+  EXPECT_EQ(m.chunks[6].raw_size, 1024u);
+  EXPECT_EQ(m.chunks[7].raw_size, 16384u);
+  EXPECT_EQ(m.chunks[9].raw_size, 40000u - 2 * 16384u);
+  EXPECT_TRUE(std::any_of(m.chunks.begin(), m.chunks.begin() + 7, [](const ChunkRecord& c) {
+    return c.codec != Codec::kRaw;
+  }));
+
+  const ManifestJson doc = test_support::manifest_json(m);
+  EXPECT_EQ(doc["blocks"][0]["tensors"][0]["chunk_size"], 4096u);
+  EXPECT_FALSE(doc["blocks"][1]["tensors"][0].contains("chunk_size"));  // the manifest's: not written
+  const Manifest parsed = parse_manifest(serialize_manifest(m), model_.expect);
+  test_support::expect_manifests_equal(parsed, m);
+  EXPECT_EQ(serialize_manifest(parsed), serialize_manifest(m));
+}
+
+TEST_F(SmallChunkManifestTest, Rule_tensor_chunk_size) {
+  for (const uint64_t size : std::vector<uint64_t>{0, 1, 2048, 6144, 16384, 32768, 1ull << 40, UINT64_MAX}) {
+    SCOPED_TRACE(size);
+    expect_rule([&](ManifestJson& doc) { table(doc)["chunk_size"] = size; }, "tensor.chunk_size");
+  }
+  // Only a positive integer is a size at all; the shape of the document comes first.
+  expect_rule([](ManifestJson& doc) { table(doc)["chunk_size"] = "4096"; }, "manifest.schema");
+  expect_rule([](ManifestJson& doc) { table(doc)["chunk_size"] = -4096; }, "manifest.schema");
+  expect_rule([](ManifestJson& doc) { table(doc)["chunk_size"] = 4096.0; }, "manifest.schema");
+}
+
+TEST_F(SmallChunkManifestTest, ChunkRulesFollowTheTensorsChunkSize) {
+  // 8192-byte chunks would make 4 of them; the 7 stored ones no longer match.
+  expect_rule([](ManifestJson& doc) { table(doc)["chunk_size"] = 8192; }, "tensor.chunk_count");
+  // Without the key the manifest's 16384 applies: 2 chunks expected.
+  expect_rule([](ManifestJson& doc) { table(doc).erase("chunk_size"); }, "tensor.chunk_count");
+  // A compressed chunk must be smaller than its raw bytes: 4096 here (it would pass against the model's 16384).
+  expect_rule([](ManifestJson& doc) {
+    ManifestJson& chunks = table(doc)["chunks"];
+    for (size_t c = 0; c + 1 < chunks.size(); ++c) {
+      if (chunks[c]["codec"] != "raw") {
+        chunks[c]["size"] = 5000;
+        return;
+      }
+    }
+    ADD_FAILURE() << "no compressed chunk of 4096 raw bytes in the table";
+  }, "chunk.size");
+}
+
+TEST(ManifestDerived, TensorChunkSizeAboveTheModelsIsAWriterError) {
+  test_support::ModelSpec spec = test_support::small_chunk_model_spec();
+  test_support::BuiltModel model = test_support::build_model(spec);
+  model.manifest.tensors[0].chunk_size = 32768;
+  try {
+    compute_derived_fields(model.manifest);
+    ADD_FAILURE() << "a tensor chunk size above the model's was accepted";
+  } catch (const FormatError& error) {
+    EXPECT_EQ(error.rule(), "tensor.chunk_size");
+  }
 }
 
 TEST_F(ManifestTest, Rule_chunk_codec) {

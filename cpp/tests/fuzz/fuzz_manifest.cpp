@@ -3,7 +3,8 @@
 //
 // Each input is parsed twice: as the whole file it is, which exercises the header rules, and with a freshly
 // computed header in front of its JSON part, so that mutations of the JSON get past manifest.checksum and reach
-// the JSON, schema and layout rules. The seed (seeds/valid.manifest) uses the expectations below.
+// the JSON, schema and layout rules. The seeds (seeds/valid.manifest; seeds/small_chunks.manifest, whose first
+// tensor has its own chunk_size) use the expectations below.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

@@ -142,6 +142,27 @@ TEST_F(MaintenanceTest, DefragRewritesInExecutionOrder) {
   EXPECT_FALSE(defragment(dir_.path(), "zstd").models[0].rewritten);  // already in order now
 }
 
+// A tensor's own chunk size survives verification and a rewrite.
+TEST_F(MaintenanceTest, TensorsKeepTheirOwnChunkSizeThroughVerifyAndDefrag) {
+  auto blocks = testing::sample_model(3);
+  blocks[0].tensors[0].chunk_size = 4096;  // embed.weight: 10240 bytes in a model of 16 KiB chunks
+  StoreWriteOptions options;
+  options.chunk_size = 16384;
+  options.compression_level = 5;
+  (void)testing::write_test_model(*storage_, "own", blocks, options);
+  EXPECT_TRUE(verify_storage(dir_.path(), std::string("own")).ok);
+  write_execution_order(dir_.path(), "own", {"layers.1", "layers.0", "embed"});
+  ASSERT_TRUE(defragment(dir_.path(), "own").models[0].rewritten);
+  const StoreReader reader = StoreReader::open(*storage_, "own");
+  const TensorRecord& table = reader.manifest().tensors[*reader.find_tensor("embed.weight")];
+  EXPECT_EQ(table.chunk_size, 4096u);
+  EXPECT_EQ(table.chunk_count, 3u);
+  std::vector<std::byte> out(table.nbytes);
+  reader.read_tensor(*reader.find_tensor("embed.weight"), out);
+  EXPECT_EQ(out, blocks[0].tensors[0].bytes);
+  EXPECT_TRUE(verify_storage(dir_.path(), std::string("own")).ok);
+}
+
 TEST_F(MaintenanceTest, DefragNeverLaundersCorruptData) {
   write_execution_order(dir_.path(), "raw", {"layers.1", "layers.0", "embed"});
   const StoreReader reader = StoreReader::open(*storage_, "raw");

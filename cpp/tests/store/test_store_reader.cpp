@@ -165,6 +165,37 @@ TEST_P(StoreReaderTest, ReadRowsCopiesRowsAcrossChunksAndChecksThem) {
 
 INSTANTIATE_TEST_SUITE_P(Levels, StoreReaderTest, ::testing::Values(0, 1, 3, 5, 9));
 
+// A table of 1000 rows of 1536 bytes (a MiniLM row) with chunks of 40 rows (61440 bytes, what torch/rows.py picks)
+// in a model of 4 MiB chunks: a read of three rows reads, verifies and decodes three small chunks, not the table.
+TEST(StoreReader, RowsOfATableWithItsOwnChunkSizeReadOnlyTheirChunks) {
+  constexpr uint64_t kRowBytes = 1536;
+  constexpr uint64_t kRowsPerChunk = 40;
+  for (const int level : {0, 5}) {
+    SCOPED_TRACE("level " + std::to_string(level));
+    TempDir dir;
+    const auto storage = StorageDirectory::open_or_create(dir.path());
+    testing::TestTensor table{"table", Dtype::kFloat32, {1000, 384}, testing::normal_bf16_bytes(1000 * 768, 3),
+                              kRowBytes * kRowsPerChunk};
+    StoreWriteOptions options;
+    options.compression_level = level;
+    (void)testing::write_test_model(storage, "m", {{"embed", {table}}}, options);
+    const StoreReader reader = StoreReader::open(storage, "m");
+    const TensorRecord& record = reader.manifest().tensors[0];
+    ASSERT_EQ(record.chunk_count, 25u);
+    const std::vector<int64_t> rows{3, 500, 999};  // chunks 0, 12 and 24
+    std::vector<std::byte> out(rows.size() * kRowBytes);
+    const uint64_t read = reader.read_rows(0, kRowBytes, rows, out, /*verify_checksums=*/true);
+    const auto stored = [&](size_t c) { return reader.manifest().chunks[record.first_chunk + c].stored_size; };
+    EXPECT_EQ(read, stored(0) + stored(12) + stored(24));
+    EXPECT_LE(read, 3 * kRowBytes * kRowsPerChunk);
+    for (size_t k = 0; k < rows.size(); ++k) {
+      EXPECT_TRUE(std::equal(out.begin() + k * kRowBytes, out.begin() + (k + 1) * kRowBytes,
+                             table.bytes.begin() + rows[k] * kRowBytes))
+          << "row " << rows[k];
+    }
+  }
+}
+
 TEST(StoreReader, MissingModelIsENOENTNamingIt) {
   TempDir dir;
   const auto storage = StorageDirectory::open_or_create(dir.path());

@@ -74,10 +74,12 @@ ReferenceStore reference_store(const StoreId& store_id, const std::string& model
       t.shape = tensor.shape;
       t.block = static_cast<uint32_t>(manifest.blocks.size() - 1);
       t.first_chunk = manifest.chunks.size();
+      t.chunk_size = tensor.chunk_size;
+      const uint64_t chunk_size = tensor.chunk_size != 0 ? tensor.chunk_size : options.chunk_size;
       const uint32_t shuffle = dtype_is_groupable_float(tensor.dtype) ? dtype_size(tensor.dtype) : 0;
       const std::span<const std::byte> bytes(tensor.bytes);
-      for (uint64_t begin = 0, index = 0; begin < bytes.size(); begin += options.chunk_size, ++index) {
-        const auto raw = bytes.subspan(begin, std::min<uint64_t>(options.chunk_size, bytes.size() - begin));
+      for (uint64_t begin = 0, index = 0; begin < bytes.size(); begin += chunk_size, ++index) {
+        const auto raw = bytes.subspan(begin, std::min<uint64_t>(chunk_size, bytes.size() - begin));
         std::vector<std::byte> compressed;
         std::vector<std::byte> scratch;
         const Codec codec = compress_chunk(raw, choice, shuffle, compressed, scratch);
@@ -238,6 +240,14 @@ TEST(StoreWriter, BadInputIsAConfigErrorAndLeavesNothingBehind) {
     w.begin_block("b");
     w.add_tensor("t", Dtype::kFloat64, shape4, bytes);  // needs 32 bytes
   }, "bytes");
+  for (const uint64_t own : {uint64_t{1}, uint64_t{2048}, uint64_t{6144}, kDefaultChunkSize + 4096}) {
+    SCOPED_TRACE(own);
+    expect_field([&] {
+      StoreWriter w(storage, "m", {});
+      w.begin_block("b");
+      w.add_tensor("t", Dtype::kFloat32, shape4, bytes, own);  // not 4 KiB pages, or above the model's chunks
+    }, "chunk_size");
+  }
   expect_field([&] {
     StoreWriter w(storage, "m", {});
     w.begin_block("b");
@@ -289,6 +299,45 @@ TEST(StoreWriter, PipelinedWritesGiveTheBytesOfAOneChunkAtATimeWriter) {
       EXPECT_TRUE(testing::read_file_bytes(model / "manifest") == expected.manifest);
       EXPECT_TRUE(testing::read_file_bytes(model / "data") == expected.data);
     }
+  }
+}
+
+// Tensors with their own, smaller chunks among ones with the model's: the same bytes as the one-chunk-at-a-time
+// writer, the manifest says each tensor's size, and every tensor reads back.
+TEST(StoreWriter, TensorsWithTheirOwnChunkSize) {
+  TempDir dir;
+  const auto storage = StorageDirectory::open_or_create(dir.path());
+  auto blocks = pipeline_model();
+  for (testing::TestBlock& block : blocks) {
+    for (testing::TestTensor& tensor : block.tensors) {
+      if (tensor.name == "big.w" || tensor.name == "big.noise") tensor.chunk_size = 4 * kKiB;
+      if (tensor.name == "tail.w") tensor.chunk_size = 12 * kKiB;
+    }
+  }
+  for (const int level : {0, 5}) {
+    SCOPED_TRACE("level " + std::to_string(level));
+    StoreWriteOptions options;
+    options.compression_level = level;
+    options.chunk_size = 64 * kKiB;
+    const std::string id = "own-" + std::to_string(level);
+    (void)testing::write_test_model(storage, id, blocks, options);
+    const ReferenceStore expected = reference_store(storage.id(), id, blocks, options);
+    EXPECT_TRUE(testing::read_file_bytes(storage.model_dir(id) / "manifest") == expected.manifest);
+    EXPECT_TRUE(testing::read_file_bytes(storage.model_dir(id) / "data") == expected.data);
+
+    const StoreReader reader = StoreReader::open(storage, id);
+    for (const testing::TestBlock& block : blocks) {
+      for (const testing::TestTensor& tensor : block.tensors) {
+        const size_t index = *reader.find_tensor(tensor.name);
+        const TensorRecord& record = reader.manifest().tensors[index];
+        EXPECT_EQ(record.chunk_size, tensor.chunk_size != 0 ? tensor.chunk_size : 64 * kKiB) << tensor.name;
+        std::vector<std::byte> out(record.nbytes);
+        reader.read_tensor(index, out, /*verify_checksums=*/true);
+        EXPECT_TRUE(out == tensor.bytes) << tensor.name;
+      }
+    }
+    const TensorRecord& weights = reader.manifest().tensors[*reader.find_tensor("big.w")];
+    EXPECT_EQ(weights.chunk_count, (weights.nbytes + 4 * kKiB - 1) / (4 * kKiB));
   }
 }
 

@@ -91,9 +91,11 @@ BuiltModel build_model(const ModelSpec& spec) {
 
       cursor = align_up(cursor, kTensorAlignment);
       tensor.first_chunk = manifest.chunks.size();
-      for (uint64_t start = 0, index = 0; start < nbytes; start += spec.chunk_size, ++index) {
+      tensor.chunk_size = tensor_spec.chunk_size;
+      const uint64_t chunk_size = tensor_spec.chunk_size != 0 ? tensor_spec.chunk_size : spec.chunk_size;
+      for (uint64_t start = 0, index = 0; start < nbytes; start += chunk_size, ++index) {
         const auto piece =
-            std::span<const std::byte>(raw).subspan(start, std::min<uint64_t>(spec.chunk_size, nbytes - start));
+            std::span<const std::byte>(raw).subspan(start, std::min<uint64_t>(chunk_size, nbytes - start));
         ChunkRecord chunk;
         chunk.offset = cursor;
         std::span<const std::byte> stored = piece;
@@ -126,6 +128,26 @@ BuiltModel build_model(const ModelSpec& spec) {
   out.expect.model_id = spec.model_id;
   out.expect.data_file_size = manifest.data_size;
   return out;
+}
+
+ModelSpec small_chunk_model_spec() {
+  ModelSpec spec;
+  spec.store_id = test_store_id();
+  spec.model_id = "small-chunks";
+  spec.chunk_size = 4 * kMinChunkSize;
+  TensorSpec table;
+  table.name = "embed.weight";
+  table.dtype = Dtype::kBfloat16;
+  table.shape = {200, 64};  // 25600 bytes: six 4096-byte chunks and one of 1024
+  table.compression = compression_for_level(1);
+  table.shuffle = 2;
+  table.chunk_size = kMinChunkSize;
+  TensorSpec weight;
+  weight.name = "layer.w";
+  weight.dtype = Dtype::kFloat32;
+  weight.shape = {100, 100};  // 40000 bytes: two 16384-byte chunks and one of 7232
+  spec.blocks = {{"embed", {table}}, {"layer", {weight}}};
+  return spec;
 }
 
 ModelSpec standard_model_spec() {
@@ -246,6 +268,7 @@ void expect_manifests_equal(const Manifest& actual, const Manifest& expected) {
     EXPECT_EQ(a.block, e.block);
     EXPECT_EQ(a.first_chunk, e.first_chunk);
     EXPECT_EQ(a.chunk_count, e.chunk_count);
+    EXPECT_EQ(a.chunk_size, e.chunk_size);
   }
   ASSERT_EQ(actual.chunks.size(), expected.chunks.size());
   for (size_t i = 0; i < actual.chunks.size(); ++i) {

@@ -24,6 +24,7 @@ struct TensorSpec {
   std::vector<std::byte> raw;             // nbytes of content; left empty, a deterministic pattern is generated
   CompressionChoice compression{};        // kRaw: every chunk stored raw
   uint32_t shuffle = 0;                   // used only for chunks that end up compressed
+  uint64_t chunk_size = 0;                // the tensor's own chunk size; 0 = the model's
 };
 
 struct BlockSpec {
@@ -68,6 +69,10 @@ struct BuiltModel {
 //   block "head":     head.w         uint8    [9000]    3 raw chunks
 //                     head.ids       int32    [5]
 [[nodiscard]] ModelSpec standard_model_spec();
+// A model with chunk size 16384 whose first tensor has its own chunk size (docs/format.md, tensor.chunk_size):
+//   block "embed": embed.weight bfloat16 [200, 64]  chunk_size 4096: 7 chunks, compressed at level 1 where they shrink
+//   block "layer": layer.w      float32  [100, 100] 3 raw chunks of the model's 16384
+[[nodiscard]] ModelSpec small_chunk_model_spec();
 [[nodiscard]] BuiltModel build_standard_model();
 
 // ---- re-encoding manifest files ---------------------------------------------------------------------------------

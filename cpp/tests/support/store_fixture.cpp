@@ -43,7 +43,9 @@ StoreWriteResult write_test_model(const StorageDirectory& storage, const std::st
   StoreWriter writer(storage, model_id, std::move(options));
   for (const TestBlock& block : blocks) {
     writer.begin_block(block.name);
-    for (const TestTensor& tensor : block.tensors) writer.add_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.bytes);
+    for (const TestTensor& tensor : block.tensors) {
+      writer.add_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.bytes, tensor.chunk_size);
+    }
   }
   return writer.commit();
 }

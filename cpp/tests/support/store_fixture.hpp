@@ -13,6 +13,7 @@ struct TestTensor {
   Dtype dtype = Dtype::kUint8;
   std::vector<int64_t> shape;
   std::vector<std::byte> bytes;
+  uint64_t chunk_size = 0;  // the tensor's own chunk size (StoreWriter::add_tensor); 0 = the model's
 };
 
 struct TestBlock {

@@ -50,7 +50,7 @@ from .device import Placement, resolve_placement
 from .meta import Materialization, check_against_store, check_meta_model, params_on_meta
 from .partition import (RESIDENT_BLOCK, Block, Partition, ResidentTensor, describe, partition_model,
                         resident_tensors)
-from .rows import RowEmbedding, row_read_blocks
+from .rows import RowEmbedding, row_chunk_sizes, row_read_blocks
 
 logger = logging.getLogger("tensorstream")
 io_logger = logging.getLogger("tensorstream.io")
@@ -186,7 +186,8 @@ def _metadata(model: nn.Module, partition: Partition) -> Dict[str, str]:
 
 
 def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], model_id: Optional[str],
-                 metadata: Dict[str, str], rewrite: bool = False) -> "tuple[str, str]":
+                 metadata: Dict[str, str], rewrite: bool = False,
+                 tensor_chunk_sizes: Optional[Dict[str, int]] = None) -> "tuple[str, str]":
     """Writes (or finds) the model in the store; returns (model id, outcome).
 
     The fingerprint (docs/format.md §6) covers block names, which tensors each block holds, their names, dtypes,
@@ -195,7 +196,7 @@ def _write_store(config: Config, blocks: Dict[str, Dict[str, torch.Tensor]], mod
     """
     result = write_model(config.storage_path, blocks, model_id=model_id,
                          compression_level=config.store_compression_level, metadata=metadata,
-                         progress=config.progress, replace=rewrite)
+                         progress=config.progress, replace=rewrite, tensor_chunk_sizes=tensor_chunk_sizes)
     if result.outcome == "already_existed" and model_id is not None and result.fingerprint != fingerprint(blocks):
         raise ConfigError(f"model id '{model_id}' already holds other weights (or the same weights in other blocks) "
                           f"in {config.storage_path}; pass another model_id, or model_id=None for a content-addressed "
@@ -212,7 +213,8 @@ def store_holds(storage_path: Any, model_id: str) -> bool:
 
 def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, checkpoint: Any, partition: Partition,
                            resident: List[ResidentTensor], rewrite: bool = False,
-                           checkpoint_plan: Optional[list] = None) -> "Tuple[str, str]":
+                           checkpoint_plan: Optional[list] = None,
+                           tensor_chunk_sizes: Optional[Dict[str, int]] = None) -> "Tuple[str, str]":
     """Finds model ``model_id`` of a meta model in the store, or writes it from ``checkpoint`` block by block when
     it is not there or ``rewrite`` (StoreNotFoundError when it is not there and there is no checkpoint)."""
     root = config.storage_path
@@ -234,7 +236,7 @@ def _store_for_meta_model(model: nn.Module, config: Config, model_id: str, check
     metadata[MIN_LAYER_KEY] = str(config.min_layer_size)
     result = write_model(root, iter_blocks(plan), model_id=model_id, compression_level=config.store_compression_level,
                          metadata=metadata, progress=config.progress, replace=rewrite,
-                         total_bytes=partition.streamed_bytes + sum(r.tensor.numel() * r.tensor.element_size()
+                         tensor_chunk_sizes=tensor_chunk_sizes, total_bytes=partition.streamed_bytes + sum(r.tensor.numel() * r.tensor.element_size()
                                                                    for r in resident))
     logger.info("offload: wrote model '%s' to %s from checkpoint %s (%d bytes)", model_id, root, source.path,
                 result.raw_bytes)
@@ -276,6 +278,17 @@ def _warn_on_other_encoding(store: Any, config: Config) -> None:
                    "convert CHECKPOINT --storage-path %s --model-id %s --compression-level %d --replace`",
                    store.model_id, config.storage_path, describe(stored), describe(wanted), config.storage_path,
                    store.model_id, wanted)
+
+
+def _note_whole_chunk_tables(store: Any, chunk_sizes: Dict[str, int], config: Config) -> None:
+    """A reused model whose tables read by rows have the model's large chunks (stores written before tables got
+    their own): it works, but each row read verifies a whole chunk. Say how to rewrite it."""
+    for name, size in chunk_sizes.items():
+        stored = store.info(name)["chunk_size"] if name in store.tensor_names() else size
+        if stored > size:
+            logger.info("offload: model '%s' stores '%s', which is read by rows, in chunks of %d bytes: each row "
+                        "read verifies a whole chunk. offload(..., rewrite=True) rewrites it with chunks of %d bytes",
+                        store.model_id, name, stored, size)
 
 
 def _tie_weights(model: nn.Module) -> None:
@@ -394,9 +407,10 @@ def store_model(model: nn.Module, plan: OffloadPlan, checkpoint_plan: Optional[l
     once for what binding needs. Nothing in the model changes: a failure here leaves it as it was.
     ``checkpoint_plan``: plan_blocks of the checkpoint, already made (a meta model only)."""
     config, partition, streamed = plan.config, plan.partition, plan.partition.streamed
+    chunk_sizes = row_chunk_sizes(plan.by_rows, _core.DEFAULT_CHUNK_SIZE)  # tables read by rows: small chunks
     if plan.on_meta:
         stored_id, outcome = _store_for_meta_model(model, config, plan.model_id, plan.checkpoint, partition,
-                                                   plan.resident, plan.rewrite, checkpoint_plan)
+                                                   plan.resident, plan.rewrite, checkpoint_plan, chunk_sizes)
     elif streamed or plan.resident:
         blocks = {b.name: {e.name: e.param.detach() for e in b.params} for b in streamed}
         if plan.resident:
@@ -404,7 +418,7 @@ def store_model(model: nn.Module, plan: OffloadPlan, checkpoint_plan: Optional[l
         metadata = _metadata(model, partition)
         metadata[LEVEL_KEY] = str(config.store_compression_level)
         metadata[MIN_LAYER_KEY] = str(config.min_layer_size)
-        stored_id, outcome = _write_store(config, blocks, plan.model_id, metadata, plan.rewrite)
+        stored_id, outcome = _write_store(config, blocks, plan.model_id, metadata, plan.rewrite, chunk_sizes)
         del blocks
     else:
         return StoredModel(None, "nothing_to_stream")  # no parameter, no persistent buffer
@@ -412,6 +426,7 @@ def store_model(model: nn.Module, plan: OffloadPlan, checkpoint_plan: Optional[l
     with open_model(config.storage_path, stored_id) as store:
         if outcome == "already_existed":
             _warn_on_other_encoding(store, config)
+            _note_whole_chunk_tables(store, chunk_sizes, config)
         if plan.on_meta:
             check_against_store(store, partition, plan.resident, config.storage_path)
             with torch.inference_mode(False):

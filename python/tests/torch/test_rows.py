@@ -19,7 +19,7 @@ import tensorstream as ts  # noqa: E402
 from store_faults import state_of, flip_bit, chunk_offsets  # noqa: E402
 from tensorstream.torch import offload as offload_module  # noqa: E402
 from tensorstream.torch.partition import partition_model  # noqa: E402
-from tensorstream.torch.rows import qualifies_for_rows  # noqa: E402
+from tensorstream.torch.rows import qualifies_for_rows, row_chunk_size  # noqa: E402
 
 EMBED = "model.embed_tokens"
 EMBED_WEIGHT = "model.embed_tokens.weight"
@@ -112,7 +112,8 @@ def test_bytes_read_per_decoded_token_drop_by_about_the_embedding(ts_models, tmp
 
     with monkeypatch.context() as patch:  # before: the embedding is a streamed block like any other
         patch.setattr(offload_module, "row_read_blocks", lambda model, partition: [])
-        before_model = ts_models.track(ts.offload(copy.deepcopy(plain), ts_models.make_config(tmp_path, **config)))
+        before_model = ts_models.track(ts.offload(copy.deepcopy(plain),
+                                                  ts_models.make_config(tmp_path / "before", **config)))
         assert EMBED in engine_block_names(before_model)
         before, before_stats = bytes_per_decoded_token(before_model)
         before_model.cleanup_tensorstream()
@@ -122,9 +123,13 @@ def test_bytes_read_per_decoded_token_drop_by_about_the_embedding(ts_models, tmp
     after, stats = bytes_per_decoded_token(model)
     embed = stats["blocks"][EMBED]
     assert embed["row_reads"] == 4 and embed["rows_read"] == 4
-    if verify:  # a verified row costs its whole 4 MiB chunk (checksums cover chunks), never the table
-        assert embed["bytes_read"] <= 4 * (4 << 20) < 4 * embed_bytes
-        assert before - after >= (embed_bytes - (4 << 20)) * 0.95
+    table_chunk = row_chunk_size(row_bytes, 4 << 20)
+    assert table_chunk == 64 << 10  # 256 rows of 256 bytes
+    with ts.open_model(tmp_path, state_of(model).model_id) as store:
+        assert store.info(EMBED_WEIGHT)["chunk_size"] == table_chunk  # written with the table's own chunks
+    if verify:  # a verified row costs its table's 64 KiB chunk (checksums cover chunks), not a 4 MiB one
+        assert embed["bytes_read"] <= 4 * table_chunk
+        assert before - after >= (embed_bytes - table_chunk) * 0.95
     else:  # unverified raw rows are read alone
         assert embed["bytes_read"] == 4 * row_bytes
         assert before - after >= (embed_bytes - row_bytes) * 0.95
@@ -167,6 +172,40 @@ class Embeddings(torch.nn.Module):
         self.patched = torch.nn.Embedding(50, 8)
         self.patched.forward = self.patched.forward  # an instance forward set by someone else (accelerate hooks)
         self.linear = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("row_bytes, chunk", [
+    (256, 64 << 10), (1536, 61440), (768, 61440), (4096, 64 << 10), (8192, 64 << 10), (16384, 64 << 10),
+    (65536, 64 << 10), (98304, 98304), (1000, 64 << 10), (100000, 102400)])
+def test_row_chunk_size_holds_whole_rows_when_it_can(row_bytes, chunk):
+    size = row_chunk_size(row_bytes, 4 << 20)
+    assert size == chunk and size % 4096 == 0 and size >= row_bytes
+    if row_bytes in (256, 1536, 768, 4096, 8192, 16384, 65536, 98304):
+        assert size % row_bytes == 0  # no row spans two chunks
+    assert row_chunk_size(row_bytes, size) is None  # not below the model's chunks: nothing to gain
+
+
+def test_a_store_with_whole_chunk_tables_is_reused_with_a_note_and_rewritten_on_request(ts_models, tmp_path,
+                                                                                        monkeypatch, caplog):
+    plain = build_big_vocab_llama()
+    with monkeypatch.context() as patch:  # a store written before tables had their own chunks
+        patch.setattr(offload_module, "row_chunk_sizes", lambda blocks, size: {})
+        old = ts.offload(copy.deepcopy(plain), ts_models.make_config(tmp_path), model_id="m")
+        old.cleanup_tensorstream()
+    with ts.open_model(tmp_path, "m") as store:
+        assert store.info(EMBED_WEIGHT)["chunk_size"] == 4 << 20
+    caplog.set_level(logging.INFO, logger="tensorstream")
+    reused = ts_models.track(ts.offload(copy.deepcopy(plain), ts_models.make_config(tmp_path), model_id="m"))
+    assert any("read by rows" in r.getMessage() and "rewrite=True" in r.getMessage() and EMBED_WEIGHT in r.getMessage()
+               for r in caplog.records)
+    ids = torch.tensor([[5, 9, 300, 7000]])
+    ts_models.assert_equal(ts_models.generate(reused, ids), ts_models.generate(plain, ids), "reused store")
+    reused.cleanup_tensorstream()
+    rewritten = ts_models.track(ts.offload(copy.deepcopy(plain), ts_models.make_config(tmp_path), model_id="m",
+                                           rewrite=True))
+    with ts.open_model(tmp_path, "m") as store:
+        assert store.info(EMBED_WEIGHT)["chunk_size"] == 64 << 10
+    ts_models.assert_equal(ts_models.generate(rewritten, ids), ts_models.generate(plain, ids), "rewritten store")
 
 
 def test_only_plain_untied_embeddings_qualify():

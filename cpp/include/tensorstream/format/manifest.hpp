@@ -42,7 +42,7 @@ inline constexpr uint64_t kMaxTensorBytes = 1ull << 48;  // 256 TiB: any bigger 
 struct ChunkRecord {
   uint64_t offset = 0;       // absolute offset of the stored bytes in the data file
   uint64_t stored_size = 0;  // bytes in the data file
-  uint64_t raw_size = 0;     // bytes after decoding (derived: min(chunk_size, rest of the tensor))
+  uint64_t raw_size = 0;     // bytes after decoding (derived: min(tensor's chunk_size, rest of the tensor))
   Codec codec = Codec::kRaw;
   uint32_t shuffle = 0;      // byte-grouping element size, 0 = none
   uint64_t checksum = 0;     // chunk_checksum(binding, stored bytes)
@@ -57,6 +57,10 @@ struct TensorRecord {
   uint32_t block = 0;
   size_t first_chunk = 0;
   size_t chunk_count = 0;
+  // Raw bytes per chunk of this tensor: the manifest's chunk_size unless the tensor says otherwise (smaller, e.g.
+  // a few rows of an embedding that is read by rows, so a read of one row does not verify a 4 MiB chunk). A writer
+  // may leave 0 for "the manifest's"; compute_derived_fields and the parser resolve it, so readers see the value.
+  uint64_t chunk_size = 0;
 };
 
 struct BlockRecord {
@@ -114,7 +118,8 @@ struct ManifestExpectations {
 // Serializes a manifest (derived fields are not written) into a complete file image: header + JSON.
 [[nodiscard]] std::vector<std::byte> serialize_manifest(const Manifest& manifest);
 
-// Fills the derived fields (nbytes, slot_offset, raw_size, slot_size, all_raw) of a manifest built by a writer.
+// Fills the derived fields (nbytes, slot_offset, chunk_size 0 -> the manifest's, raw_size, slot_size, all_raw) of
+// a manifest built by a writer.
 void compute_derived_fields(Manifest& manifest);
 
 // Model ids are directory names: 1-128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'.

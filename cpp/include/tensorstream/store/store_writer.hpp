@@ -54,7 +54,10 @@ class StoreWriter {
   // Appends a tensor to the current block. bytes.size() must equal product(shape) * dtype_size(dtype).
   // The caller may free the bytes once this returns: what is still unwritten then is compressed bytes (or a copy)
   // owned by the writer. It may write the previous tensor's last batch of chunks (see above).
-  void add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape, std::span<const std::byte> bytes);
+  // chunk_size: this tensor's own chunk size (a multiple of 4096 from 4096 up to the model's; 0 = the model's), for
+  // a tensor read in small pieces, e.g. an embedding read by rows: a read verifies and decodes whole chunks.
+  void add_tensor(std::string name, Dtype dtype, std::span<const int64_t> shape, std::span<const std::byte> bytes,
+                  uint64_t chunk_size = 0);
   // Finishes the data file, writes the manifest, publishes. The writer is unusable afterwards.
   StoreWriteResult commit();
 
