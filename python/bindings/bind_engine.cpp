@@ -269,6 +269,8 @@ void bind_engine(nb::module_& m) {
       .def_prop_ro("transfer_name", [](PyEngine& e) { return e.get().transfer_name(); })
       .def("learned_order", [](PyEngine& e) { return e.get().learned_order(); })
       .def_prop_ro("lookahead", [](PyEngine& e) { return e.get().lookahead(); })
+      .def_prop_ro("prefetch_off", [](PyEngine& e) { return e.get().prefetch_off(); })
+      .def_prop_ro("prefetch_checks", [](PyEngine& e) { return e.get().prefetch_checks(); })
       .def("set_eviction_callback", [](PyEngine& e, std::function<void(size_t)> callback) {
         // Called on engine threads without engine locks; nanobind's function caster takes the GIL for the call.
         e.get().set_eviction_callback(std::move(callback));

@@ -196,6 +196,12 @@ def test_learned_order_and_lookahead_are_exposed(tmp_path):
             engine.release(index)
     assert engine.learned_order() == [2, 0, 1, 3]
     assert engine.lookahead >= 1
+    # ADAPTIVE's check of prefetch on against off: passes of microseconds are not compared, prefetch stays on.
+    for _ in range(6):
+        for index in [2, 0, 1, 3]:
+            engine.acquire(index).wait()
+            engine.release(index)
+    assert engine.prefetch_checks == 1 and engine.prefetch_off is False and engine.lookahead >= 1
     assert engine.backend_name == "pread"
 
 

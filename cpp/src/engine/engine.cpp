@@ -943,6 +943,8 @@ SlotAccess Engine::slot_access() const noexcept { return impl_->access; }
 std::string Engine::transfer_name() const { return impl_->transfer->name(); }
 std::vector<size_t> Engine::learned_order() const { return impl_->to_store(impl_->prefetcher.learned_order()); }
 uint32_t Engine::lookahead() const { return impl_->prefetcher.lookahead(); }
+bool Engine::prefetch_off() const { return impl_->prefetcher.prefetch_off(); }
+uint64_t Engine::prefetch_checks() const { return impl_->prefetcher.prefetch_checks(); }
 uint64_t Engine::static_bytes() const { return impl_->residency.static_bytes(); }
 
 void Engine::enable_tracing(size_t max_events) { impl_->trace.enable(max_events); }

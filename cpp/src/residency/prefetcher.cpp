@@ -2,6 +2,7 @@
 #include "tensorstream/residency/prefetcher.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <string>
 
@@ -23,6 +24,24 @@ constexpr size_t kMinPassCap = 4096;
 // ceil() of a ratio that is an integer up to rounding error must not round up to the next integer.
 constexpr double kCeilSlack = 1e-9;
 
+// ADAPTIVE's check of prefetch on against off (see the header): passes timed per side, the margin prefetch-off must
+// win by, the ratio that ends a check early, and the interval between checks.
+constexpr uint32_t kCheckPasses = 2;
+constexpr double kOffMustWinBy = 0.03;
+constexpr double kOffGivesUpAt = 1.25;
+constexpr uint32_t kFirstCheckInterval = 16;
+constexpr uint32_t kMaxCheckInterval = 256;
+// Passes shorter than this are not compared: their timing noise (a page fault, a busy neighbour) is larger than
+// what the check looks for, and the bytes at stake are few. Prefetch stays on for them. A decoded token of the
+// demo takes 0.3-0.5 s; unit-test models take milliseconds.
+constexpr uint64_t kMinComparedPassNs = 100'000'000;
+
+uint64_t steady_now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
 void ewma(double& average, uint64_t& samples, uint64_t ns) {
   const auto value = static_cast<double>(ns);
   average = samples == 0 ? value : average + kEwmaAlpha * (value - average);
@@ -31,12 +50,13 @@ void ewma(double& average, uint64_t& samples, uint64_t ns) {
 
 }  // namespace
 
-Prefetcher::Prefetcher(PrefetchStrategy strategy, size_t num_blocks, uint32_t max_lookahead)
+Prefetcher::Prefetcher(PrefetchStrategy strategy, size_t num_blocks, uint32_t max_lookahead, Clock clock)
     : strategy_(strategy),
       num_blocks_(num_blocks),
       max_lookahead_(max_lookahead),
       successors_(num_blocks),
-      visits_(num_blocks, 0) {}
+      visits_(num_blocks, 0),
+      clock_(clock != nullptr ? clock : &steady_now_ns) {}
 
 std::vector<size_t> Prefetcher::on_access(size_t block) {
   std::lock_guard lock(mutex_);
@@ -46,14 +66,22 @@ std::vector<size_t> Prefetcher::on_access(size_t block) {
   }
   // Pass boundary: the first block ever accessed comes back. The finished pass is the learned order (each later
   // pass replaces it, so the order follows the model if it changes).
+  const bool timed = strategy_ == PrefetchStrategy::kAdaptive;
+  const uint64_t now = timed ? clock_() : 0;
   if (first_block_ == SIZE_MAX) {
     first_block_ = block;
+    pass_first_ns_ = now;
   } else if (block == first_block_ && !current_pass_.empty()) {
     learned_order_ = std::move(current_pass_);
     current_pass_.clear();
     order_known_ = true;
     order_position_ = SIZE_MAX;
+    if (timed) {
+      on_pass_end_locked(pass_last_ns_ - pass_first_ns_);
+      pass_first_ns_ = now;
+    }
   }
+  pass_last_ns_ = now;
   if (current_pass_.size() < std::max(kMinPassCap, kMaxPassAccessesPerBlock * num_blocks_)) {
     current_pass_.push_back(block);
   }
@@ -164,8 +192,60 @@ std::vector<size_t> Prefetcher::predict_locked(size_t block) const {
   return ahead;
 }
 
+// At the end of each pass (ADAPTIVE): the check of prefetch on against off. A pass's time runs from its first access
+// to its last one, so time outside the model (between generate() calls, or a server waiting for requests) is not
+// counted; the last block's compute is left out on both sides alike.
+void Prefetcher::on_pass_end_locked(uint64_t pass_ns) {
+  switch (stage_) {
+    case CheckStage::kWaitingForOrder:
+      break;  // this pass taught the order: the next one prefetches what it predicts, and is timed
+    case CheckStage::kTimingOn:
+      best_on_ns_ = best_on_ns_ == 0 ? pass_ns : std::min(best_on_ns_, pass_ns);
+      if (++stage_passes_ < kCheckPasses) return;
+      if (best_on_ns_ < kMinComparedPassNs) {
+        settle_locked(false);
+        return;
+      }
+      stage_ = CheckStage::kTimingOff;
+      stage_passes_ = 0;
+      best_off_ns_ = 0;
+      off_ = true;
+      return;
+    case CheckStage::kTimingOff: {
+      best_off_ns_ = best_off_ns_ == 0 ? pass_ns : std::min(best_off_ns_, pass_ns);
+      ++stage_passes_;
+      const auto on = static_cast<double>(best_on_ns_);
+      if (static_cast<double>(pass_ns) > kOffGivesUpAt * on) {
+        settle_locked(false);
+      } else if (stage_passes_ >= kCheckPasses) {
+        settle_locked(static_cast<double>(best_off_ns_) < (1.0 - kOffMustWinBy) * on);
+      }
+      return;
+    }
+    case CheckStage::kSettled:
+      if (--passes_until_check_ > 0) return;
+      break;
+  }
+  // Start a check: the next passes prefetch and are timed.
+  stage_ = CheckStage::kTimingOn;
+  stage_passes_ = 0;
+  best_on_ns_ = 0;
+  off_ = false;
+}
+
+void Prefetcher::settle_locked(bool off) {
+  const bool same = check_interval_ != 0 && off == settled_off_;
+  check_interval_ = same ? std::min(check_interval_ * 2, kMaxCheckInterval) : kFirstCheckInterval;
+  settled_off_ = off;
+  off_ = off;
+  stage_ = CheckStage::kSettled;
+  passes_until_check_ = check_interval_;
+  ++checks_;
+}
+
 uint32_t Prefetcher::lookahead_locked() const {
   if (strategy_ == PrefetchStrategy::kNone || max_lookahead_ == 0) return 0;
+  if (strategy_ == PrefetchStrategy::kAdaptive && off_) return 0;
   if (strategy_ == PrefetchStrategy::kNextLayer) return max_lookahead_;
   // Before both a load and a compute time were measured: half the allowed depth, rounded up. A guess between
   // "compute hides the read" (1) and "reads dominate" (max); by the second pass there are measurements.
@@ -207,6 +287,16 @@ std::vector<size_t> Prefetcher::learned_order() const {
 uint32_t Prefetcher::lookahead() const {
   std::lock_guard lock(mutex_);
   return lookahead_locked();
+}
+
+bool Prefetcher::prefetch_off() const {
+  std::lock_guard lock(mutex_);
+  return stage_ == CheckStage::kSettled && off_;
+}
+
+uint64_t Prefetcher::prefetch_checks() const {
+  std::lock_guard lock(mutex_);
+  return checks_;
 }
 
 void Prefetcher::set_max_lookahead(uint32_t max_lookahead) {

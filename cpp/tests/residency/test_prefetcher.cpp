@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <random>
 #include <set>
 #include <thread>
@@ -190,6 +191,119 @@ TEST(Prefetcher, RejectsOutOfRangeBlocks) {
   pf.on_load_time(9, 100);  // timings from an engine thread never throw
   pf.on_compute_time(9, 100);
   EXPECT_EQ(pf.lookahead(), 2u);  // ...but out-of-range samples are ignored: still the default
+}
+
+// ---- ADAPTIVE's check of prefetch on against off, on a clock the test moves ----------------------------------
+
+std::atomic<uint64_t> g_now{1};
+uint64_t test_clock() { return g_now.load(); }
+
+constexpr uint64_t kMs = 1'000'000;
+
+// Runs `passes` passes over blocks 0..3; each access advances the clock by `on_ms` or `off_ms`, as the prefetcher
+// has prefetch on or off at that moment, and `idle_ms` passes between passes (outside the model). Returns how many
+// passes ran with prefetch off.
+int run_passes(Prefetcher& pf, int passes, double on_ms, double off_ms, double idle_ms = 0) {
+  int off_passes = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    bool off = false;
+    for (size_t b = 0; b < 4; ++b) {
+      (void)pf.on_access(b);
+      if (b == 0) off = pf.lookahead() == 0;
+      g_now += static_cast<uint64_t>((pf.lookahead() == 0 ? off_ms : on_ms) * kMs);
+    }
+    off_passes += off ? 1 : 0;
+    g_now += static_cast<uint64_t>(idle_ms * kMs);
+  }
+  return off_passes;
+}
+
+TEST(PrefetcherCheck, PrefetchTurnsOffWhenPassesWithoutItAreFaster) {
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  // Pass 1 learns the order; 2-3 are timed with prefetch, 4-5 without; from pass 6 on it stays off.
+  EXPECT_EQ(run_passes(pf, 5, 100, 80), 2);
+  EXPECT_EQ(pf.prefetch_checks(), 0u);
+  EXPECT_EQ(run_passes(pf, 1, 100, 80), 1);
+  EXPECT_EQ(pf.prefetch_checks(), 1u);
+  EXPECT_TRUE(pf.prefetch_off());
+  EXPECT_EQ(pf.lookahead(), 0u);
+  EXPECT_TRUE(pf.on_access(0).empty());  // nothing predicted while off
+  g_now += 80 * kMs;
+  for (size_t b = 1; b < 4; ++b) {
+    (void)pf.on_access(b);
+    g_now += 80 * kMs;
+  }
+  // 16 passes after it settled (at the start of pass 6) it checks again: passes 8-21 off, 22-23 on, 24-25 off; the
+  // answer is the same, so the next check waits 32 passes.
+  EXPECT_EQ(run_passes(pf, 20, 100, 80), 18);
+  EXPECT_EQ(pf.prefetch_checks(), 2u);
+  EXPECT_TRUE(pf.prefetch_off());
+  EXPECT_EQ(run_passes(pf, 30, 100, 80), 30);
+  EXPECT_EQ(pf.prefetch_checks(), 2u);
+}
+
+TEST(PrefetcherCheck, PrefetchStaysOnWhenItWinsAndACheckThatLosesEndsAtOnce) {
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  // Without prefetch a pass takes twice as long: the first pass off ends the check.
+  EXPECT_EQ(run_passes(pf, 8, 100, 200), 1);
+  EXPECT_EQ(pf.prefetch_checks(), 1u);
+  EXPECT_FALSE(pf.prefetch_off());
+  EXPECT_EQ(pf.lookahead(), 2u);  // ceil(3000 / 1000) = 3, at most max_lookahead 2
+  EXPECT_EQ(pf.on_access(0), (Blocks{1, 2}));
+}
+
+TEST(PrefetcherCheck, OffMustWinByMoreThanThreePercent) {
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  EXPECT_EQ(run_passes(pf, 8, 100, 98), 2);  // 2 % faster without: noise, prefetch stays on
+  EXPECT_EQ(pf.prefetch_checks(), 1u);
+  EXPECT_FALSE(pf.prefetch_off());
+}
+
+TEST(PrefetcherCheck, TimeBetweenPassesIsNotCounted) {
+  // Passes with prefetch are slower, but each is followed by a long idle gap (a server waiting for requests):
+  // only the passes themselves are compared.
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  (void)run_passes(pf, 8, 100, 80, /*idle_ms=*/5000);
+  EXPECT_TRUE(pf.prefetch_off());
+}
+
+TEST(PrefetcherCheck, ARecheckTurnsPrefetchBackOnWhenItWinsAgain) {
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  (void)run_passes(pf, 6, 100, 80);
+  ASSERT_TRUE(pf.prefetch_off());
+  (void)run_passes(pf, 16 + 4, 100, 200);  // the model changed: passes without prefetch now take twice as long
+  EXPECT_EQ(pf.prefetch_checks(), 2u);
+  EXPECT_FALSE(pf.prefetch_off());
+  EXPECT_EQ(pf.lookahead(), 2u);  // ceil(3000 / 1000) = 3, at most max_lookahead 2
+}
+
+TEST(PrefetcherCheck, ShortPassesAreNotCompared) {
+  Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
+  set_timings(pf, 3000, 1000);
+  EXPECT_EQ(run_passes(pf, 40, 10, 1), 0);  // 40 ms passes: under the 100 ms a comparison needs
+  EXPECT_FALSE(pf.prefetch_off());
+  EXPECT_EQ(pf.lookahead(), 2u);  // ceil(3000 / 1000) = 3, at most max_lookahead 2
+}
+
+uint64_t counting_clock() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
+TEST(PrefetcherCheck, FixedStrategiesNeverTimePasses) {
+  for (const PrefetchStrategy strategy : {PrefetchStrategy::kNone, PrefetchStrategy::kNextLayer}) {
+    Prefetcher pf(strategy, 4, 2, &counting_clock);
+    const uint64_t before = counting_clock();
+    for (int pass = 0; pass < 40; ++pass) feed(pf, {0, 1, 2, 3});
+    EXPECT_EQ(counting_clock(), before + 1);
+    EXPECT_EQ(pf.prefetch_checks(), 0u);
+    EXPECT_FALSE(pf.prefetch_off());
+  }
 }
 
 TEST(Prefetcher, SafeFromSeveralThreads) {

@@ -114,6 +114,9 @@ class Engine {
   [[nodiscard]] std::string transfer_name() const;
   [[nodiscard]] std::vector<size_t> learned_order() const;
   [[nodiscard]] uint32_t lookahead() const;
+  // ADAPTIVE: prefetch is off because passes without it were faster (Prefetcher), and how many such checks ended.
+  [[nodiscard]] bool prefetch_off() const;
+  [[nodiscard]] uint64_t prefetch_checks() const;
   [[nodiscard]] uint64_t static_bytes() const;
 
   // Timeline of reads, checksums, decodes, transfers and caller waits (stats/trace.hpp), off until enabled. Off,
