@@ -14,6 +14,12 @@ under the budget only) are divided by the optimum for the engine's own block siz
 (`budget_bytes`, after its rounding). Bytes are deterministic, so this measures policy, not speed; make test runs
 the smoke form and asserts the target. Target (#16): <= 1.05 x the optimum.
 
+And the bytes an embedding read by rows costs (#16 item 7): all-MiniLM-L6-v2 (real trained weights when
+tensorstream.testing.real_models can fetch them, else its architecture with seeded weights) runs a two-sentence
+forward, offloaded with the table in its own 61440-byte chunks (what offload writes) and in the model's 4 MiB chunks
+(stores written before tables had their own); bytes read from the table per forward, and the outputs checked equal
+to the plain model's. Target: <= 0.1 x the 4 MiB arm.
+
     python3 benchmarks/residency.py [--passes 28] [--json PATH]
 """
 
@@ -95,6 +101,63 @@ def measure(plain, name: str, strategy: str, fraction: float, passes: int, tmp: 
             "layer_bytes": layer_bytes}
 
 
+SENTENCES = ["Weights stream in layer by layer while the previous layer computes.", "A short one."]
+
+
+def table_reads(tmp: str) -> dict:
+    """Bytes read from MiniLM's word-embedding table per two-sentence forward, own chunks against 4 MiB chunks."""
+    import torch
+    import transformers
+
+    import tensorstream as ts
+    from tensorstream.torch import offload as offload_module
+
+    try:
+        from tensorstream.testing.real_models import RealModelUnavailable, model_dir
+        path = model_dir("minilm")
+        plain = transformers.AutoModel.from_pretrained(str(path)).eval()
+        batch = dict(transformers.AutoTokenizer.from_pretrained(str(path))(SENTENCES, padding=True,
+                                                                             return_tensors="pt"))
+        source = "all-MiniLM-L6-v2 (real weights)"
+    except (ImportError, RealModelUnavailable) as error:
+        cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                      intermediate_size=1536)
+        torch.manual_seed(0)
+        plain = transformers.BertModel(cfg).eval()
+        ids = torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        source = f"MiniLM's architecture, seeded weights ({error})"
+    with torch.no_grad():
+        expected = plain(**batch).last_hidden_state
+    streamed = sum(p.numel() * p.element_size() for p in plain.parameters())
+    out = {"model": source, "arms": {}}
+    for arm in ("table chunks", "model chunks"):
+        saved = offload_module.row_chunk_sizes
+        if arm == "model chunks":
+            offload_module.row_chunk_sizes = lambda blocks, size: {}
+        try:
+            model = ts.offload(copy.deepcopy(plain), ts.Config(storage_path=str(Path(tmp) / arm.replace(" ", "-")),
+                                                               vram_budget_gb=0.5 * streamed / 1e9, progress=False))
+        finally:
+            offload_module.row_chunk_sizes = saved
+        try:
+            with torch.no_grad():
+                equal = all(torch.equal(model(**batch).last_hidden_state, expected) for _ in range(2))
+            stats = ts.get_model_statistics(model)
+            (table,) = stats["row_read_blocks"]
+            rows = stats["blocks"][table]
+            with ts.open_model(Path(tmp) / arm.replace(" ", "-"), stats["model_id"]) as store:
+                (weight,) = store.block_info(table)["tensors"]
+                info = store.info(weight)
+        finally:
+            model.cleanup_tensorstream()
+        out["arms"][arm] = {"bytes_per_forward": rows["bytes_read"] / rows["row_reads"],
+                            "rows_per_forward": rows["rows_read"] / rows["row_reads"], "chunk_size": info["chunk_size"],
+                            "table_bytes": info["nbytes"], "row_bytes": info["nbytes"] // info["shape"][0],
+                            "outputs_equal": equal}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=28, help="measured passes (the steady state repeats every few)")
@@ -127,9 +190,23 @@ def main(argv=None) -> int:
                             "offline optimum (upper bound)", baseline_value=row["optimum_bytes_per_pass"] / 1e6,
                             target=1.05, higher_is_better=False,
                             note=f"blocks {sorted(set(round(b / 1e6, 1) for b in row['block_bytes']))} MB"))
+        tables = table_reads(tmp)
+    own, whole = tables["arms"]["table chunks"], tables["arms"]["model chunks"]
+    needed = own["rows_per_forward"] * own["row_bytes"]
+    print(f"embedding table of {tables['model']}: {own['bytes_per_forward'] / 1e6:.2f} MB read per two-sentence "
+          f"forward in {own['chunk_size']}-byte chunks, {whole['bytes_per_forward'] / 1e6:.2f} MB in "
+          f"{whole['chunk_size']}-byte chunks; the {own['rows_per_forward']:.0f} rows are {needed / 1e6:.3f} MB of a "
+          f"{own['table_bytes'] / 1e6:.1f} MB table", flush=True)
+    summary.append(summary_row(
+        "residency", "R1 embedding bytes per forward, table chunks / model chunks", "table chunks",
+        own["bytes_per_forward"] / 1e6, "MB", baseline="4 MiB chunks", baseline_value=whole["bytes_per_forward"] / 1e6,
+        target=0.1, higher_is_better=False,
+        note=f"{tables['model'].split(' (')[0]}, 2 sentences: {own['rows_per_forward']:.0f} rows = {needed / 1e6:.3f} "
+             f"MB of a {own['table_bytes'] / 1e6:.1f} MB table; outputs equal: "
+             f"{own['outputs_equal'] and whole['outputs_equal']}"))
     table = "\n".join(f"{r['model']} {r['strategy']} {r['fraction']:g}: {r['ratio']:.3f}" for r in results)
     report = {"suite": "residency", "machine": machine_description(default_base_dir()), "results": results,
-              "summary": summary, "table": table, "elapsed_s": time.monotonic() - started}
+              "table_reads": tables, "summary": summary, "table": table, "elapsed_s": time.monotonic() - started}
     out = args.json or RESULTS / f"residency-{time.strftime('%Y%m%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
