@@ -198,7 +198,11 @@ std::vector<size_t> Prefetcher::predict_locked(size_t block) const {
 void Prefetcher::on_pass_end_locked(uint64_t pass_ns) {
   switch (stage_) {
     case CheckStage::kWaitingForOrder:
-      break;  // this pass taught the order: the next one prefetches what it predicts, and is timed
+      // This pass taught the order. A check costs up to two passes with prefetch off, which a short run (a few
+      // tokens) would feel and never win back, so the first one waits as long as later ones do.
+      stage_ = CheckStage::kSettled;
+      passes_until_check_ = kFirstCheckInterval;
+      return;
     case CheckStage::kTimingOn:
       best_on_ns_ = best_on_ns_ == 0 ? pass_ns : std::min(best_on_ns_, pass_ns);
       if (++stage_passes_ < kCheckPasses) return;
