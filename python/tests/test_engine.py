@@ -197,7 +197,7 @@ def test_learned_order_and_lookahead_are_exposed(tmp_path):
     assert engine.learned_order() == [2, 0, 1, 3]
     assert engine.lookahead >= 1
     # ADAPTIVE's check of prefetch on against off: passes of microseconds are not compared, prefetch stays on.
-    for _ in range(20):  # a check starts 16 passes after the order is known
+    for _ in range(12):  # a check starts 8 passes after the order is known
         for index in [2, 0, 1, 3]:
             engine.acquire(index).wait()
             engine.release(index)

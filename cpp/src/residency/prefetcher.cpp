@@ -29,6 +29,7 @@ constexpr double kCeilSlack = 1e-9;
 constexpr uint32_t kCheckPasses = 2;
 constexpr double kOffMustWinBy = 0.03;
 constexpr double kOffGivesUpAt = 1.25;
+constexpr uint32_t kFirstCheckDelay = 8;  // passes after the order is known
 constexpr uint32_t kFirstCheckInterval = 16;
 constexpr uint32_t kMaxCheckInterval = 256;
 // Passes shorter than this are not compared: their timing noise (a page fault, a busy neighbour) is larger than
@@ -199,9 +200,9 @@ void Prefetcher::on_pass_end_locked(uint64_t pass_ns) {
   switch (stage_) {
     case CheckStage::kWaitingForOrder:
       // This pass taught the order. A check costs up to two passes with prefetch off, which a short run (a few
-      // tokens) would feel and never win back, so the first one waits as long as later ones do.
+      // tokens: M1 and B2 of make bench decode 3-5) would feel and never win back, so the first one waits.
       stage_ = CheckStage::kSettled;
-      passes_until_check_ = kFirstCheckInterval;
+      passes_until_check_ = kFirstCheckDelay;
       return;
     case CheckStage::kTimingOn:
       best_on_ns_ = best_on_ns_ == 0 ? pass_ns : std::min(best_on_ns_, pass_ns);

@@ -221,8 +221,8 @@ int run_passes(Prefetcher& pf, int passes, double on_ms, double off_ms, double i
 TEST(PrefetcherCheck, PrefetchTurnsOffWhenPassesWithoutItAreFaster) {
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
   set_timings(pf, 3000, 1000);
-  // Pass 1 learns the order; 16 passes later, 18-19 are timed with prefetch, 20-21 without; from 22 on it is off.
-  EXPECT_EQ(run_passes(pf, 17, 100, 80), 0);  // a short run is never checked
+  // Pass 1 learns the order; 8 passes later, 10-11 are timed with prefetch, 12-13 without; from 14 on it is off.
+  EXPECT_EQ(run_passes(pf, 9, 100, 80), 0);  // a short run is never checked
   EXPECT_EQ(run_passes(pf, 4, 100, 80), 2);
   EXPECT_EQ(pf.prefetch_checks(), 0u);
   EXPECT_EQ(run_passes(pf, 1, 100, 80), 1);
@@ -235,7 +235,7 @@ TEST(PrefetcherCheck, PrefetchTurnsOffWhenPassesWithoutItAreFaster) {
     (void)pf.on_access(b);
     g_now += 80 * kMs;
   }
-  // 16 passes after it settled (at the start of pass 22) it checks again: passes 24-37 off, 38-39 on, 40-41 off;
+  // 16 passes after it settled (at the start of pass 14) it checks again: passes 16-29 off, 30-31 on, 32-33 off;
   // the answer is the same, so the next check waits 32 passes.
   EXPECT_EQ(run_passes(pf, 20, 100, 80), 18);
   EXPECT_EQ(pf.prefetch_checks(), 2u);
@@ -248,7 +248,7 @@ TEST(PrefetcherCheck, PrefetchStaysOnWhenItWinsAndACheckThatLosesEndsAtOnce) {
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
   set_timings(pf, 3000, 1000);
   // Without prefetch a pass takes twice as long: the first pass off ends the check.
-  EXPECT_EQ(run_passes(pf, 8 + 16, 100, 200), 1);
+  EXPECT_EQ(run_passes(pf, 8 + 8, 100, 200), 1);
   EXPECT_EQ(pf.prefetch_checks(), 1u);
   EXPECT_FALSE(pf.prefetch_off());
   EXPECT_EQ(pf.lookahead(), 2u);  // ceil(3000 / 1000) = 3, at most max_lookahead 2
@@ -258,7 +258,7 @@ TEST(PrefetcherCheck, PrefetchStaysOnWhenItWinsAndACheckThatLosesEndsAtOnce) {
 TEST(PrefetcherCheck, OffMustWinByMoreThanThreePercent) {
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
   set_timings(pf, 3000, 1000);
-  EXPECT_EQ(run_passes(pf, 8 + 16, 100, 98), 2);  // 2 % faster without: noise, prefetch stays on
+  EXPECT_EQ(run_passes(pf, 8 + 8, 100, 98), 2);  // 2 % faster without: noise, prefetch stays on
   EXPECT_EQ(pf.prefetch_checks(), 1u);
   EXPECT_FALSE(pf.prefetch_off());
 }
@@ -268,14 +268,14 @@ TEST(PrefetcherCheck, TimeBetweenPassesIsNotCounted) {
   // only the passes themselves are compared.
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
   set_timings(pf, 3000, 1000);
-  (void)run_passes(pf, 8 + 16, 100, 80, /*idle_ms=*/5000);
+  (void)run_passes(pf, 8 + 8, 100, 80, /*idle_ms=*/5000);
   EXPECT_TRUE(pf.prefetch_off());
 }
 
 TEST(PrefetcherCheck, ARecheckTurnsPrefetchBackOnWhenItWinsAgain) {
   Prefetcher pf(PrefetchStrategy::kAdaptive, 4, 2, &test_clock);
   set_timings(pf, 3000, 1000);
-  (void)run_passes(pf, 6 + 16, 100, 80);
+  (void)run_passes(pf, 6 + 8, 100, 80);
   ASSERT_TRUE(pf.prefetch_off());
   (void)run_passes(pf, 16 + 4, 100, 200);  // the model changed: passes without prefetch now take twice as long
   EXPECT_EQ(pf.prefetch_checks(), 2u);

@@ -180,7 +180,7 @@ def get_model_statistics(model: "nn.Module", reset: bool = False) -> Dict[str, A
     ``checksum_failures``, ``io_errors``, ``held_bytes`` (streamed resident + in flight), ``in_flight_bytes``,
     ``streamed_resident_bytes``, ``static_bytes`` (the engine's static resident set), ``lookahead`` (0 when
     nothing is prefetched), ``prefetch_off`` / ``prefetch_checks`` (ADAPTIVE times passes with and without prefetch
-    16 passes after the order is known, then every 16-256 passes: True when the last check found passes without it more
+    8 passes after the order is known, then every 16-256 passes: True when the last check found passes without it more
     than 3 % faster; the number of checks finished),
     ``streamed_blocks`` / ``resident_blocks`` (counts), ``streamed_bytes`` / ``resident_bytes`` (parameter bytes),
     ``budget_bytes`` (effective), ``requested_budget_bytes`` (from the config, None for the default),

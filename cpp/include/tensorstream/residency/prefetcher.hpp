@@ -9,7 +9,7 @@
 //               within [1, max_lookahead]. And it checks that prefetching pays at all: a block in flight holds
 //               memory, so under a tight budget prefetching can read more than it overlaps (issue #16: the optimum
 //               for 4 layers of 8 is 4.53 layers read per pass without prefetch and 5.30 with one block in flight).
-//               16 passes after the order is known it times two passes with prefetch and two without (the time
+//               8 passes after the order is known it times two passes with prefetch and two without (the time
 //               from a pass's first access to its last, so idle time between passes does not count), keeps
 //               prefetch off when that was more than 3 % faster, and checks again after 16 passes, doubling the
 //               interval (up to 256) while the answer stays the same. Short runs (a few tokens) are never checked:
