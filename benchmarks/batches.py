@@ -5,7 +5,8 @@ model, from disk (cold) and from the page cache (cached).
 The model, checkpoint, store and accelerate's offload folder are generation.py's (the same directory, written
 once). Every run is a fresh process (generation.py's child) that prefills a batch of prompts (the bench prompt's
 first --prompt-tokens tokens, rotated by the row index) and decodes --tokens - 1 more steps greedily; decode
-tokens/s counts every row. Cold: the model's files evicted, TensorStream and accelerate inside a memory cgroup of
+tokens/s counts every row, over the median step (a cell is one process: one slow step of the VM would otherwise
+move it by 10 %, as runs 1502 and 1519 showed). Cold: the model's files evicted, TensorStream and accelerate inside a memory cgroup of
 budget + 0.5 GiB (page cache counted), the plain model without a limit (it cannot fit). Cached: the arm's own files
 read into the page cache first, no limit. Row 0's tokens are compared with the plain model's. A batch reads each
 weight once per step for every row, so its bytes are amortised. Targets (#16), with the store cached: at batch 1,
@@ -79,10 +80,12 @@ def main(argv=None) -> int:
                     errors.append(f"{state} batch {batch} {arm}: {r['error']}")
                     print(f"  {state:6s} batch {batch:3d} {arm:16s} ERROR {r['error'][:300]}", flush=True)
                     continue
-                row[arm] = {"tokens_per_s": r["decode_tokens_per_s"], "tokens": r["tokens"],
+                median_step = r["decode_s_per_token"]  # generation.py: the median decode step
+                rate = batch / median_step if median_step else r["decode_tokens_per_s"]
+                row[arm] = {"tokens_per_s": rate, "mean_tokens_per_s": r["decode_tokens_per_s"], "tokens": r["tokens"],
                             "peak_bytes": r["cgroup"]["peak_bytes"], "vm_hwm_bytes": r["vm_hwm_bytes"],
                             "read_bytes_per_step": r["decode_read_bytes_per_token"]}
-                print(f"  {state:6s} batch {batch:3d} {arm:16s} {r['decode_tokens_per_s']:8.2f} tokens/s "
+                print(f"  {state:6s} batch {batch:3d} {arm:16s} {rate:8.2f} tokens/s "
                       f"(read {(r['decode_read_bytes_per_token'] or 0) / 1e9:.2f} GB per step)", flush=True)
             if "ts-adaptive" in row and "plain" in row and row["ts-adaptive"]["tokens"] != row["plain"]["tokens"]:
                 errors.append(f"{state} batch {batch}: ts-adaptive's tokens differ from the plain model's")
