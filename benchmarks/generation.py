@@ -553,11 +553,14 @@ def parent(args) -> int:
         round_start = time.monotonic()
         results = {"raw": raw_read_rate(data)}
         # M1 arms under the memory limit (plain cannot run under it), then the M2 arms without one; the order
-        # rotates every round so that no arm always follows the same one.
+        # rotates every round and is reversed in odd rounds, so that no arm always follows the same one (a rotation
+        # alone keeps every arm behind the same predecessor, whose freed memory it may pay for).
         # plain generates as many tokens as the longest arm, so every arm's tokens are checked against it.
         runs = [(arm, arm, None if arm == "plain" else limit, max(args.tokens, M2_TOKENS) if arm == "plain"
                  else args.tokens) for arm in arms]
         runs += [(f"{arm}{UNLIMITED}", arm, None, M2_TOKENS) for arm in m2_arms]
+        if r % 2 == 1:
+            runs.reverse()
         runs = runs[r % len(runs):] + runs[:r % len(runs)]
         for key, arm, arm_limit, tokens in runs:
             results[key] = run_arm(arm, args, work, budget, arm_limit, tokens)
