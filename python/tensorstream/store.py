@@ -282,8 +282,9 @@ def write_model(storage_path: PathLike, blocks: Blocks, *, model_id: Optional[st
     ``chunk_size`` (bytes, a multiple of 4096 in [4 KiB, 64 MiB]) is the unit of checksums and compression;
     ``tensor_chunk_sizes`` (tensor name -> bytes, a multiple of 4096 from 4 KiB up to ``chunk_size``) gives some
     tensors smaller chunks, for tensors read in small pieces: an embedding read by rows (torch/rows.py) reads,
-    verifies and decodes only the chunks that hold its rows. ``compression_level`` is 0 (off) or 1-9 (floats: the exponent codec, from 6 also zstd, the smaller kept;
-    other dtypes 1-3: lz4, 4-9: zstd; chunks that do not shrink stay raw).
+    verifies and decodes only the chunks that hold its rows. ``compression_level`` is 0 (off) or 1-9 (floats: the
+    exponent codec, from 6 also zstd, the smaller kept; other dtypes 1-3: lz4, 4-9: zstd; chunks that do not shrink
+    stay raw).
 
     ``progress``: a progress bar (bytes written, GB/s, ETA, the tensor being written) for writes longer than a couple
     of seconds; None: on a terminal unless TENSORSTREAM_PROGRESS=0 (progress.py). ``total_bytes``: the bytes a

@@ -99,9 +99,8 @@ def row_chunk_sizes(blocks: List[Block], model_chunk_size: int) -> Dict[str, int
     ``write_model(tensor_chunk_sizes=...)``."""
     out: Dict[str, int] = {}
     for block in blocks:
-        entry = block.params[0]
-        rows = entry.param.shape[0]
-        size = row_chunk_size(entry.nbytes // rows, model_chunk_size) if rows else None
+        entry = block.params[0]  # a 2-D table with rows (qualifies_for_rows)
+        size = row_chunk_size(entry.nbytes // entry.param.shape[0], model_chunk_size)
         if size is not None:
             out[entry.name] = size
     return out

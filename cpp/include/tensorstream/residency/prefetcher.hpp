@@ -13,9 +13,9 @@
 //               from a pass's first access to its last, so idle time between passes does not count), keeps
 //               prefetch off when that was more than 3 % faster, and checks again after 16 passes, doubling the
 //               interval (up to 256) while the answer stays the same. Short runs (a few tokens) are never checked:
-//               they could not win back what a check costs. A pass without prefetch that takes 1.25x the best pass with it
-//               ends the check at once, which bounds what a check costs when prefetch clearly wins. Passes under
-//               100 ms are not compared (prefetch stays on): their noise exceeds the difference looked for.
+//               they could not win back what a check costs. A pass without prefetch that takes 1.25x the best pass
+//               with it ends the check at once, which bounds what a check costs when prefetch clearly wins. Passes
+//               under 100 ms are not compared (prefetch stays on): their noise exceeds the difference looked for.
 //
 // Every strategy records the order (NONE too, so the engine can hand it to the ResidencyManager).
 //
@@ -89,7 +89,7 @@ class Prefetcher {
   size_t order_position_ = SIZE_MAX;  // index in learned_order_ of the last access (NEXT_LAYER)
 
   Clock clock_;
-  uint64_t pass_first_ns_ = 0;  // clock at this pass's first access; 0: no pass timed yet
+  uint64_t pass_first_ns_ = 0;  // clock at this pass's first access (ADAPTIVE only)
   uint64_t pass_last_ns_ = 0;   // ... and at its latest access
   CheckStage stage_ = CheckStage::kWaitingForOrder;
   uint32_t stage_passes_ = 0;
