@@ -30,7 +30,10 @@ model. The arms:
 accelerate's cpu_offload does not apply: it keeps every weight in RAM and moves it to the execution device, which is
 the CPU here. Each process measures from its own start (imports included) to the first generated token (M2: time to
 first token, cold page cache), then the time of each further token (M1: tokens/s and bytes read per token), and
-reports its peak RSS and the cgroup's peak usage (RSS plus page cache: M3). The lower bound of a token's time is
+reports its peak RSS and the cgroup's peak usage (RSS plus page cache: M3). M2 also splits the start into the imports
+every arm pays (interpreter, torch, transformers: the floor under any start-up ratio) and what the loader does after
+them; M3 also divides what each arm adds to its process after the imports by the weights it keeps in memory between
+forwards (TensorStream fills its budget, accelerate's device_map arm keeps less). The lower bound of a token's time is
 max(plain compute time per token, bytes read per token / raw read rate), where the raw read rate is the fastest of fio
 runs (io_uring, O_DIRECT, queue depth 32, 4 MiB and 64 MiB requests) reading the store's data file cold in the same
 round. Every arm's tokens must equal the plain model's.
@@ -200,14 +203,31 @@ def read_proc_io() -> int:
     return -1
 
 
-def vm_hwm_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status ("VmHWM", "VmRSS") in bytes, -1 if unreadable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return -1
+
+
+def vm_hwm_bytes() -> int:
+    return status_bytes("VmHWM")
+
+
+def weights_in_memory_bytes(model) -> int:
+    """Bytes of parameters backed by memory (accelerate's offloaded ones sit on the meta device; buffers such as the
+    rotary frequencies stay in memory in every arm and are not weights)."""
+    seen, total = set(), 0
+    for tensor in model.parameters():
+        if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def child(args) -> int:
@@ -226,6 +246,7 @@ def child(args) -> int:
     arm = args.child
     stats_fn = None
     imported = time.monotonic()
+    rss_imported = status_bytes("VmRSS")
 
     if arm == "plain":
         model = AutoModelForCausalLM.from_pretrained(work / "checkpoint", dtype=torch.float32)
@@ -290,7 +311,9 @@ def child(args) -> int:
     done = time.monotonic()
     result = {"arm": arm, "started": started, "imported": imported, "loaded": loaded, "first_token": first,
               "done": done, "tokens": tokens, "step_s": step_s, "step_read_bytes": step_read,
-              "first_read_bytes": io_first - io0, "vm_hwm_bytes": vm_hwm_bytes(),
+              "first_read_bytes": io_first - io0, "vm_hwm_bytes": vm_hwm_bytes(), "rss_imported_bytes": rss_imported,
+              # What the arm keeps in memory between forwards: TensorStream's arena blocks, else resident tensors.
+              "weights_held_bytes": None if stats_fn else weights_in_memory_bytes(model),
               "torch_threads": torch.get_num_threads(), "batch": args.batch}
     if stats_fn:
         s_end = stats_fn(model)
@@ -302,6 +325,7 @@ def child(args) -> int:
             "decode_stall_s": s_end["stall_time_s"] - ts_first["stall_time_s"],
             "prefetch_hit_rate": s_end["prefetch_hit_rate"], "lookahead": s_end["lookahead"],
             "io_throughput_mbps": s_end["io_throughput_mbps"], "checksum_failures": s_end["checksum_failures"]}
+        result["weights_held_bytes"] = s_end["held_bytes"]
         if args.trace:
             result["trace"] = tensorstream.write_trace(model, args.trace)
     print("RESULT " + json.dumps(result), flush=True)
@@ -437,6 +461,10 @@ def run_arm(arm: str, args, work: Path, budget_bytes: int, limit_bytes: "int | N
     result["launched"] = launched
     result["residency_before"] = left
     result["ttft_s"] = result["first_token"] - launched
+    result["imports_s"] = result["imported"] - launched  # interpreter start + torch + transformers
+    result["after_imports_s"] = result["first_token"] - result["imported"]
+    if result.get("rss_imported_bytes", -1) > 0 and result["vm_hwm_bytes"] > 0:
+        result["rss_added_bytes"] = result["vm_hwm_bytes"] - result["rss_imported_bytes"]
     result["decode_s_per_token"] = statistics.median(result["step_s"]) if result["step_s"] else None
     # Every row of the batch yields a token per step.
     result["decode_tokens_per_s"] = (batch * len(result["step_s"]) / sum(result["step_s"])) if result["step_s"] else None
@@ -634,7 +662,8 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
     for key in keys:
         x = per_arm[key] = {name: median_of(rounds, key, name) for name in
                             ("ttft_s", "decode_tokens_per_s", "decode_s_per_token", "decode_read_bytes_per_token",
-                             "vm_hwm_bytes")}
+                             "vm_hwm_bytes", "imports_s", "after_imports_s", "rss_added_bytes",
+                             "weights_held_bytes")}
         peaks = [r[key]["cgroup"]["peak_bytes"] for r in rounds if key in r and "error" not in r[key]
                  and (r[key]["cgroup"]["peak_bytes"] or 0) > 0]
         x["cgroup_peak_bytes"] = statistics.median(peaks) if peaks else None
@@ -712,6 +741,21 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
         if x and x["ttft_s"] is not None and plain_ttft:
             rows.append(summary_row("generation", metric, key, x["ttft_s"], "s", baseline="plain from_pretrained",
                                     baseline_value=plain_ttft, target=target, higher_is_better=False))
+    # M2's floor (#14 item 6): every arm imports torch and transformers before its loader runs, so no loader's
+    # start-up ratio can go below imports / plain; the loaders themselves compare after the imports.
+    plain = per_arm.get("plain", {})
+    if plain.get("imports_s") and plain_ttft:
+        rows.append(summary_row("generation", "M2 imports (interpreter, torch, transformers), paid by every arm",
+                                "plain", plain["imports_s"], "s", baseline="plain from_pretrained",
+                                baseline_value=plain_ttft, higher_is_better=False,
+                                note="the floor under every start-up ratio of this model"))
+    for key, where in ((f"ts-pretrained{UNLIMITED}", "store there"),
+                       ("ts-pretrained-cold", "store written in the run")):
+        x = per_arm.get(key)
+        if x and x.get("after_imports_s") and plain.get("after_imports_s"):
+            rows.append(summary_row("generation", f"M2 after the imports: from_pretrained to first token, {where}",
+                                    key, x["after_imports_s"], "s", baseline="plain from_pretrained",
+                                    baseline_value=plain["after_imports_s"], higher_is_better=False))
     # M3: peak memory without a limit: RSS (VmHWM) and RSS + page cache (the memory cgroup's peak), which is what an
     # mmap-based offloader really needs; TensorStream against the lower of accelerate's arms.
     acc_keys = [k for k in m2_keys if k.startswith("accelerate")]
@@ -734,6 +778,25 @@ def summarize(args, plan, spec, rounds, arms, m2_arms, budget, limit, machine, t
             rows.append(summary_row("generation", "M3 peak RSS - budget, no limit", key, (value - budget) / GB, "GB",
                                     baseline="0.5 GiB", baseline_value=0.5 * GIB / GB, target=1.0,
                                     higher_is_better=False))
+
+    # M3 per byte of weights kept (#14 item 7): accelerate's device_map arm keeps less than the budget in memory (it
+    # leaves room for one offloaded layer), TensorStream fills it; what each adds to its process after the imports,
+    # divided by the weights it holds between forwards, compares the two at equal weights.
+    auto_key = f"accelerate-auto{UNLIMITED}"
+    auto = per_arm.get(auto_key, {})
+    auto_ratio = (auto["rss_added_bytes"] / auto["weights_held_bytes"]
+                  if auto.get("rss_added_bytes") and auto.get("weights_held_bytes") else None)
+    for key in m2_keys:
+        x = per_arm[key]
+        if not (x.get("rss_added_bytes") and x.get("weights_held_bytes")):
+            continue  # accelerate's disk_offload keeps no weights in memory between forwards
+        is_ts = key.startswith("ts-") and auto_ratio is not None
+        rows.append(summary_row("generation", "M3 peak RSS added after the imports / weights held, no limit", key,
+                                x["rss_added_bytes"] / x["weights_held_bytes"], "x",
+                                baseline=auto_key if is_ts else None, baseline_value=auto_ratio if is_ts else None,
+                                higher_is_better=False,
+                                note=f"{x['rss_added_bytes'] / GB:.2f} GB added, {x['weights_held_bytes'] / GB:.2f} GB "
+                                     f"of weights held"))
 
     fmt = (lambda v, f, scale=1.0: format(v / scale, f) if v is not None else "-")
     lines = [f"Generation (M1-M3): {weight / GB:.2f} GB Llama, budget {budget / GB:.2f} GB, memory limit "

@@ -145,6 +145,18 @@ def test_generation_smoke_reports_every_figure_and_equal_tokens(disk_dir):
     assert all(row["baseline"] == "plain from_pretrained" for row in start.values())
     over = [row for row in report["summary"] if row["metric"] == "M3 peak RSS - budget, no limit"]
     assert over and all(row["target"] == 1.0 for row in over)
+    # The floor under the start-up ratio (the imports every arm pays) and the loaders compared after it.
+    rows = {(row["metric"], row["arm"]): row for row in report["summary"]}
+    imports = rows["M2 imports (interpreter, torch, transformers), paid by every arm", "plain"]
+    assert 0 < imports["ratio"] < 1
+    after = rows["M2 after the imports: from_pretrained to first token, store there", "ts-pretrained (no limit)"]
+    assert after["value"] < next(row["value"] for (metric, arm), row in rows.items()
+                                 if metric.startswith("M2 start to first token") and arm == "ts-pretrained (no limit)")
+    # Memory per byte of weights held: TensorStream holds what its arena holds, plain the whole model.
+    per_weight = {arm: row for (metric, arm), row in rows.items()
+                  if metric == "M3 peak RSS added after the imports / weights held, no limit"}
+    assert {"plain", "ts-pretrained (no limit)"} <= set(per_weight), per_weight
+    assert all(row["value"] > 0 and "GB of weights held" in row["note"] for row in per_weight.values())
 
 
 def test_serving_smoke_reports_the_batching_ratio(tmp_path):
