@@ -101,10 +101,14 @@ struct Engine::Impl {
   ResidencyManager residency;
   Prefetcher prefetcher;
   UniqueFd direct_fd;  // O_DIRECT descriptor of the data file, when usable
-  // AUTO with a store that memory can hold: buffered reads (from the second pass on) fill the page cache, so every
-  // later load of a raw block is a view of cached pages (mapper) and nothing is read from the disk twice. Without it
-  // a machine with room to spare re-read the whole store with O_DIRECT every pass (1.37 tokens/s where accelerate,
-  // reading through the cache, made 2.25).
+  // AUTO with a store that memory can hold: raw blocks are views of the file from the first pass (mapper), so the
+  // page cache fills as they are faulted in and nothing is read from the disk twice; compressed blocks are read
+  // buffered from the second pass on. Without it a machine with room to spare re-read the whole store with O_DIRECT
+  // every pass (1.37 tokens/s where accelerate, reading through the cache, made 2.25). Why views from the first pass
+  // and not O_DIRECT into the arena first: O_DIRECT is faster into memory the host has already backed (first
+  // forward of the 3.2 GB M1 model 0.8-0.9 s against 1.3-1.7 s mapped), but fresh huge pages cost 0.55 GB/s on the
+  // development VM (2.8-3.9 s against 1.8-2.8 s), and the O_DIRECT first pass left passes 2-4 to buffered reads at
+  // 0.5-0.9 GB/s (decode steps 0.6-0.8 s against 0.2 s mapped). docs/architecture.md, "Page cache".
   bool fill_page_cache = false;
   bool zero_copy = false;  // the backend itself maps the file: every raw block is a view, never a copy
   // AUTO with host slots: a second, mapping backend for blocks already in the page cache. Reading those would only
@@ -525,12 +529,15 @@ struct Engine::Impl {
     load->start_ns = trace_now_ns();
     loads[block] = load;
 
-    // A view of the page cache instead of a read: always with a mapping backend, and with AUTO for warm blocks.
+    // A view of the page cache instead of a read: always with a mapping backend; with AUTO for warm blocks, and for
+    // every raw block when the page cache is to hold the store (a cold view is faulted in through the kernel's
+    // readahead, which fills the cache on the first pass).
     IoBackend* view_source = nullptr;
     if (record.all_raw && zero_copy) {
       view_source = backend.get();
     } else if (record.all_raw && mapper &&
-               page_cache_fraction(store->data_fd(), record.offset, record.slot_size) >= kWarmFraction) {
+               (fill_page_cache ||
+                page_cache_fraction(store->data_fd(), record.offset, record.slot_size) >= kWarmFraction)) {
       view_source = mapper.get();
     }
     LoadPlanInputs inputs;
@@ -538,9 +545,8 @@ struct Engine::Impl {
     inputs.map = view_source != nullptr;
     inputs.verify = config.verify_checksums;
     inputs.slots_aligned = arena_aligned;
-    // Filling the page cache starts after the first pass: buffered reads of cold data ran at 0.5-0.9 GB/s on the
-    // development VM against 4 GB/s with O_DIRECT (S1), so the first token is read directly and the cache fills
-    // on the next pass; from then on every raw block is a mapped view.
+    // Compressed blocks (never views) fill the page cache from the second pass: buffered reads of cold data ran at
+    // 0.5-0.9 GB/s on the development VM against 4 GB/s with O_DIRECT (S1), so the first token reads them directly.
     const bool fill_now = fill_page_cache && order_given.load();
     inputs.direct = !inputs.map && direct_fd && !fill_now &&
                     should_read_direct(config.direct_io, store->data_fd(), record.offset,

@@ -667,14 +667,38 @@ def test_auto_reads_a_store_memory_can_hold_through_the_page_cache_and_on_bypass
             assert torch.equal(ts_models.forward("llama", model, ids), expected)
     streamed = sum(b["bytes"] for b in stats["blocks"].values() if not b.get("read_by_rows"))
     cached = _cached_fraction(data) * data.stat().st_size
-    # The engine's first pass reads with O_DIRECT either way (buffered cold reads were 4-8x slower here: the first
-    # token must not pay for the cache); from its second pass on, AUTO reads the blocks its budget cannot keep
-    # through the page cache (three quarters of the model at this budget), and they stay there.
+    # A copying backend reads the first pass with O_DIRECT either way; from its second pass on, direct_io=auto reads
+    # the blocks its budget cannot keep through the page cache (three quarters of the model at this budget), and
+    # they stay there.
     if direct_io == "auto":
         assert cached >= streamed / 2
     else:
         assert cached < streamed / 2  # O_DIRECT for the blocks; only the small reads went through the cache
     assert ts.get_model_statistics(model)["bytes_read"] > 0
+
+
+def test_auto_fills_the_page_cache_with_views_from_the_first_pass(ts_models, tmp_path):
+    """backend=auto with room for the store: raw blocks are views of the file from the engine's first pass, so one
+    forward from an evicted store leaves the streamed layers in the page cache (an O_DIRECT first pass left them
+    out, and passes 2-4 then read them buffered). Layers of 4 MB: readahead around small reads cannot fill it."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} has no O_DIRECT (tmpfs?): every read is buffered there")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).eval()
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        expected = model(x)
+    streamed = ts_models.param_bytes(model)
+    config = ts_models.make_config(tmp_path, backend="auto", direct_io="auto", vram_budget_gb=streamed / 4 / 1e9)
+    ts_models.track(ts.offload(model, config))
+    assert ts.get_model_statistics(model)["page_cache"] == "fill"
+    data = max((p for p in tmp_path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _evict(data)
+    assert _cached_fraction(data) < 0.05
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert _cached_fraction(data) * data.stat().st_size >= 0.9 * streamed
+        assert torch.equal(model(x), expected)  # views of the cached pages
 
 
 def test_page_cache_policy_of_the_other_settings(ts_models, tmp_path):
