@@ -220,14 +220,8 @@ def vm_hwm_bytes() -> int:
 
 def weights_in_memory_bytes(model) -> int:
     """Bytes of parameters backed by memory (accelerate's offloaded ones sit on the meta device; buffers such as the
-    rotary frequencies stay in memory in every arm and are not weights)."""
-    seen, total = set(), 0
-    for tensor in model.parameters():
-        if tensor.device.type == "meta" or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
+    rotary frequencies stay in memory in every arm and are not weights). parameters() yields tied ones once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 
 
 def child(args) -> int:

@@ -101,14 +101,15 @@ struct Engine::Impl {
   ResidencyManager residency;
   Prefetcher prefetcher;
   UniqueFd direct_fd;  // O_DIRECT descriptor of the data file, when usable
-  // AUTO with a store that memory can hold: raw blocks are views of the file from the first pass (mapper), so the
-  // page cache fills as they are faulted in and nothing is read from the disk twice; compressed blocks are read
-  // buffered from the second pass on. Without it a machine with room to spare re-read the whole store with O_DIRECT
-  // every pass (1.37 tokens/s where accelerate, reading through the cache, made 2.25). Why views from the first pass
-  // and not O_DIRECT into the arena first: O_DIRECT is faster into memory the host has already backed (first
-  // forward of the 3.2 GB M1 model 0.8-0.9 s against 1.3-1.7 s mapped), but fresh huge pages cost 0.55 GB/s on the
-  // development VM (2.8-3.9 s against 1.8-2.8 s), and the O_DIRECT first pass left passes 2-4 to buffered reads at
-  // 0.5-0.9 GB/s (decode steps 0.6-0.8 s against 0.2 s mapped). docs/architecture.md, "Page cache".
+  // AUTO with a store that memory can hold: raw blocks are views of the file from the first pass (with a mapper),
+  // so the page cache fills as they are faulted in and nothing is read from the disk twice; blocks that cannot be
+  // views (compressed, or no mapper: copying backends, device slots) are read buffered from the second pass on.
+  // Without it a machine with room to spare re-read the whole store with O_DIRECT every pass (1.37 tokens/s where
+  // accelerate, reading through the cache, made 2.25). Why views from the first pass and not O_DIRECT into the
+  // arena first: O_DIRECT is faster into memory the host has already backed (first forward of the 3.2 GB M1 model
+  // 0.8-0.9 s against 1.3-1.7 s mapped), but fresh huge pages cost 0.55 GB/s on the development VM (2.8-3.9 s
+  // against 1.8-2.8 s), and the O_DIRECT first pass left passes 2-4 to buffered reads at 0.5-0.9 GB/s (decode
+  // steps 0.6-0.8 s against 0.2 s mapped). docs/architecture.md, "AUTO fills the page cache".
   bool fill_page_cache = false;
   bool zero_copy = false;  // the backend itself maps the file: every raw block is a view, never a copy
   // AUTO with host slots: a second, mapping backend for blocks already in the page cache. Reading those would only
@@ -545,7 +546,7 @@ struct Engine::Impl {
     inputs.map = view_source != nullptr;
     inputs.verify = config.verify_checksums;
     inputs.slots_aligned = arena_aligned;
-    // Compressed blocks (never views) fill the page cache from the second pass: buffered reads of cold data ran at
+    // Blocks that are not views fill the page cache from the second pass: buffered reads of cold data ran at
     // 0.5-0.9 GB/s on the development VM against 4 GB/s with O_DIRECT (S1), so the first token reads them directly.
     const bool fill_now = fill_page_cache && order_given.load();
     inputs.direct = !inputs.map && direct_fd && !fill_now &&

@@ -636,6 +636,14 @@ def _evict(path) -> None:
         os.close(fd)
 
 
+def _evicted_data_file(storage):
+    """The store's data file (its largest file), evicted from the page cache."""
+    data = max((p for p in storage.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _evict(data)
+    assert _cached_fraction(data) < 0.05
+    return data
+
+
 def _direct_io_works(directory) -> bool:
     probe = os.path.join(directory, "probe")
     with open(probe, "wb") as f:
@@ -657,9 +665,7 @@ def test_auto_reads_a_store_memory_can_hold_through_the_page_cache_and_on_bypass
     stats = ts.get_model_statistics(model)
     # The test store is a few MB: any machine that runs the suite has room for it.
     assert stats["page_cache"] == ("fill" if direct_io == "auto" else "bypass")
-    data = max((p for p in tmp_path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    _evict(data)
-    assert _cached_fraction(data) < 0.05
+    data = _evicted_data_file(tmp_path)
     ids = ts_models.input_ids()
     expected = ts_models.forward("llama", plain, ids)
     with torch.no_grad():
@@ -692,9 +698,7 @@ def test_auto_fills_the_page_cache_with_views_from_the_first_pass(ts_models, tmp
     config = ts_models.make_config(tmp_path, backend="auto", direct_io="auto", vram_budget_gb=streamed / 4 / 1e9)
     ts_models.track(ts.offload(model, config))
     assert ts.get_model_statistics(model)["page_cache"] == "fill"
-    data = max((p for p in tmp_path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    _evict(data)
-    assert _cached_fraction(data) < 0.05
+    data = _evicted_data_file(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
         assert _cached_fraction(data) * data.stat().st_size >= 0.9 * streamed
